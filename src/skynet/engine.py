@@ -1,0 +1,181 @@
+"""The engine: a batch of sequences stepped together, one packed forward per step.
+
+Each step takes every running sequence's next rows: one token for a sequence that is decoding,
+a chunk of its prompt for one that is prefilling (within a per-step token budget). Sequences
+join at step boundaries and leave when they finish or are cancelled; each owns its KV cache,
+freed with it. The engine knows nothing of HTTP; callers get tokens through `on_token`.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .model import Model, Segment
+from .sampling import Sampler, SamplingParams
+
+_ids = itertools.count(1)
+
+
+class RequestError(ValueError):
+    """A request that cannot run (too long for the context, empty prompt...)."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset = frozenset()
+    on_token: Callable[["Sequence", int], None] | None = None   # called in the engine thread
+    on_finish: Callable[["Sequence"], None] | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    out: list[int] = field(default_factory=list)
+    finish_reason: str | None = None   # "stop", "length", "cancelled", "error: ..."
+    cached: int = 0                    # tokens already in the KV cache
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    cache: object = None
+    sampler: Sampler | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out
+
+    def finish(self, reason: str) -> None:
+        """Mark finished (thread-safe: the engine drops it at the next step boundary)."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+
+class Engine:
+    def __init__(self, model: Model, mlp, max_batch: int = 16, max_step_tokens: int = 512):
+        if max_batch < 1 or max_step_tokens < 1:
+            raise ValueError("max_batch and max_step_tokens must be >= 1")
+        self.model, self.mlp = model, mlp
+        self.max_batch, self.max_step_tokens = max_batch, max_step_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.lock = threading.Lock()
+        self.steps = 0
+
+    # ------------------------------------------------------------------ admission
+    def check(self, prompt: list[int], max_tokens: int) -> None:
+        ctx = self.model.arch.max_context
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        if max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(prompt) + max_tokens > ctx:
+            raise RequestError(f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
+                               f"exceeds the model's context of {ctx} tokens")
+
+    def submit(self, seq: Sequence) -> Sequence:
+        self.check(seq.prompt, seq.max_tokens)
+        seq.sampler = Sampler(seq.params)
+        with self.lock:
+            self.waiting.append(seq)
+        return seq
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> int:
+        """Run one forward over all running sequences; returns the number of rows computed."""
+        self._admit()
+        batch = self._schedule()
+        if not batch:
+            return 0
+        tokens, segments, sampled = [], [], []
+        for seq, n in batch:
+            toks = seq.tokens()
+            segments.append(Segment(seq.cache, len(tokens), n, seq.cached))
+            tokens.extend(toks[seq.cached:seq.cached + n])
+            sampled.append(seq.cached + n == len(toks))  # this chunk ends with the newest token
+        begin = getattr(self.mlp, "begin_step", None)
+        if begin:
+            begin()
+        logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp)  # (S, V)
+        self.steps += 1
+        for i, (seq, n) in enumerate(batch):
+            seq.cached += n
+            if sampled[i] and not seq.done:
+                self._emit(seq, seq.sampler(logits[i]))
+        self._reap()
+        return len(tokens)
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting and len(self.running) < self.max_batch:
+                seq = self.waiting.popleft()
+                if seq.done:   # cancelled while waiting
+                    self._finished(seq)
+                    continue
+                seq.cache = self.model.new_cache(len(seq.prompt) + seq.max_tokens)
+                self.running.append(seq)
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """Decoding sequences first (1 row each), then prompt chunks within the token budget."""
+        self._reap()
+        budget, batch = self.max_step_tokens, []
+        for seq in self.running:
+            if len(seq.tokens()) - seq.cached == 1:
+                batch.append((seq, 1))
+                budget -= 1
+        for seq in self.running:
+            left = len(seq.tokens()) - seq.cached
+            if left > 1 and budget > 0:
+                n = min(left, budget)
+                batch.append((seq, n))
+                budget -= n
+        return batch
+
+    def _emit(self, seq: Sequence, tok: int) -> None:
+        if seq.t_first is None:
+            seq.t_first = time.perf_counter()
+        seq.out.append(tok)
+        if seq.on_token:
+            seq.on_token(seq, tok)
+        if tok in seq.stop_ids:
+            seq.finish("stop")
+        elif len(seq.out) >= seq.max_tokens:
+            seq.finish("length")
+
+    def _reap(self) -> None:
+        keep = []
+        for seq in self.running:
+            if seq.done:
+                self._finished(seq)
+            else:
+                keep.append(seq)
+        self.running = keep
+
+    def _finished(self, seq: Sequence) -> None:
+        seq.cache = None  # frees the KV cache
+        if seq.on_finish:
+            seq.on_finish(seq)
+
+    def cancel_all(self, reason: str) -> None:
+        with self.lock:
+            for seq in [*self.running, *self.waiting]:
+                seq.finish(reason)
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
+                 stop_ids=frozenset()) -> Sequence:
+        """Run one sequence to completion in the calling thread (tests, bench, CLI)."""
+        seq = self.submit(Sequence(list(prompt), max_tokens, params, frozenset(stop_ids)))
+        while not seq.done:
+            self.step()
+        self._reap()
+        return seq

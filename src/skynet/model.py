@@ -1,0 +1,165 @@
+"""Our lean decoder forward pass (numpy, float32) over a packed batch of sequences.
+
+One step carries the new tokens of several sequences packed into N rows. Each layer:
+
+    h   = rmsnorm(x) @ Wqkv          # (N, (nh + 2 kvh) D), RoPE on q and k
+    att = per-sequence attention over its own KV cache (causal within the new rows)
+    x  += att @ Wo                   # (N, H)
+    x  += mlp(layer, rmsnorm(x))     # (N, H): the MLP object decides where neurons run
+
+The MLP is an object passed in (local, remote, or a mix): the model does not know which.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .arch import Arch
+from .mlp import MLPWeights
+
+MLPFn = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (N, H)) -> (N, H)
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.einsum("nh,nh->n", x, x)[:, None] * (1.0 / x.shape[-1])  # (N, 1)
+    return (x * (1.0 / np.sqrt(var + eps))) * w
+
+
+def rope_inv_freq(a: Arch) -> np.ndarray:
+    inv = 1.0 / (a.rope_theta ** (np.arange(0, a.head_dim, 2, dtype=np.int64).astype(np.float32) / a.head_dim))
+    if a.rope_type == "linear":
+        inv = inv / a.rope_factor
+    elif a.rope_type == "llama3":
+        low_wl = a.rope_original_max / a.rope_low_freq_factor
+        high_wl = a.rope_original_max / a.rope_high_freq_factor
+        wl = 2 * np.pi / inv
+        smooth = (a.rope_original_max / wl - a.rope_low_freq_factor) / (a.rope_high_freq_factor - a.rope_low_freq_factor)
+        scaled = np.where(wl > low_wl, inv / a.rope_factor, inv)
+        mid = (wl <= low_wl) & (wl >= high_wl)
+        inv = np.where(mid, (1 - smooth) * scaled / a.rope_factor + smooth * scaled, scaled)
+    return inv.astype(np.float32)  # (D/2,)
+
+
+class KVCache:
+    """One sequence's keys and values, preallocated for its whole length: (L, kvh, cap, D)."""
+
+    def __init__(self, a: Arch, capacity: int):
+        self.k = np.empty((a.layers, a.kv_heads, capacity, a.head_dim), np.float32)
+        self.v = np.empty_like(self.k)
+        self.capacity = capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes * 2
+
+
+@dataclass
+class Segment:
+    """Rows [row, row + n) of the packed batch belong to a sequence whose cache holds `pos` tokens."""
+
+    cache: KVCache
+    row: int
+    n: int
+    pos: int
+
+
+@dataclass
+class Layer:
+    ln1: np.ndarray      # (H,)
+    ln2: np.ndarray      # (H,)
+    wqkv_t: np.ndarray   # (H, (nh + 2 kvh) D)
+    bqkv: np.ndarray | None
+    wo_t: np.ndarray     # (nh D, H)
+
+
+class Model:
+    """Weights for everything but the MLP neurons' placement, and the forward pass."""
+
+    def __init__(self, arch: Arch, tensors: dict[str, np.ndarray]):
+        a, self.arch = arch, arch
+        p = "model."
+        self.embed = tensors[p + "embed_tokens.weight"]                          # (V, H)
+        head = tensors.get("lm_head.weight", self.embed if a.tie_embeddings else None)
+        if head is None:
+            raise ValueError("checkpoint has no lm_head.weight and does not tie embeddings")
+        self.lm_head_t = np.ascontiguousarray(head.T)                             # (H, V)
+        self.norm = tensors[p + "norm.weight"]
+        self.layers: list[Layer] = []
+        gate, up, down_t = [], [], []
+        for i in range(a.layers):
+            q = f"{p}layers.{i}."
+            att = q + "self_attn."
+            w = np.concatenate([tensors[att + n + "_proj.weight"] for n in "qkv"], axis=0)
+            b = (np.concatenate([tensors[att + n + "_proj.bias"] for n in "qkv"])
+                 if a.qkv_bias else None)
+            self.layers.append(Layer(
+                tensors[q + "input_layernorm.weight"], tensors[q + "post_attention_layernorm.weight"],
+                np.ascontiguousarray(w.T), b, np.ascontiguousarray(tensors[att + "o_proj.weight"].T)))
+            gate.append(tensors[q + "mlp.gate_proj.weight"])                           # (I, H)
+            up.append(tensors[q + "mlp.up_proj.weight"])                               # (I, H)
+            down_t.append(np.ascontiguousarray(tensors[q + "mlp.down_proj.weight"].T))  # (I, H)
+        self.mlp_weights = MLPWeights(gate, up, down_t)
+        inv = rope_inv_freq(a)
+        freqs = np.arange(a.max_context, dtype=np.float32)[:, None] * inv[None, :]     # (C, D/2)
+        self.cos, self.sin = np.cos(freqs), np.sin(freqs)
+        self.scale = 1.0 / float(np.sqrt(a.head_dim))
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.arch, capacity)
+
+    def forward(self, tokens: np.ndarray, segments: list[Segment], mlp: MLPFn,
+                last_only: bool = True) -> np.ndarray:
+        """tokens (N,) packed over segments -> logits (S, V) of each segment's last row
+        (or (N, V) for every row with last_only=False). Appends to each segment's cache."""
+        a = self.arch
+        pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]            # (N, 1, D/2)
+        x = self.embed[tokens]                                                     # (N, H)
+        nq, nkv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        for li, layer in enumerate(self.layers):
+            h = rmsnorm(x, layer.ln1, a.eps) @ layer.wqkv_t                        # (N, qkv)
+            if layer.bqkv is not None:
+                h += layer.bqkv
+            q = _rope(h[:, :nq].reshape(-1, a.heads, a.head_dim), cos, sin)       # (N, nh, D)
+            k = _rope(h[:, nq:nq + nkv].reshape(-1, a.kv_heads, a.head_dim), cos, sin)  # (N, kvh, D)
+            v = h[:, nq + nkv:].reshape(-1, a.kv_heads, a.head_dim)               # (N, kvh, D)
+            att = np.empty((x.shape[0], nq), np.float32)                          # (N, nh D)
+            for s in segments:
+                att[s.row:s.row + s.n] = self._attend(li, s, q[s.row:s.row + s.n],
+                                                      k[s.row:s.row + s.n], v[s.row:s.row + s.n])
+            x = x + att @ layer.wo_t                                               # (N, H)
+            x = x + mlp(li, rmsnorm(x, layer.ln2, a.eps))                          # (N, H)
+        if last_only:
+            x = x[[s.row + s.n - 1 for s in segments]]                             # (S, H)
+        return rmsnorm(x, self.norm, a.eps) @ self.lm_head_t                       # (S, V)
+
+    def _attend(self, li: int, s: Segment, q, k, v) -> np.ndarray:
+        """q (n, nh, D), k/v (n, kvh, D) -> (n, nh D); writes k/v into the cache first."""
+        a, c, n, p = self.arch, s.cache, s.n, s.pos
+        c.k[li, :, p:p + n] = k.transpose(1, 0, 2)
+        c.v[li, :, p:p + n] = v.transpose(1, 0, 2)
+        K, V = c.k[li, :, :p + n], c.v[li, :, :p + n]                              # (kvh, T, D)
+        g = a.heads // a.kv_heads
+        qg = q.reshape(n, a.kv_heads, g, a.head_dim).transpose(1, 0, 2, 3).reshape(a.kv_heads, n * g, a.head_dim)
+        sc = (qg @ K.transpose(0, 2, 1)) * self.scale                              # (kvh, n g, T)
+        if n > 1:  # causal: new row i (position p + i) sees cache positions <= p + i
+            sc = sc.reshape(a.kv_heads, n, g, p + n)
+            mask = np.arange(p + n)[None, :] > (p + np.arange(n))[:, None]         # (n, T)
+            sc = np.where(mask[None, :, None, :], np.float32(-np.inf), sc).reshape(a.kv_heads, n * g, p + n)
+        sc -= sc.max(axis=-1, keepdims=True)
+        np.exp(sc, out=sc)
+        sc *= 1.0 / sc.sum(axis=-1, keepdims=True)
+        out = sc @ V                                                               # (kvh, n g, D)
+        return out.reshape(a.kv_heads, n, g, a.head_dim).transpose(1, 0, 2, 3).reshape(n, -1)
+
+
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate halves (HF convention): x (N, heads, D), cos/sin (N, 1, D/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = np.empty_like(x)
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:] = x2 * cos + x1 * sin
+    return out

@@ -1,0 +1,65 @@
+"""Turn one sequence's logits into its next token: penalties, temperature, top-k, top-p, seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0       # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                 # 0 = off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self):
+        if not (0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+
+class Sampler:
+    """Per-sequence sampling state: its parameters, its random stream and its token counts."""
+
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """logits (V,) float32 -> token id."""
+        p = self.p
+        if (p.presence_penalty or p.frequency_penalty) and self.counts:
+            logits = logits.astype(np.float64)
+            ids = np.fromiter(self.counts.keys(), np.int64)
+            n = np.fromiter(self.counts.values(), np.float64)
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * n
+        if p.temperature == 0.0:
+            tok = int(np.argmax(logits))
+        else:
+            tok = self._sample(np.asarray(logits, np.float64) / p.temperature)
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        return tok
+
+    def _sample(self, z: np.ndarray) -> int:
+        p = self.p
+        if p.top_k and p.top_k < z.shape[0]:
+            idx = np.argpartition(-z, p.top_k - 1)[:p.top_k]
+        else:
+            idx = np.arange(z.shape[0])
+        idx = idx[np.argsort(-z[idx], kind="stable")]      # candidates, most likely first
+        probs = np.exp(z[idx] - z[idx[0]])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
+        return int(idx[self.rng.choice(len(idx), p=probs)])

@@ -1,0 +1,275 @@
+"""The one wire format between server and nodes.
+
+A message is a ZeroMQ multipart: one msgpack header, then one raw frame per tensor.
+
+    header = {"v": VERSION, "t": <type>, <scalar fields>..., "tensors": [[dtype, shape], ...]}
+    frames = [header_bytes, tensor_0_bytes, tensor_1_bytes, ...]
+
+Nothing is pickled. Every incoming message is validated (version, type whitelist, field types,
+dtype whitelist, shape against byte length, frame size, layer index and hidden size when the
+receiver knows them) and a bad one raises `WireError`, which receivers log, count and drop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+MAX_DIMS = 4
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int32": np.dtype("<i4")}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A frame or message that does not follow this protocol."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the receiver knows, to check a message against: model shape and frame cap."""
+
+    hidden: int | None = None
+    layers: int | None = None
+    max_frame: int = MAX_FRAME_BYTES
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    TENSORS: ClassVar[tuple[str, ...]] = ()
+
+
+# ---------------------------------------------------------------- node -> server
+@dataclass(frozen=True)
+class Hello(Message):
+    """A node registers: who it is and what it can hold and compute."""
+
+    TYPE: ClassVar[str] = "hello"
+    name: str
+    cores: int
+    mem_bytes: int            # free memory the node offers for weights
+    gflops: float             # measured matmul throughput (micro-benchmark)
+    weight: float = 0.0       # user override of the planning weight, 0 = measured
+    proof: bytes = b""        # cluster-key proof (empty without a key)
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """The node holds every row of plan `epoch` and can serve it."""
+
+    TYPE: ClassVar[str] = "ready"
+    epoch: int
+
+
+@dataclass(frozen=True)
+class MlpOut(Message):
+    """Partial MLP output of the node's neuron range for one layer of one step."""
+
+    TYPE: ClassVar[str] = "mlp_out"
+    TENSORS: ClassVar[tuple[str, ...]] = ("y",)
+    step: int
+    epoch: int
+    layer: int
+    y: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
+
+
+# ---------------------------------------------------------------- server -> node
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Registration accepted: the node's id and the model's shape."""
+
+    TYPE: ClassVar[str] = "welcome"
+    node_id: int
+    model: str
+    hidden: int
+    layers: int
+    neurons: int
+    heartbeat_s: float
+
+
+@dataclass(frozen=True)
+class Assign(Message):
+    """Plan `epoch` gives this node neurons [start, end) in every layer.
+
+    Rows it already holds are kept; the rest arrive as `Load` messages. The node answers
+    `Ready(epoch)` once it holds them all, and drops rows outside the range then."""
+
+    TYPE: ClassVar[str] = "assign"
+    epoch: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Load(Message):
+    """Weights for neurons [start, end) of one layer: gate and up rows, down columns.
+
+    down travels transposed, as rows (n, H), so every slice is a contiguous block."""
+
+    TYPE: ClassVar[str] = "load"
+    TENSORS: ClassVar[tuple[str, ...]] = ("gate", "up", "down_t")
+    epoch: int
+    layer: int
+    start: int
+    end: int
+    gate: np.ndarray = field(repr=False, compare=False, default=None)    # (n, H)
+    up: np.ndarray = field(repr=False, compare=False, default=None)      # (n, H)
+    down_t: np.ndarray = field(repr=False, compare=False, default=None)  # (n, H)
+
+
+@dataclass(frozen=True)
+class Mlp(Message):
+    """MLP input (normalised hidden states) of every row in this step, for one layer."""
+
+    TYPE: ClassVar[str] = "mlp"
+    TENSORS: ClassVar[tuple[str, ...]] = ("x",)
+    step: int
+    epoch: int
+    layer: int
+    x: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
+
+
+# ---------------------------------------------------------------- both ways
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    ts: float  # not `t`: that header key is the message type
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    ts: float  # not `t`: that header key is the message type
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    """The sender leaves (node) or sends the node away (server), with a reason."""
+
+    TYPE: ClassVar[str] = "bye"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Challenge(Message):
+    """Cluster-key handshake: a fresh nonce, and the proof over the peer's nonce."""
+
+    TYPE: ClassVar[str] = "challenge"
+    nonce: bytes
+    proof: bytes = b""
+
+
+MESSAGES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Hello, Ready, MlpOut, Welcome, Assign, Load, Mlp, Ping, Pong, Bye, Challenge)
+}
+_PY_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bytes": (bytes,)}
+
+
+def _scalar_fields(cls: type[Message]) -> list[tuple[str, str]]:
+    return [(f.name, f.type) for f in fields(cls) if f.name not in cls.TENSORS]
+
+
+def encode(msg: Message) -> list:
+    """Message -> multipart frames. Tensor frames are the arrays' own buffers (no copy)."""
+    header = {"v": VERSION, "t": msg.TYPE}
+    for name, _ in _scalar_fields(type(msg)):
+        header[name] = getattr(msg, name)
+    frames, specs = [], []
+    for name in msg.TENSORS:
+        a = np.ascontiguousarray(getattr(msg, name))
+        if a.dtype not in _DTYPE_NAMES:
+            raise WireError(f"{msg.TYPE}.{name}: dtype {a.dtype} cannot be sent")
+        specs.append([_DTYPE_NAMES[a.dtype], list(a.shape)])
+        frames.append(a.data)
+    header["tensors"] = specs
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def _buf(frame) -> memoryview:
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
+def decode(frames: list, limits: Limits = Limits()) -> Message:
+    """Multipart frames -> Message, or WireError saying what is wrong."""
+    if not frames:
+        raise WireError("empty message")
+    head = _buf(frames[0])
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise WireError(f"header of {head.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise WireError(f"header is not msgpack: {e.__class__.__name__}") from None
+    if not isinstance(header, dict):
+        raise WireError("header is not a map")
+    if header.get("v") != VERSION:
+        raise WireError(f"protocol version {header.get('v')!r}, expected {VERSION}")
+    t = header.get("t")
+    cls = MESSAGES.get(t) if isinstance(t, str) else None  # a list or map here is unhashable
+    if cls is None:
+        raise WireError(f"unknown message type {header.get('t')!r}")
+    kwargs = {}
+    for name, typ in _scalar_fields(cls):
+        if name not in header:
+            raise WireError(f"{cls.TYPE}: missing field {name!r}")
+        value = header[name]
+        ok = _PY_TYPES[typ.split(" ")[0]]
+        if not isinstance(value, ok) or isinstance(value, bool):
+            raise WireError(f"{cls.TYPE}.{name}: expected {typ}, got {type(value).__name__}")
+        if typ == "int" and not 0 <= value < 2**62:
+            raise WireError(f"{cls.TYPE}.{name}: {value} out of range")
+        kwargs[name] = value
+    kwargs.update(_decode_tensors(cls, header.get("tensors"), frames[1:], limits))
+    msg = cls(**kwargs)
+    _check_semantics(msg, limits)
+    return msg
+
+
+def _decode_tensors(cls, specs, frames, limits: Limits) -> dict:
+    if not isinstance(specs, list) or len(specs) != len(cls.TENSORS) or len(frames) != len(specs):
+        raise WireError(f"{cls.TYPE}: expected {len(cls.TENSORS)} tensor frame(s), got "
+                        f"{len(frames)} frame(s) and {specs!r:.80} specs")
+    out = {}
+    for name, spec, frame in zip(cls.TENSORS, specs, frames):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
+            raise WireError(f"{cls.TYPE}.{name}: bad tensor spec")
+        dtype = DTYPES.get(spec[0]) if isinstance(spec[0], str) else None
+        if dtype is None:
+            raise WireError(f"{cls.TYPE}.{name}: dtype {spec[0]!r} not allowed")
+        shape = spec[1]
+        if not 1 <= len(shape) <= MAX_DIMS or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
+            raise WireError(f"{cls.TYPE}.{name}: bad shape {shape!r:.80}")
+        buf = _buf(frame)
+        expect = math.prod(shape) * dtype.itemsize  # exact: an int64 product can wrap around
+        if expect > limits.max_frame:
+            raise WireError(f"{cls.TYPE}.{name}: {expect} bytes exceeds the {limits.max_frame} cap")
+        if buf.nbytes != expect:
+            raise WireError(f"{cls.TYPE}.{name}: {buf.nbytes} bytes, shape {shape} needs {expect}")
+        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return out
+
+
+def _check_semantics(msg: Message, limits: Limits) -> None:
+    layer = getattr(msg, "layer", None)
+    if layer is not None and limits.layers is not None and layer >= limits.layers:
+        raise WireError(f"{msg.TYPE}: layer {layer} out of range (model has {limits.layers})")
+    if isinstance(msg, (Assign, Load)) and msg.end <= msg.start:
+        raise WireError(f"{msg.TYPE}: empty range [{msg.start}, {msg.end})")
+    for name in msg.TENSORS:
+        a = getattr(msg, name)
+        if a.dtype != DTYPES["float32"] and isinstance(msg, (Mlp, MlpOut, Load)):
+            raise WireError(f"{msg.TYPE}.{name}: expected float32, got {a.dtype}")
+        if limits.hidden is not None and a.shape[-1] != limits.hidden:
+            raise WireError(f"{msg.TYPE}.{name}: last dim {a.shape[-1]}, hidden size is {limits.hidden}")
+    if isinstance(msg, Load):
+        n = msg.end - msg.start
+        for name in msg.TENSORS:
+            if getattr(msg, name).shape[0] != n or getattr(msg, name).ndim != 2:
+                raise WireError(f"load.{name}: shape {getattr(msg, name).shape} does not hold {n} rows")
