@@ -56,7 +56,7 @@ class Hello(Message):
     mem_bytes: int            # free memory the node offers for weights
     gflops: float             # measured matmul throughput (micro-benchmark)
     weight: float = 0.0       # user override of the planning weight, 0 = measured
-    proof: bytes = b""        # cluster-key proof (empty without a key)
+    nonce: bytes = b""        # the node's challenge to the server (cluster key)
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,14 @@ class Welcome(Message):
 class Assign(Message):
     """Plan `epoch` gives this node neurons [start, end) in every layer.
 
-    Rows it already holds are kept; the rest arrive as `Load` messages. The node answers
-    `Ready(epoch)` once it holds them all, and drops rows outside the range then."""
+    Rows it holds in epoch `base` (0 = none) are kept; the rest arrive as `Load` messages.
+    The node answers `Ready(epoch)` once it holds them all."""
 
     TYPE: ClassVar[str] = "assign"
     epoch: int
     start: int
     end: int
+    base: int
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Bye(Message):
 
 @dataclass(frozen=True)
 class Challenge(Message):
-    """Cluster-key handshake: a fresh nonce, and the proof over the peer's nonce."""
+    """Cluster-key handshake (see auth.py): the server's nonce and proof, then the node's proof."""
 
     TYPE: ClassVar[str] = "challenge"
     nonce: bytes

@@ -1,0 +1,176 @@
+"""`skynet` command line: server, node, client, run, status, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import ConfigError, NodeConfig, ServerConfig
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "transformers", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _threads(n: int) -> None:
+    """Cap BLAS threads: several processes share few cores."""
+    import numpy  # noqa: F401  (load OpenBLAS first, so the limit applies to it)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(n)
+
+
+def cmd_server(a) -> int:
+    cfg = ServerConfig(model=a.model, host=a.host, port=a.port, node_host=a.node_host,
+                       node_port=a.node_port, cluster_key=a.cluster_key, api_key=a.api_key,
+                       insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
+                       step_deadline_ms=a.step_deadline_ms, max_batch=a.max_batch,
+                       max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads)
+    if a.insecure:
+        logging.getLogger("skynet").warning(
+            "--insecure: ports may be exposed without a key. Anyone who can reach them can use them.")
+    _threads(cfg.threads)
+    import uvicorn
+
+    from .api import create_app
+    from .runtime import Runtime
+
+    rt = Runtime(cfg).start()
+    try:
+        uvicorn.run(create_app(rt), host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        rt.close()
+    return 0
+
+
+def cmd_node(a) -> int:
+    name = a.name
+    if not name:
+        from .node import default_name
+        name = default_name()
+    cfg = NodeConfig(server=a.server, name=name, weight=a.weight, max_memory=a.max_memory,
+                     cluster_key=a.cluster_key, threads=a.threads, delay_ms=a.delay_ms, gflops=a.gflops)
+    _threads(cfg.threads)
+    from .node import Node
+    return Node(cfg).run()
+
+
+def cmd_client(a) -> int:
+    from .client import stream_completion
+    return stream_completion(a.url, a.prompt, a.max_tokens, a.temperature, a.seed, a.chat, a.api_key)
+
+
+def cmd_status(a) -> int:
+    from .client import get_json, print_status
+    view = get_json(a.url + "/v1/cluster", a.api_key)
+    print(json.dumps(view, indent=2) if a.json else print_status(view))
+    return 0
+
+
+def cmd_run(a) -> int:
+    from .launch import run_local
+    return run_local(a.prompt, a.nodes, a.max_tokens, a.model, a.chat, a.temperature)
+
+
+def cmd_bench(a) -> int:
+    from .bench import main as bench_main
+    return bench_main(a)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="skynet", description="Run an LLM across several machines.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("server", help="load the model and serve the API; nodes connect to it")
+    s.add_argument("--model", help="local HF dir, .gguf file or cached hub id (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1", help="API address")
+    s.add_argument("--port", type=int, default=8000, help="API port")
+    s.add_argument("--node-host", default="127.0.0.1", help="address nodes connect to")
+    s.add_argument("--node-port", type=int, default=7000, help="port nodes connect to (0 = any free)")
+    s.add_argument("--cluster-key", default=None, help="shared secret nodes must prove (env SKYNET_CLUSTER_KEY)")
+    s.add_argument("--api-key", default=None, help="bearer key for the HTTP API (env SKYNET_API_KEY)")
+    s.add_argument("--insecure", action="store_true", help="allow non-loopback binds without keys")
+    s.add_argument("--local-weight", type=float, default=0.0, help="server's own share while nodes serve")
+    s.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences per step")
+    s.add_argument("--max-step-tokens", type=int, default=512, help="rows per step (prefill chunking)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    s.add_argument("--threads", type=int, default=1, help="BLAS threads of the server")
+    s.set_defaults(fn=cmd_server)
+
+    n = sub.add_parser("node", help="join a server and compute a slice of every MLP")
+    n.add_argument("--server", default="127.0.0.1:7000", help="server's node address host:port")
+    n.add_argument("--name", default="", help="node name (default: host-pid)")
+    n.add_argument("--weight", type=float, default=0.0, help="planning weight (default: measured GFLOP/s)")
+    n.add_argument("--max-memory", type=int, default=0, help="bytes offered for weights (default: free memory)")
+    n.add_argument("--cluster-key", default=None, help="shared secret (env SKYNET_CLUSTER_KEY)")
+    n.add_argument("--threads", type=int, default=1, help="BLAS threads of the node")
+    n.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow node
+    n.add_argument("--gflops", type=float, default=0.0, help=argparse.SUPPRESS)
+    n.set_defaults(fn=cmd_node)
+
+    c = sub.add_parser("client", help="stream a completion to stdout")
+    c.add_argument("prompt")
+    c.add_argument("max_tokens", nargs="?", type=int, default=64)
+    c.add_argument("--url", default=DEFAULT_URL)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--chat", action="store_true", help="use the chat template")
+    c.add_argument("--api-key", default=os.environ.get("SKYNET_API_KEY"))
+    c.set_defaults(fn=cmd_client)
+
+    st = sub.add_parser("status", help="show the cluster: nodes, ranges, latency, rebalances")
+    st.add_argument("--url", default=DEFAULT_URL)
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--api-key", default=os.environ.get("SKYNET_API_KEY"))
+    st.set_defaults(fn=cmd_status)
+
+    r = sub.add_parser("run", help="start a local cluster, answer one prompt, stop it")
+    r.add_argument("prompt")
+    r.add_argument("--nodes", type=int, default=2)
+    r.add_argument("--max-tokens", type=int, default=64)
+    r.add_argument("--model", default=None)
+    r.add_argument("--chat", action="store_true", help="use the chat template")
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("bench", help="benchmark against HF transformers on this machine")
+    b.add_argument("--model", default=None)
+    b.add_argument("--nodes", type=int, default=2)
+    b.add_argument("--tokens", type=int, default=64, help="decode tokens per measurement")
+    b.add_argument("--prompt-tokens", type=int, default=256)
+    b.add_argument("--quick", action="store_true", help="fewer, shorter runs")
+    b.add_argument("--out", default="bench-out", help="folder for results.json and the plot")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    _logging(a.verbose)
+    try:
+        return a.fn(a)
+    except ConfigError as e:
+        print(f"skynet {a.cmd}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from .arch import UnsupportedModel
+        from .loader import ModelNotFound
+        if isinstance(e, (UnsupportedModel, ModelNotFound)):
+            print(f"skynet {a.cmd}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Typed, strict configuration for the server and the node (from flags and SKYNET_* env vars)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message says which and why."""
+
+
+def _port(name: str, v: int) -> None:
+    if not 0 <= v <= 65535:
+        raise ConfigError(f"{name} must be a port number 0..65535, got {v}")
+
+
+def _positive(name: str, v: float, zero_ok: bool = False) -> None:
+    if not (v >= 0 if zero_ok else v > 0):
+        raise ConfigError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {v}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
+    host, _, port = s.rpartition(":") if ":" in s else (s, "", str(default_port))
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"bad address {s!r}: port {port!r} is not a number") from None
+    _port("port", p)
+    return host or "127.0.0.1", p
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    node_host: str = "127.0.0.1"
+    node_port: int = 7000
+    cluster_key: str | None = None
+    api_key: str | None = None
+    insecure: bool = False
+    local_weight: float = 0.0        # the server's own share of neurons while nodes are present
+    heartbeat_s: float = 1.0
+    step_deadline_ms: float = 300.0  # floor of the per-step deadline for node replies
+    max_batch: int = 16
+    max_step_tokens: int = 512
+    max_queue: int = 256
+    threads: int = 1                 # BLAS threads for the server's own matmuls
+
+    def __post_init__(self):
+        self.cluster_key = self.cluster_key or os.environ.get("SKYNET_CLUSTER_KEY") or None
+        self.api_key = self.api_key or os.environ.get("SKYNET_API_KEY") or None
+        _port("--port", self.port)
+        _port("--node-port", self.node_port)
+        _positive("--local-weight", self.local_weight, zero_ok=True)
+        _positive("--heartbeat", self.heartbeat_s)
+        _positive("--step-deadline-ms", self.step_deadline_ms)
+        for name in ("max_batch", "max_step_tokens", "max_queue", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        exposed = [h for h in (self.host, self.node_host) if not is_loopback(h)]
+        if exposed and not self.insecure:
+            if not is_loopback(self.node_host) and not self.cluster_key:
+                raise ConfigError(f"refusing to bind the node port on {self.node_host} without a "
+                                  f"cluster key: set --cluster-key (or pass --insecure)")
+            if not is_loopback(self.host) and not self.api_key:
+                raise ConfigError(f"refusing to bind the API on {self.host} without an API key: "
+                                  f"set --api-key (or pass --insecure)")
+
+
+@dataclass
+class NodeConfig:
+    server: str = "127.0.0.1:7000"
+    name: str = ""
+    weight: float = 0.0              # planning weight override; 0 = measured throughput
+    max_memory: int = 0              # bytes offered for weights; 0 = free memory
+    cluster_key: str | None = None
+    threads: int = 1
+    delay_ms: float = 0.0            # test-only: sleep before each MLP reply (a slow node)
+    gflops: float = 0.0              # skip the micro-benchmark with this figure (tests)
+    register_timeout_s: float = 10.0
+    leave_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        self.cluster_key = self.cluster_key or os.environ.get("SKYNET_CLUSTER_KEY") or None
+        host, port = parse_hostport(self.server, 7000)
+        self.server = f"{host}:{port}"
+        _positive("--weight", self.weight, zero_ok=True)
+        _positive("--max-memory", self.max_memory, zero_ok=True)
+        _positive("--delay-ms", self.delay_ms, zero_ok=True)
+        if self.threads < 1:
+            raise ConfigError("--threads must be >= 1")

@@ -1,0 +1,121 @@
+"""The distributed MLP layer: scatter x to the nodes, compute local ranges, gather and sum.
+
+For a plan that splits the I neurons into ranges r_1 < r_2 < ... (nodes and server):
+
+    mlp(x) = sum_k  down[:, r_k] @ (silu(gate[r_k] x) * up[r_k] x)      # (N, H)
+
+Each node gets one `Mlp(step, epoch, layer, x)` per layer and returns its partial; the server
+computes its own ranges while it waits, then sums the partials in range order (so the result
+does not depend on which reply came first). A node that misses the step's deadline or whose
+connection is gone has its range computed here for this step; it is then planned out. Replies
+carry (step, epoch, layer): a late one is dropped, never summed into another step.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import wire
+from .cluster import Cluster, NodeState
+
+EMA = 0.2
+
+
+class ClusterMLP:
+    def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3):
+        self.c = cluster
+        self.min_deadline_s = min_deadline_s
+        self.step = 0
+        self.local_cache: dict[tuple[int, int, int], object] = {}
+        self.waiting: dict[int, tuple[int, int]] = {}   # node id -> range, for the current call
+        self.parts: list[tuple[int, np.ndarray]] = []
+        self.key = (0, 0, 0)
+        self.stats = {"calls": 0, "wait_s": 0.0, "local_s": 0.0, "bytes_out": 0, "bytes_in": 0,
+                      "fallbacks": 0}
+        cluster.on_mlp_out = self._on_reply
+
+    def begin_step(self) -> None:
+        """Step boundary: heartbeats, membership, atomic plan switch; then a new step id."""
+        self.c.tick()
+        self.step += 1
+
+    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """x (N, H) -> sum of all ranges' partials (N, H)."""
+        c, plan = self.c, self.c.plan
+        self.key, self.parts, self.waiting = (self.step, c.epoch, layer), [], {}
+        self._x, self._t_sent = x, time.perf_counter()
+        local = list(plan.local)
+        if plan.ranges:
+            msg = wire.Mlp(self.step, c.epoch, layer, x)
+            for nid, rng in plan.ranges.items():
+                n = c.serving(nid)
+                if n is not None and c.send(n, msg):
+                    self.waiting[nid] = rng
+                    self.stats["bytes_out"] += x.nbytes
+                else:
+                    local.append(rng)
+        t0 = time.perf_counter()
+        for s, e in local:
+            self.parts.append((s, self._local(layer, s, e)(x)))
+        t1 = time.perf_counter()
+        self._gather(x.shape[0], self._t_sent)
+        t2 = time.perf_counter()
+        self.stats["calls"] += 1
+        self.stats["local_s"] += t1 - t0
+        self.stats["wait_s"] += t2 - t1
+        self.parts.sort(key=lambda p: p[0])
+        out = self.parts[0][1].copy() if len(self.parts) == 1 else self.parts[0][1] + self.parts[1][1]
+        for _, p in self.parts[2:]:
+            out += p
+        return out.reshape(x.shape)
+
+    def _gather(self, rows: int, sent_at: float) -> None:
+        deadline = sent_at + self._deadline(rows)
+        while self.waiting:
+            left = deadline - time.perf_counter()
+            if left <= 0 or not self.c.sock.poll(max(1, int(left * 1000))):
+                if time.perf_counter() >= deadline:
+                    break
+                continue
+            self.c.handle(self.c.sock.recv_multipart(copy=False))
+            # a node lost while we waited (disconnect, bad messages) is computed locally
+            for nid in [i for i in self.waiting if self.c.serving(i) is None]:
+                self._fallback(nid, "lost during the step")
+        for nid in list(self.waiting):
+            n = self.c.nodes.get(nid)
+            self._fallback(nid, "missed the step deadline")
+            if n is not None:
+                self.c.lose(n, f"missed a {self._deadline(rows) * 1000:.0f} ms step deadline")
+
+    def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
+        if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
+            return False
+        rng = self.waiting.pop(n.id)
+        self.parts.append((rng[0], m.y.reshape(-1, m.y.shape[-1])))
+        self.stats["bytes_in"] += m.y.nbytes
+        lat = time.perf_counter() - self._t_sent
+        scaled = lat / (1 + m.y.shape[-2] / 64 if m.y.ndim >= 2 else 1)
+        n.latency_ema = scaled if n.latency_ema is None else (1 - EMA) * n.latency_ema + EMA * scaled
+        return True
+
+    def _fallback(self, nid: int, why: str) -> None:
+        s, e = self.waiting.pop(nid)
+        layer = self.key[2]
+        self.stats["fallbacks"] += 1
+        self.parts.append((s, self._local(layer, s, e)(self._x)))
+
+    def _deadline(self, rows: int) -> float:
+        emas = [self.c.nodes[i].latency_ema for i in self.waiting if i in self.c.nodes
+                and self.c.nodes[i].latency_ema is not None]
+        est = max(emas, default=0.0) * (1 + rows / 64)
+        return max(self.min_deadline_s, 10 * est)
+
+    def _local(self, layer: int, s: int, e: int):
+        key = (layer, s, e)
+        sl = self.local_cache.get(key)
+        if sl is None:
+            if len(self.local_cache) > 4 * self.c.weights.layers:
+                self.local_cache.clear()
+            sl = self.local_cache[key] = self.c.weights.slice(layer, s, e)
+        return sl

@@ -1,0 +1,263 @@
+"""A node: registers with the server, receives its MLP slices over the wire, serves partials.
+
+It needs no model file. Per plan epoch it holds neurons [start, end) of every layer and answers
+each `Mlp(step, epoch, layer, x)` with `MlpOut(step, epoch, layer, y)`, y = the slice's partial.
+It keeps serving the old epoch while the next one loads, answers pings, leaves gracefully on
+SIGTERM/Ctrl-C, and re-registers (with backoff) when the server goes quiet or restarts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from . import wire
+from .auth import Keyring
+from .config import NodeConfig
+from .mlp import SliceLayer
+from .progress import Progress
+
+log = logging.getLogger("skynet.node")
+
+
+class _Rejoin(Exception):
+    """Start a fresh session with the server."""
+
+
+class Refused(RuntimeError):
+    """The server refused this node (wrong cluster key, incompatible version...)."""
+
+
+@dataclass
+class Pending:
+    """An epoch being assembled: target range and per-layer row buffers."""
+
+    epoch: int
+    start: int
+    end: int
+    gate: list
+    up: list
+    down_t: list
+    missing: list  # per layer: rows still to arrive
+    progress: Progress | None = None
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.ctx = zmq.Context.instance()
+        self.keyring = Keyring(cfg.cluster_key)
+        self.slices: dict[int, list[SliceLayer]] = {}   # epoch -> layers
+        self.pending: Pending | None = None
+        self.stopping = False
+        self.served = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        """Connect, serve, reconnect on silence; returns the exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        backoff = 0.2
+        while not self.stopping:
+            try:
+                served_before = self.served
+                self._session()
+                if self.stopping:
+                    return 0
+                backoff = 0.2 if self.served > served_before else min(backoff * 2, 5.0)
+            except Refused as e:
+                log.error("refused by the server: %s", e)
+                print(f"skynet node: refused by the server: {e}", flush=True)
+                return 2
+            log.info("reconnecting in %.1fs", backoff)
+            time.sleep(backoff)
+        return 0
+
+    def _on_signal(self, *_):
+        if self.stopping:  # second signal: leave now
+            raise SystemExit(1)
+        log.info("leave requested: asking the server to move my neurons elsewhere")
+        self.stopping = True
+
+    def _session(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{self.cfg.server}")
+        self.slices.clear()
+        self.pending = None
+        try:
+            if not self._register(sock):
+                return
+            self._serve(sock)
+        except _Rejoin:
+            pass
+        finally:
+            sock.close(0)
+
+    def _register(self, sock) -> bool:
+        gflops = self.cfg.gflops or measure_gflops()
+        mine, verified = self.keyring.nonce(), False
+        hello = wire.Hello(self.cfg.name, os.cpu_count() or 1, self.cfg.max_memory or free_memory(),
+                           gflops, self.cfg.weight, mine)
+        sock.send_multipart(wire.encode(hello))
+        deadline = time.monotonic() + self.cfg.register_timeout_s
+        while time.monotonic() < deadline and not self.stopping:
+            if not sock.poll(200):
+                continue
+            msg = self._decode(sock.recv_multipart(copy=False))
+            if isinstance(msg, wire.Challenge):
+                if not self.keyring.enabled:
+                    raise Refused("the server requires a cluster key (--cluster-key or SKYNET_CLUSTER_KEY)")
+                if not self.keyring.check(b"server", mine, msg.nonce, msg.proof):
+                    raise Refused("the server could not prove it holds our cluster key")
+                verified = True
+                proof = self.keyring.proof(b"node", msg.nonce, mine)
+                sock.send_multipart(wire.encode(wire.Challenge(b"", proof)))
+            elif isinstance(msg, wire.Bye):
+                raise Refused(msg.reason)
+            elif isinstance(msg, wire.Welcome):
+                if self.keyring.enabled and not verified:
+                    raise Refused("the server has no cluster key but this node was given one")
+                self.welcome = msg
+                self.limits = wire.Limits(hidden=msg.hidden, layers=msg.layers)
+                log.info("registered as node %d with %s (%d layers, %d neurons)",
+                         msg.node_id, msg.model, msg.layers, msg.neurons)
+                return True
+        log.warning("no answer from %s", self.cfg.server)
+        return False
+
+    def _serve(self, sock) -> None:
+        quiet_limit = 3 * self.welcome.heartbeat_s + 1.0
+        last_heard = time.monotonic()
+        asked_leave = False
+        while True:
+            if self.stopping and not asked_leave:
+                sock.send_multipart(wire.encode(wire.Bye("leaving")))
+                asked_leave, leave_deadline = True, time.monotonic() + self.cfg.leave_timeout_s
+            if asked_leave and time.monotonic() > leave_deadline:
+                log.warning("server did not release me in time; leaving anyway")
+                return
+            if not sock.poll(100):
+                if time.monotonic() - last_heard > quiet_limit:
+                    log.warning("server silent for %.1fs", time.monotonic() - last_heard)
+                    return
+                continue
+            last_heard = time.monotonic()
+            msg = self._decode(sock.recv_multipart(copy=False), self.limits)
+            if msg is None:
+                continue
+            if isinstance(msg, wire.Bye):
+                log.info("server says bye: %s", msg.reason)
+                if asked_leave:
+                    self.stopping = True
+                return
+            self._handle(sock, msg)
+
+    # ------------------------------------------------------------------ messages
+    def _decode(self, frames, limits=wire.Limits()):
+        try:
+            return wire.decode(frames, limits)
+        except wire.WireError as e:
+            log.warning("dropped a bad message: %s", e)
+            return None
+
+    def _handle(self, sock, msg) -> None:
+        if isinstance(msg, wire.Mlp):
+            layers = self.slices.get(msg.epoch)
+            if layers is None:
+                log.warning("mlp for epoch %d, which I don't hold (have %s)", msg.epoch, list(self.slices))
+                return
+            if self.cfg.delay_ms:
+                time.sleep(self.cfg.delay_ms / 1000)
+            x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
+            y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
+            sock.send_multipart(wire.encode(wire.MlpOut(msg.step, msg.epoch, msg.layer, y)), copy=False)
+            self.served += 1
+            for old in [e for e in self.slices if e < msg.epoch]:
+                del self.slices[old]   # the server has switched: older rows can go
+        elif isinstance(msg, wire.Ping):
+            sock.send_multipart(wire.encode(wire.Pong(msg.ts)))
+        elif isinstance(msg, wire.Assign):
+            self._assign(sock, msg)
+        elif isinstance(msg, wire.Load):
+            self._load(sock, msg)
+
+    def _assign(self, sock, a: wire.Assign) -> None:
+        """Start assembling epoch a.epoch from rows we hold plus rows the server will send."""
+        w, n = self.welcome, a.end - a.start
+        p = Pending(a.epoch, a.start, a.end,
+                    *[[np.empty((n, w.hidden), np.float32) for _ in range(w.layers)] for _ in range(3)],
+                    missing=[n] * w.layers)
+        held = self.slices.get(a.base) if a.base else None
+        if a.base and held is None:
+            log.error("assigned on top of epoch %d, which I no longer hold; re-registering", a.base)
+            sock.send_multipart(wire.encode(wire.Bye("lost base epoch")))
+            raise _Rejoin()
+        if held:
+            s, e = max(a.start, held[0].start), min(a.end, held[0].end)
+            for li, sl in enumerate(held if e > s else []):
+                g, u, d = sl.rows()
+                for dst, src in zip((p.gate[li], p.up[li], p.down_t[li]), (g, u, d)):
+                    dst[s - a.start:e - a.start] = src[s - sl.start:e - sl.start]
+                p.missing[li] -= e - s
+        todo = sum(p.missing) * w.hidden * 12
+        p.progress = Progress(f"node {self.cfg.name}: epoch {a.epoch} weights", todo) if todo else None
+        self.pending = p
+        log.info("assigned neurons [%d, %d) for epoch %d; %.1f MB to receive",
+                 a.start, a.end, a.epoch, todo / 1e6)
+        self._maybe_ready(sock)
+
+    def _load(self, sock, m: wire.Load) -> None:
+        p = self.pending
+        if p is None or m.epoch != p.epoch or m.start < p.start or m.end > p.end:
+            log.warning("load for epoch %d [%d, %d) does not match my assignment", m.epoch, m.start, m.end)
+            return
+        r = slice(m.start - p.start, m.end - p.start)
+        p.gate[m.layer][r], p.up[m.layer][r], p.down_t[m.layer][r] = m.gate, m.up, m.down_t
+        p.missing[m.layer] -= m.end - m.start
+        if p.progress:
+            p.progress.update((m.end - m.start) * m.gate.shape[1] * 12)
+        self._maybe_ready(sock)
+
+    def _maybe_ready(self, sock) -> None:
+        p = self.pending
+        if p is None or any(p.missing):
+            return
+        self.slices[p.epoch] = [SliceLayer(p.start, p.end, p.gate[i], p.up[i], p.down_t[i])
+                                for i in range(len(p.gate))]
+        if p.progress:
+            p.progress.close()
+        self.pending = None
+        sock.send_multipart(wire.encode(wire.Ready(p.epoch)))
+        log.info("epoch %d ready: neurons [%d, %d)", p.epoch, p.start, p.end)
+
+
+def measure_gflops(seconds: float = 0.2) -> float:
+    """A short float32 matmul micro-benchmark, shaped like decode work."""
+    a = np.random.default_rng(0).standard_normal((8, 1024), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((1024, 2048), dtype=np.float32)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 8 * 1024 * 2048 * n / (time.perf_counter() - t0) / 1e9
+
+
+def free_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
+        return info.get("MemAvailable", info.get("MemFree", 0))
+    except OSError:
+        return 8 << 30
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -1,0 +1,178 @@
+"""The server process minus HTTP: model, cluster, engine, and the engine thread that drives them.
+
+Requests come in from any thread through `submit()`, which returns a `Stream` of text deltas.
+The engine thread owns the node socket: it steps the batch while there is work and otherwise
+waits on the node socket and a wake-up pipe.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from . import loader
+from .arch import arch_from_config
+from .cluster import Cluster
+from .config import ServerConfig
+from .dispatch import ClusterMLP
+from .engine import Engine, RequestError, Sequence
+from .model import Model
+from .sampling import SamplingParams
+from .textstream import Detokenizer
+
+log = logging.getLogger("skynet.server")
+
+
+class Busy(RuntimeError):
+    """The request queue is full (back-pressure): try again later."""
+
+
+@dataclass
+class Stream:
+    """A request's output as it is produced: (text delta, finished) events on an asyncio queue."""
+
+    seq: Sequence
+    queue: asyncio.Queue | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.seq.finish("cancelled")
+
+
+class Runtime:
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.model_dir = loader.resolve(cfg.model)
+        self.model_name = loader.model_name(self.model_dir, cfg.model)
+        self.hf_config = loader.read_config(self.model_dir)
+        self.arch = arch_from_config(self.hf_config)
+        self.model = Model(self.arch, loader.read_weights(self.model_dir))
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
+        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000)
+        self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
+        self.stop_ids = frozenset(self.arch.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self.load_s = time.perf_counter() - t0
+        self.started = time.time()
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self._wake_r, self._wake_w = os.pipe()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        log.info("model %s loaded in %.1fs: %d layers, hidden %d, %d MLP neurons; nodes connect to %s:%d",
+                 self.model_name, self.load_s, self.arch.layers, self.arch.hidden, self.arch.neurons,
+                 cfg.node_host, cfg.node_port)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Runtime":
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        self.thread.join(timeout=5)
+        self.cluster.close()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.cluster.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if self.engine.has_work:
+                    self.engine.step()
+                    continue
+                ready = dict(poller.poll(100))
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 4096)
+                self.cluster.poll(0)
+            except Exception:  # one bad step must not kill the server
+                log.exception("engine step failed; failing the running requests")
+                self.engine.cancel_all("error")
+                self.engine.step()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams,
+               stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+        """Queue a request; raises RequestError (bad request) or Busy (queue full)."""
+        self.engine.check(prompt, max_tokens)
+        if len(self.engine.waiting) >= self.cfg.max_queue:
+            raise Busy(f"{len(self.engine.waiting)} requests already queued")
+        seq = Sequence(list(prompt), max_tokens, params, self.stop_ids)
+        stream = Stream(seq, asyncio.Queue() if loop else None)
+        detok = Detokenizer(self.tokenizer, list(stop))
+
+        def push(event):
+            if stream.queue is not None:
+                loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+
+        def on_token(s: Sequence, tok: int) -> None:
+            delta, hit_stop = detok.add(tok)
+            stream.text += delta
+            if hit_stop:
+                s.finish("stop")
+            if delta:
+                push((delta, None))
+
+        def on_finish(s: Sequence) -> None:
+            stream.text += detok.flush(s.finish_reason)
+            stream.finish_reason = s.finish_reason
+            self.stats["generated_tokens"] += len(s.out)
+            stream.done.set()
+            push(("", s.finish_reason))
+
+        seq.on_token, seq.on_finish = on_token, on_finish
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(prompt)
+        self.engine.submit(seq)
+        os.write(self._wake_w, b"x")
+        return stream
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            if not all(isinstance(t, int) and 0 <= t < self.arch.vocab for t in prompt):
+                raise RequestError(f"prompt token ids must be integers in [0, {self.arch.vocab})")
+            return prompt
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model has no chat template; use /v1/completions")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ views
+    def cluster_view(self) -> dict:
+        c = self.cluster
+        now = time.monotonic()
+        nodes = []
+        for n in sorted(c.nodes.values(), key=lambda n: n.id):
+            rng = c.plan.ranges.get(n.id)
+            nodes.append({
+                "id": n.id, "name": n.name, "state": n.state,
+                "neurons": [list(rng)] if rng else [], "weight": round(n.weight, 3),
+                "cores": n.cores, "mem_bytes": n.mem_bytes, "gflops": round(n.gflops, 2),
+                "latency_ms": None if n.latency_ema is None else round(n.latency_ema * 1000, 3),
+                "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent})
+        return {"model": self.model_name, "layers": self.arch.layers, "hidden": self.arch.hidden,
+                "neurons": self.arch.neurons, "epoch": c.epoch,
+                "pending_epoch": c.pending[0] if c.pending else None, "nodes": nodes,
+                "local_neurons": [list(r) for r in c.plan.local], "rebalances": list(c.history),
+                "active_requests": len(self.engine.running), "queued_requests": len(self.engine.waiting),
+                "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats), **self.stats}
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
