@@ -30,7 +30,7 @@ def cmd_server(a) -> int:
     cfg = ServerConfig(model=a.model, host=a.host, port=a.port, node_host=a.node_host,
                        node_port=a.node_port, cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
-                       step_deadline_ms=a.step_deadline_ms, max_batch=a.max_batch,
+                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads)
     if a.insecure:
         logging.getLogger("skynet").warning(
@@ -55,7 +55,8 @@ def cmd_node(a) -> int:
         from .node import default_name
         name = default_name()
     cfg = NodeConfig(server=a.server, name=name, weight=a.weight, max_memory=a.max_memory,
-                     cluster_key=a.cluster_key, threads=a.threads, delay_ms=a.delay_ms, gflops=a.gflops)
+                     cluster_key=a.cluster_key, threads=a.threads, delay_ms=a.delay_ms, gflops=a.gflops,
+                     spin_us=a.spin_us)
     _threads(cfg.threads)
     from .node import Node
     return Node(cfg).run()
@@ -100,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--local-weight", type=float, default=0.0, help="server's own share while nodes serve")
     s.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
+    s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")
+    s.add_argument("--spin-us", type=float, default=0.0, help="spin this long for node replies before blocking")
     s.add_argument("--max-batch", type=int, default=16, help="sequences per step")
     s.add_argument("--max-step-tokens", type=int, default=512, help="rows per step (prefill chunking)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
@@ -113,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--max-memory", type=int, default=0, help="bytes offered for weights (default: free memory)")
     n.add_argument("--cluster-key", default=None, help="shared secret (env SKYNET_CLUSTER_KEY)")
     n.add_argument("--threads", type=int, default=1, help="BLAS threads of the node")
+    n.add_argument("--spin-us", type=float, default=0.0, help="spin this long for the next request before blocking")
     n.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow node
     n.add_argument("--gflops", type=float, default=0.0, help=argparse.SUPPRESS)
     n.set_defaults(fn=cmd_node)

@@ -22,6 +22,8 @@ from .plan import Member, Plan, PlanError, plan
 log = logging.getLogger("skynet.cluster")
 LOAD_FRAME_BYTES = 16 << 20
 MAX_BAD_MESSAGES = 20
+REWEIGHT_MIN_SAMPLES = 60     # MLP replies since the last switch before latency counts
+REWEIGHT_MIN_MOVE = 0.10      # fraction of neurons a re-weighting must move to be worth it
 
 
 @dataclass
@@ -41,12 +43,14 @@ class NodeState:
     last_seen: float = field(default_factory=time.monotonic)
     joined: float = field(default_factory=time.time)
     latency_ema: float | None = None  # seconds per MLP call, scaled to 1 row-block
+    samples: int = 0                  # latency samples since the last plan switch
+    observed: float = 0.0             # weight re-estimated from latency (neurons / s), 0 = none yet
     bad: int = 0
     bytes_sent: int = 0
 
     @property
     def weight(self) -> float:
-        return self.weight_override or max(self.gflops, 1e-3)
+        return self.weight_override or self.observed or max(self.gflops, 1e-3)
 
     def held(self) -> tuple[int, int] | None:
         return self.assigned.get(self.ready_epoch)
@@ -74,7 +78,9 @@ class Cluster:
         self.pending: tuple[int, Plan, float, str, int] | None = None  # epoch, plan, t0, reason, bytes
         self.history: list[dict] = []
         self.dropped = 0
+        self.bad_peers: dict[bytes, int] = {}
         self.last_ping = 0.0
+        self.last_reweight = time.monotonic()
         self.on_mlp_out = None   # set by ClusterMLP: handles replies that arrive while idle
 
     # ------------------------------------------------------------------ event loop hooks
@@ -95,10 +101,44 @@ class Cluster:
             if now - n.last_seen > 3 * self.cfg.heartbeat_s:
                 self.lose(n, f"no heartbeat for {now - n.last_seen:.1f}s")
         self.maybe_switch()
+        if now - self.last_reweight >= self.cfg.reweight_s:
+            self.last_reweight = now
+            self.reweight()
+
+    def reweight(self) -> None:
+        """Re-estimate node weights from observed latency (neurons served per second).
+
+        Only when every serving node has enough samples, and only if the resulting plan moves
+        more than REWEIGHT_MIN_MOVE of the neurons: small noise never changes the plan."""
+        if self.pending or len(self.plan.ranges) < 2:
+            return
+        nodes = [self.serving(i) for i in self.plan.ranges]
+        if any(n is None or n.weight_override or n.samples < REWEIGHT_MIN_SAMPLES or not n.latency_ema
+               for n in nodes):
+            return
+        measured = {n.id: (self.plan.ranges[n.id][1] - self.plan.ranges[n.id][0]) / n.latency_ema
+                    for n in nodes}
+        members = [Member(m.id, measured.get(m.id, m.weight), m.cap) for m in self.members()]
+        try:
+            proposal = plan(self.weights.neurons, members, self.cfg.local_weight)
+        except PlanError:
+            return
+        moved = sum(abs((proposal.ranges[i][1] - proposal.ranges[i][0]) - (r[1] - r[0]))
+                    for i, r in self.plan.ranges.items() if i in proposal.ranges) // 2
+        if moved <= REWEIGHT_MIN_MOVE * self.weights.neurons:
+            return
+        for n in nodes:
+            n.observed = measured[n.id]
+        self.replan("re-weighted from observed latency: " + ", ".join(
+            f"{n.name} {n.latency_ema * 1e3:.2f} ms" for n in nodes))
 
     def send(self, n: NodeState, msg: wire.Message) -> bool:
+        return self.send_frames(n, wire.encode(msg))
+
+    def send_frames(self, n: NodeState, frames: list) -> bool:
+        """Send encoded frames to n (encode once, send to many); False if n is unreachable."""
         try:
-            self.sock.send_multipart([n.ident, *wire.encode(msg)], copy=False)
+            self.sock.send_multipart([n.ident, *frames], copy=False)
             return True
         except zmq.ZMQError as e:   # EHOSTUNREACH: the peer's connection is gone
             if n.state != "gone":
@@ -108,6 +148,9 @@ class Cluster:
     # ------------------------------------------------------------------ incoming
     def handle(self, frames) -> None:
         ident, body = bytes(frames[0]), frames[1:]
+        if self.bad_peers.get(ident, 0) >= MAX_BAD_MESSAGES:
+            self.dropped += 1
+            return
         nid = self.by_ident.get(ident)
         node = self.nodes.get(nid) if nid is not None else None
         try:
@@ -136,12 +179,21 @@ class Cluster:
             self.leave(node)
 
     def _bad(self, node: NodeState | None, ident: bytes, why: str) -> None:
+        """Drop and count; a registered node is disconnected after MAX_BAD_MESSAGES, an unknown
+        peer is ignored silently after that many (so garbage cannot flood the log either)."""
         self.dropped += 1
-        log.warning("dropped a message from %s: %s", node.name if node else ident.hex()[:10], why)
         if node is not None:
             node.bad += 1
+            log.warning("dropped a message from node %r: %s", node.name, why)
             if node.bad > MAX_BAD_MESSAGES:
                 self.lose(node, "too many bad messages")
+            return
+        if len(self.bad_peers) > 10_000:
+            self.bad_peers.clear()
+        count = self.bad_peers[ident] = self.bad_peers.get(ident, 0) + 1
+        if count <= MAX_BAD_MESSAGES:
+            log.warning("dropped a message from unknown peer %s: %s%s", ident.hex()[:10], why,
+                        " (ignoring this peer from now on)" if count == MAX_BAD_MESSAGES else "")
 
     def _hello(self, ident: bytes, h: wire.Hello) -> None:
         if ident in self.by_ident:
@@ -214,9 +266,13 @@ class Cluster:
     # ------------------------------------------------------------------ plans
     def members(self) -> list[Member]:
         row_bytes = 3 * self.weights.hidden * 4 * self.weights.layers
-        return [Member(n.id, n.weight, max(1, n.mem_bytes // row_bytes) if n.mem_bytes else None)
-                for n in sorted(self.nodes.values(), key=lambda n: n.id)
-                if n.state in ("loading", "active")]
+        nodes = [n for n in sorted(self.nodes.values(), key=lambda n: n.id) if n.state in ("loading", "active")]
+        # Observed weights are neurons/s, measured ones GFLOP/s: put unobserved nodes on the
+        # observed scale through the observed nodes' average ratio.
+        ratios = [n.observed / n.gflops for n in nodes if n.observed and n.gflops > 0]
+        scale = sum(ratios) / len(ratios) if ratios else 1.0
+        return [Member(n.id, n.weight if (n.weight_override or n.observed) else max(n.gflops, 1e-3) * scale,
+                       max(1, n.mem_bytes // row_bytes) if n.mem_bytes else None) for n in nodes]
 
     def replan(self, reason: str) -> None:
         members = self.members()
@@ -266,6 +322,7 @@ class Cluster:
         self.epoch, self.plan, self.pending = epoch, new, None
         for nid in new.ranges:
             self.nodes[nid].state = "active"
+            self.nodes[nid].samples = 0
         for nid in old_ranges:
             n = self.nodes.get(nid)
             if n is not None and n.state == "draining":

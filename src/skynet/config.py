@@ -52,6 +52,8 @@ class ServerConfig:
     local_weight: float = 0.0        # the server's own share of neurons while nodes are present
     heartbeat_s: float = 1.0
     step_deadline_ms: float = 300.0  # floor of the per-step deadline for node replies
+    reweight_s: float = 10.0         # how often node weights are re-estimated from latency
+    spin_us: float = 0.0             # spin (yielding) this long for node replies before blocking
     max_batch: int = 16
     max_step_tokens: int = 512
     max_queue: int = 256
@@ -65,6 +67,7 @@ class ServerConfig:
         _positive("--local-weight", self.local_weight, zero_ok=True)
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
+        _positive("--reweight-s", self.reweight_s)
         for name in ("max_batch", "max_step_tokens", "max_queue", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -88,6 +91,7 @@ class NodeConfig:
     threads: int = 1
     delay_ms: float = 0.0            # test-only: sleep before each MLP reply (a slow node)
     gflops: float = 0.0              # skip the micro-benchmark with this figure (tests)
+    spin_us: float = 0.0             # spin (yielding) this long for the next request before blocking
     register_timeout_s: float = 10.0
     leave_timeout_s: float = 30.0
 

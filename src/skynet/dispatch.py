@@ -18,14 +18,17 @@ import numpy as np
 
 from . import wire
 from .cluster import Cluster, NodeState
+from .polling import wait_readable
 
 EMA = 0.2
 
 
 class ClusterMLP:
-    def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3):
+    on_latency = None   # optional callback(node, seconds): each node reply's round trip (metrics)
+
+    def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3, spin_s: float = 0.0):
         self.c = cluster
-        self.min_deadline_s = min_deadline_s
+        self.min_deadline_s, self.spin_s = min_deadline_s, spin_s
         self.step = 0
         self.local_cache: dict[tuple[int, int, int], object] = {}
         self.waiting: dict[int, tuple[int, int]] = {}   # node id -> range, for the current call
@@ -47,12 +50,12 @@ class ClusterMLP:
         self._x, self._t_sent = x, time.perf_counter()
         local = list(plan.local)
         if plan.ranges:
-            msg = wire.Mlp(self.step, c.epoch, layer, x)
+            frames = wire.encode(wire.Mlp(self.step, c.epoch, layer, x))
             for nid, rng in plan.ranges.items():
                 n = c.serving(nid)
-                if n is not None and c.send(n, msg):
+                if n is not None and c.send_frames(n, frames):
                     self.waiting[nid] = rng
-                    self.stats["bytes_out"] += x.nbytes
+                    self.stats["bytes_out"] += len(frames[0]) + x.nbytes
                 else:
                     local.append(rng)
         t0 = time.perf_counter()
@@ -74,7 +77,7 @@ class ClusterMLP:
         deadline = sent_at + self._deadline(rows)
         while self.waiting:
             left = deadline - time.perf_counter()
-            if left <= 0 or not self.c.sock.poll(max(1, int(left * 1000))):
+            if left <= 0 or not wait_readable(self.c.sock, left, self.spin_s):
                 if time.perf_counter() >= deadline:
                     break
                 continue
@@ -95,8 +98,11 @@ class ClusterMLP:
         self.parts.append((rng[0], m.y.reshape(-1, m.y.shape[-1])))
         self.stats["bytes_in"] += m.y.nbytes
         lat = time.perf_counter() - self._t_sent
+        if self.on_latency is not None:
+            self.on_latency(n, lat)
         scaled = lat / (1 + m.y.shape[-2] / 64 if m.y.ndim >= 2 else 1)
         n.latency_ema = scaled if n.latency_ema is None else (1 - EMA) * n.latency_ema + EMA * scaled
+        n.samples += 1
         return True
 
     def _fallback(self, nid: int, why: str) -> None:

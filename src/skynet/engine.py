@@ -65,7 +65,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.lock = threading.Lock()
-        self.steps = 0
+        self.stats = {"steps": 0, "rows": 0, "forward_s": 0.0, "head_s": 0.0, "sample_s": 0.0}
 
     # ------------------------------------------------------------------ admission
     def check(self, prompt: list[int], max_tokens: int) -> None:
@@ -105,12 +105,19 @@ class Engine:
         begin = getattr(self.mlp, "begin_step", None)
         if begin:
             begin()
+        t0 = time.perf_counter()
         logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp)  # (S, V)
-        self.steps += 1
+        t1 = time.perf_counter()
         for i, (seq, n) in enumerate(batch):
             seq.cached += n
             if sampled[i] and not seq.done:
                 self._emit(seq, seq.sampler(logits[i]))
+        st = self.stats
+        st["steps"] += 1
+        st["rows"] += len(tokens)
+        st["forward_s"] += t1 - t0
+        st["head_s"] += self.model.last_head_s
+        st["sample_s"] += time.perf_counter() - t1
         self._reap()
         return len(tokens)
 

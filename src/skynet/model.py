@@ -11,6 +11,7 @@ The MLP is an object passed in (local, remote, or a mix): the model does not kno
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,6 +106,7 @@ class Model:
         freqs = np.arange(a.max_context, dtype=np.float32)[:, None] * inv[None, :]     # (C, D/2)
         self.cos, self.sin = np.cos(freqs), np.sin(freqs)
         self.scale = 1.0 / float(np.sqrt(a.head_dim))
+        self.last_head_s = 0.0
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.arch, capacity)
@@ -122,8 +124,8 @@ class Model:
             h = rmsnorm(x, layer.ln1, a.eps) @ layer.wqkv_t                        # (N, qkv)
             if layer.bqkv is not None:
                 h += layer.bqkv
-            q = _rope(h[:, :nq].reshape(-1, a.heads, a.head_dim), cos, sin)       # (N, nh, D)
-            k = _rope(h[:, nq:nq + nkv].reshape(-1, a.kv_heads, a.head_dim), cos, sin)  # (N, kvh, D)
+            qk = _rope(h[:, :nq + nkv].reshape(-1, a.heads + a.kv_heads, a.head_dim), cos, sin)
+            q, k = qk[:, :a.heads], qk[:, a.heads:]                               # (N, nh|kvh, D)
             v = h[:, nq + nkv:].reshape(-1, a.kv_heads, a.head_dim)               # (N, kvh, D)
             att = np.empty((x.shape[0], nq), np.float32)                          # (N, nh D)
             for s in segments:
@@ -131,9 +133,12 @@ class Model:
                                                       k[s.row:s.row + s.n], v[s.row:s.row + s.n])
             x = x + att @ layer.wo_t                                               # (N, H)
             x = x + mlp(li, rmsnorm(x, layer.ln2, a.eps))                          # (N, H)
+        t0 = time.perf_counter()
         if last_only:
             x = x[[s.row + s.n - 1 for s in segments]]                             # (S, H)
-        return rmsnorm(x, self.norm, a.eps) @ self.lm_head_t                       # (S, V)
+        logits = rmsnorm(x, self.norm, a.eps) @ self.lm_head_t                     # (S, V)
+        self.last_head_s = time.perf_counter() - t0
+        return logits
 
     def _attend(self, li: int, s: Segment, q, k, v) -> np.ndarray:
         """q (n, nh, D), k/v (n, kvh, D) -> (n, nh D); writes k/v into the cache first."""

@@ -21,6 +21,7 @@ from . import wire
 from .auth import Keyring
 from .config import NodeConfig
 from .mlp import SliceLayer
+from .polling import wait_readable
 from .progress import Progress
 
 log = logging.getLogger("skynet.node")
@@ -143,7 +144,7 @@ class Node:
             if asked_leave and time.monotonic() > leave_deadline:
                 log.warning("server did not release me in time; leaving anyway")
                 return
-            if not sock.poll(100):
+            if not wait_readable(sock, 0.1, self.cfg.spin_us / 1e6):
                 if time.monotonic() - last_heard > quiet_limit:
                     log.warning("server silent for %.1fs", time.monotonic() - last_heard)
                     return

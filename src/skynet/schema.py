@@ -25,6 +25,8 @@ class _Common(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
+    ignore_eos: bool = Field(False, description="SkyNet extension (as in vLLM): generate max_tokens "
+                             "tokens even past end-of-sequence; for benchmarks")
 
     @field_validator("n")
     @classmethod
