@@ -40,7 +40,7 @@ class ClusterMLP:
 
     def begin_step(self) -> None:
         """Step boundary: heartbeats, membership, atomic plan switch; then a new step id."""
-        self.c.tick()
+        self.c.poll(0)   # read what nodes sent (pongs, ready, hello) before judging their heartbeats
         self.step += 1
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -53,7 +53,8 @@ class ClusterMLP:
             frames = wire.encode(wire.Mlp(self.step, c.epoch, layer, x))
             for nid, rng in plan.ranges.items():
                 n = c.serving(nid)
-                if n is not None and c.send_frames(n, frames):
+                # a node still receiving rows for the next epoch would answer late: compute here
+                if n is not None and not n.loading_rows and c.send_frames(n, frames):
                     self.waiting[nid] = rng
                     self.stats["bytes_out"] += len(frames[0]) + x.nbytes
                 else:
@@ -85,6 +86,12 @@ class ClusterMLP:
             # a node lost while we waited (disconnect, bad messages) is computed locally
             for nid in [i for i in self.waiting if self.c.serving(i) is None]:
                 self._fallback(nid, "lost during the step")
+        # replies that arrived while this thread was busy (e.g. shipping rows to a new node) are
+        # not late: read them before calling anyone a miss
+        while self.waiting and self.c.sock.poll(0):
+            self.c.handle(self.c.sock.recv_multipart(copy=False))
+            for nid in [i for i in self.waiting if self.c.serving(i) is None]:
+                self._fallback(nid, "lost during the step")
         for nid in list(self.waiting):
             n = self.c.nodes.get(nid)
             self._fallback(nid, "missed the step deadline")
@@ -94,6 +101,10 @@ class ClusterMLP:
     def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
         if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
             return False
+        if m.y.shape != self._x.shape:   # a broken peer: compute its range here instead
+            self._fallback(n.id, "bad reply shape")
+            self.c._bad(n, f"mlp_out shape {m.y.shape}, expected {self._x.shape}")
+            return True
         rng = self.waiting.pop(n.id)
         self.parts.append((rng[0], m.y.reshape(-1, m.y.shape[-1])))
         self.stats["bytes_in"] += m.y.nbytes

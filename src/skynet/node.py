@@ -135,9 +135,14 @@ class Node:
 
     def _serve(self, sock) -> None:
         quiet_limit = 3 * self.welcome.heartbeat_s + 1.0
-        last_heard = time.monotonic()
+        last_heard = last_alive = time.monotonic()
         asked_leave = False
         while True:
+            # The server's pings queue behind weight loads on this one socket: while a big load
+            # is being worked through, say we are alive on our own, or it declares us dead.
+            if time.monotonic() - last_alive >= self.welcome.heartbeat_s / 2:
+                sock.send_multipart(wire.encode(wire.Pong(time.time())))
+                last_alive = time.monotonic()
             if self.stopping and not asked_leave:
                 sock.send_multipart(wire.encode(wire.Bye("leaving")))
                 asked_leave, leave_deadline = True, time.monotonic() + self.cfg.leave_timeout_s
@@ -192,6 +197,9 @@ class Node:
     def _assign(self, sock, a: wire.Assign) -> None:
         """Start assembling epoch a.epoch from rows we hold plus rows the server will send."""
         w, n = self.welcome, a.end - a.start
+        if not 0 <= a.start < a.end <= w.neurons:
+            log.warning("dropped assign [%d, %d): outside the model's %d neurons", a.start, a.end, w.neurons)
+            return
         p = Pending(a.epoch, a.start, a.end,
                     *[[np.empty((n, w.hidden), np.float32) for _ in range(w.layers)] for _ in range(3)],
                     missing=[n] * w.layers)
