@@ -17,7 +17,10 @@ def rss_bytes(pid: int) -> int:
 
 
 def test_soak_500_requests_memory_is_flat():
-    with LocalCluster(None, 2, env={"SKYNET_NO_PROGRESS": "1"}) as lc:
+    # Fixed weights and a generous deadline keep the plan still on a loaded CI box, so that
+    # memory is compared between two moments with the same neuron ranges.
+    with LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000"], node_args=["--weight", "1"],
+                      env={"SKYNET_NO_PROGRESS": "1"}) as lc:
         procs = {"server": lc.server, **lc.nodes}
         prompts = [f"Request {i}: name a colour." for i in range(7)]
         with httpx.Client(base_url=lc.url, timeout=60) as http:
@@ -29,10 +32,12 @@ def test_soak_500_requests_memory_is_flat():
             for i in range(WARMUP):
                 one(i)
             before = {k: rss_bytes(p.pid) for k, p in procs.items()}
+            epoch = lc.cluster()["epoch"]
             for i in range(REQUESTS):
                 one(i)
             after = {k: rss_bytes(p.pid) for k, p in procs.items()}
         view = lc.cluster()
+        assert view["epoch"] == epoch, "the plan changed during the soak: memory is not comparable"
         report = {k: f"{before[k] / 2**20:.1f} -> {after[k] / 2**20:.1f} MiB "
                      f"({100 * (after[k] - before[k]) / before[k]:+.2f}%)" for k in procs}
         print("soak RSS after", REQUESTS, "requests:", report)

@@ -31,6 +31,7 @@ class ClusterMLP:
         self.min_deadline_s, self.spin_s = min_deadline_s, spin_s
         self.step = 0
         self.local_cache: dict[tuple[int, int, int], object] = {}
+        self._epoch = cluster.epoch
         self.waiting: dict[int, tuple[int, int]] = {}   # node id -> range, for the current call
         self.parts: list[tuple[int, np.ndarray]] = []
         self.key = (0, 0, 0)
@@ -42,6 +43,9 @@ class ClusterMLP:
         """Step boundary: heartbeats, membership, atomic plan switch; then a new step id."""
         self.c.poll(0)   # read what nodes sent (pongs, ready, hello) before judging their heartbeats
         self.step += 1
+        if self.c.epoch != self._epoch:   # fallback slices of the old plan are of no more use
+            self._epoch = self.c.epoch
+            self.local_cache.clear()
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """x (N, H) -> sum of all ranges' partials (N, H)."""
