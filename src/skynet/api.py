@@ -9,17 +9,21 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import RequestError
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .runtime import Busy, Runtime, Stream
 from .schema import ChatRequest, CompletionRequest, ChatMessage
 
-OPEN_PATHS = {"/health", "/", "/metrics", "/docs", "/openapi.json"}
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}   # served as /static/<name>
+OPEN_PATHS = {"/health", "/", "/metrics", "/docs", "/openapi.json", *(f"/static/{f}" for f in STATIC_FILES)}
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -36,6 +40,8 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":   # loc is a character offset, not a field
+            return error(400, f"invalid JSON body: {first.get('ctx', {}).get('error', 'decode error')}")
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc)
 
@@ -57,6 +63,27 @@ def create_app(rt: Runtime) -> FastAPI:
     async def health():
         return {"status": "ok", "model": rt.model_name, "nodes": len(rt.cluster.plan.ranges),
                 "epoch": rt.cluster.epoch, "uptime_s": round(time.time() - rt.started, 1)}
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        if name not in STATIC_FILES:
+            return error(404, f"no static file {name!r}", "not_found_error")
+        return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name],
+                            headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/v1/stats/history")
+    async def stats_history(since: float = 0.0):
+        """Per-second samples of the last minutes (tokens/s, running and queued requests)."""
+        return {"interval_s": rt.metrics.interval_s, "samples": rt.metrics.history(since)}
 
     @app.get("/v1/models")
     async def models():
@@ -89,11 +116,12 @@ def create_app(rt: Runtime) -> FastAPI:
 
 
 async def _run(rt: Runtime, req, prompt: list[int], request: Request, chat: bool):
-    max_tokens = req.max_tokens if req.max_tokens is not None else min(
-        16 if not chat else rt.arch.max_context, rt.arch.max_context - len(prompt))
+    # the default is never below 1, so a prompt that fills the context gets the "context" error
+    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(
+        16 if not chat else rt.arch.max_context, rt.arch.max_context - len(prompt)))
     try:
         stream = rt.submit(prompt, max_tokens, req.sampling(), req.stop_list(),
-                           loop=asyncio.get_running_loop())
+                           loop=asyncio.get_running_loop(), ignore_eos=req.ignore_eos)
     except RequestError as e:
         return error(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt")
     except Busy as e:
@@ -103,6 +131,7 @@ async def _run(rt: Runtime, req, prompt: list[int], request: Request, chat: bool
     if req.stream:
         return StreamingResponse(_sse(stream, meta, chat, len(prompt), req), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, stream))
     try:
         while True:
             _delta, fin = await stream.queue.get()
@@ -111,6 +140,8 @@ async def _run(rt: Runtime, req, prompt: list[int], request: Request, chat: bool
     except asyncio.CancelledError:
         stream.cancel()
         raise
+    finally:
+        watcher.cancel()
     if fin == "error":
         return error(500, "generation failed on the server", "server_error")
     usage = _usage(len(prompt), len(stream.seq.out))
@@ -120,6 +151,15 @@ async def _run(rt: Runtime, req, prompt: list[int], request: Request, chat: bool
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
     choice = {"index": 0, "text": stream.text, "finish_reason": fin, "logprobs": None}
     return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
+
+
+async def _cancel_on_disconnect(request: Request, stream: Stream) -> None:
+    """A non-streaming client that hangs up must not leave its request generating. (Reads the
+    ASGI receive channel like StreamingResponse does; Request.is_disconnected() never turns
+    true behind a BaseHTTPMiddleware such as _auth.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stream.cancel()
 
 
 def _usage(prompt: int, completion: int) -> dict:

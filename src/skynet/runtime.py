@@ -22,6 +22,7 @@ from .cluster import Cluster
 from .config import ServerConfig
 from .dispatch import ClusterMLP
 from .engine import Engine, RequestError, Sequence
+from .metrics import Metrics
 from .model import Model
 from .sampling import SamplingParams
 from .textstream import Detokenizer
@@ -58,13 +59,15 @@ class Runtime:
         self.model = Model(self.arch, loader.read_weights(self.model_dir))
         self.tokenizer = load_tokenizer(self.model_dir)
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
-        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000)
+        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6)
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
         self.stop_ids = frozenset(self.arch.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.load_s = time.perf_counter() - t0
         self.started = time.time()
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.metrics = Metrics().bind(self.cluster, self.engine)
+        self.mlp.on_latency = self.metrics.node_reply
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -89,6 +92,7 @@ class Runtime:
         poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
             try:
+                self.metrics.sample()
                 if self.engine.has_work:
                     self.engine.step()
                     continue
@@ -103,12 +107,13 @@ class Runtime:
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams,
-               stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+               stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None,
+               ignore_eos: bool = False) -> Stream:
         """Queue a request; raises RequestError (bad request) or Busy (queue full)."""
         self.engine.check(prompt, max_tokens)
         if len(self.engine.waiting) >= self.cfg.max_queue:
             raise Busy(f"{len(self.engine.waiting)} requests already queued")
-        seq = Sequence(list(prompt), max_tokens, params, self.stop_ids)
+        seq = Sequence(list(prompt), max_tokens, params, frozenset() if ignore_eos else self.stop_ids)
         stream = Stream(seq, asyncio.Queue() if loop else None)
         detok = Detokenizer(self.tokenizer, list(stop))
 
@@ -117,6 +122,7 @@ class Runtime:
                 loop.call_soon_threadsafe(stream.queue.put_nowait, event)
 
         def on_token(s: Sequence, tok: int) -> None:
+            self.metrics.token(s)
             delta, hit_stop = detok.add(tok)
             stream.text += delta
             if hit_stop:
@@ -125,15 +131,18 @@ class Runtime:
                 push((delta, None))
 
         def on_finish(s: Sequence) -> None:
-            stream.text += detok.flush(s.finish_reason)
+            tail = detok.flush(s.finish_reason)   # text held back for a possible stop string
+            stream.text += tail
             stream.finish_reason = s.finish_reason
             self.stats["generated_tokens"] += len(s.out)
+            self.metrics.finish(s)
             stream.done.set()
-            push(("", s.finish_reason))
+            push((tail, s.finish_reason))
 
         seq.on_token, seq.on_finish = on_token, on_finish
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(prompt)
+        self.metrics.request(len(prompt))
         self.engine.submit(seq)
         os.write(self._wake_w, b"x")
         return stream
@@ -166,10 +175,12 @@ class Runtime:
                 "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent})
         return {"model": self.model_name, "layers": self.arch.layers, "hidden": self.arch.hidden,
                 "neurons": self.arch.neurons, "epoch": c.epoch,
+                "uptime_s": round(time.time() - self.started, 1),
                 "pending_epoch": c.pending[0] if c.pending else None, "nodes": nodes,
                 "local_neurons": [list(r) for r in c.plan.local], "rebalances": list(c.history),
                 "active_requests": len(self.engine.running), "queued_requests": len(self.engine.waiting),
-                "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats), **self.stats}
+                "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats),
+                "engine": dict(self.engine.stats), **self.stats}
 
 
 def load_tokenizer(model_dir):
