@@ -68,17 +68,19 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        procs = [p for p in [*self.nodes.values(), self.server] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 5
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        """Nodes first (a graceful leave is quick while the server still runs), then the server;
+        whatever has not exited after a few seconds is killed."""
+        for group in ([p for p in self.nodes.values()], [self.server] if self.server else []):
+            for p in group:
+                if p.poll() is None:
+                    p.terminate()
+            deadline = time.monotonic() + 5
+            for p in group:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     def __enter__(self) -> "LocalCluster":
         try:
