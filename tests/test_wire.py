@@ -18,11 +18,11 @@ def f32(*shape):
 
 
 SAMPLES = {
-    "hello": wire.Hello(name="node-1", cores=8, mem_bytes=2**33, gflops=123.5, weight=2.0, proof=b"\x00p"),
+    "hello": wire.Hello(name="node-1", cores=8, mem_bytes=2**33, gflops=123.5, weight=2.0, nonce=b"\x00p"),
     "ready": wire.Ready(epoch=3),
     "mlp_out": wire.MlpOut(step=7, epoch=1, layer=2, y=f32(2, 5, H)),
     "welcome": wire.Welcome(node_id=4, model="smollm2", hidden=H, layers=30, neurons=1536, heartbeat_s=0.5),
-    "assign": wire.Assign(epoch=2, start=10, end=20),
+    "assign": wire.Assign(epoch=2, start=10, end=20, base=1),
     "load": wire.Load(epoch=2, layer=29, start=10, end=13, gate=f32(3, H), up=f32(3, H), down_t=f32(3, H)),
     "mlp": wire.Mlp(step=7, epoch=1, layer=0, x=f32(5, H)),
     "ping": wire.Ping(ts=1.25),
@@ -144,7 +144,7 @@ def test_rejects_bad_mlp_fields(changes, match):
 
 def test_rejects_wrong_scalar_types_on_other_messages():
     rejects(with_header(SAMPLES["hello"], name=b"node"), match="expected str")
-    rejects(with_header(SAMPLES["hello"], proof="text"), match="expected bytes")
+    rejects(with_header(SAMPLES["hello"], nonce="text"), match="expected bytes")
     rejects(with_header(SAMPLES["hello"], gflops="fast"), match="expected float")
     rejects(with_header(SAMPLES["ping"], ts=False), match="expected float")
     assert decode(with_header(SAMPLES["ping"], ts=3)).ts == 3  # an int is a fine float

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from .config import ConfigError, NodeConfig, ServerConfig
@@ -42,6 +43,9 @@ def cmd_server(a) -> int:
     from .runtime import Runtime
 
     rt = Runtime(cfg).start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; under the default handler that kills
+    # the process before `finally` runs, and the nodes never hear "server shutting down".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         uvicorn.run(create_app(rt), host=cfg.host, port=cfg.port, log_level="warning")
     finally:
