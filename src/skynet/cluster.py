@@ -40,6 +40,7 @@ class NodeState:
     server_nonce: bytes = b""
     assigned: dict = field(default_factory=dict)   # epoch -> (start, end)
     ready_epoch: int = -1
+    load_epoch: int = -1            # last epoch assigned to it; it assembles that before any Mlp
     last_seen: float = field(default_factory=time.monotonic)
     joined: float = field(default_factory=time.time)
     latency_ema: float | None = None  # seconds per MLP call, scaled to 1 row-block
@@ -54,6 +55,12 @@ class NodeState:
 
     def held(self) -> tuple[int, int] | None:
         return self.assigned.get(self.ready_epoch)
+
+    @property
+    def loading_rows(self) -> bool:
+        """It is assembling a new epoch (rows queued ahead of any Mlp, then copying them into slices):
+        an Mlp sent now would wait behind that work and miss its step deadline."""
+        return self.ready_epoch < self.load_epoch
 
 
 class Cluster:
@@ -81,6 +88,7 @@ class Cluster:
         self.bad_peers: dict[bytes, int] = {}
         self.last_ping = 0.0
         self.last_reweight = time.monotonic()
+        self.unreachable: dict[int, str] = {}   # node id -> why a send failed; lost at the next tick
         self.on_mlp_out = None   # set by ClusterMLP: handles replies that arrive while idle
 
     # ------------------------------------------------------------------ event loop hooks
@@ -92,6 +100,10 @@ class Cluster:
         self.tick()
 
     def tick(self) -> None:
+        while self.unreachable:
+            nid, why = self.unreachable.popitem()
+            if nid in self.nodes:
+                self.lose(self.nodes[nid], why)
         now = time.monotonic()
         if now - self.last_ping >= self.cfg.heartbeat_s:
             self.last_ping = now
@@ -141,8 +153,8 @@ class Cluster:
             self.sock.send_multipart([n.ident, *frames], copy=False)
             return True
         except zmq.ZMQError as e:   # EHOSTUNREACH: the peer's connection is gone
-            if n.state != "gone":
-                self.lose(n, f"unreachable ({e.strerror})")
+            if n.state != "gone":   # lost at the next tick, never in the middle of a replan
+                self.unreachable.setdefault(n.id, f"unreachable ({e.strerror})")
             return False
 
     # ------------------------------------------------------------------ incoming
@@ -306,6 +318,7 @@ class Cluster:
                     self.send(n, wire.Load(epoch, layer, a, b, g, u, d))
                     sent += 3 * (b - a) * h * 4
         n.bytes_sent += sent
+        n.load_epoch = epoch
         return sent
 
     def maybe_switch(self) -> None:
