@@ -1,11 +1,13 @@
 """Cluster-key handshake: HMAC-SHA256 challenge-response, both ways, before any weight moves.
 
     node   -> server  Hello(nonce=Nn)
-    server -> node    Challenge(nonce=Ns, proof=HMAC(K, "server" | Nn | Ns))
+    server -> node    Challenge(nonce=Ns, proof=b"")
     node   -> server  Challenge(nonce=b"", proof=HMAC(K, "node" | Ns | Nn))
-    server -> node    Welcome(...)        (or Bye("wrong cluster key"))
+    server -> node    Challenge(nonce=b"", proof=HMAC(K, "server" | Nn | Ns)), Welcome(...)
+                      (or Bye("wrong cluster key"))
 
-Each side proves it holds K without sending it; fresh nonces on both sides stop replays.
+Each side proves it holds K without sending it; fresh nonces on both sides stop replays. The node
+proves first, so a stranger who connects to the node port gets no HMAC of K to attack offline.
 Without a key the server welcomes directly, and a node that has a key refuses such a server.
 """
 from __future__ import annotations

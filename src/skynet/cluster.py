@@ -88,6 +88,7 @@ class Cluster:
         self.bad_peers: dict[bytes, int] = {}
         self.last_ping = 0.0
         self.last_reweight = time.monotonic()
+        self.reweight_streak = 0
         self.unreachable: dict[int, str] = {}   # node id -> why a send failed; lost at the next tick
         self.on_mlp_out = None   # set by ClusterMLP: handles replies that arrive while idle
 
@@ -121,7 +122,8 @@ class Cluster:
         """Re-estimate node weights from observed latency (neurons served per second).
 
         Only when every serving node has enough samples, and only if the resulting plan moves
-        more than REWEIGHT_MIN_MOVE of the neurons: small noise never changes the plan."""
+        more than REWEIGHT_MIN_MOVE of the neurons in two checks in a row: noise never changes
+        the plan."""
         if self.pending or len(self.plan.ranges) < 2:
             return
         nodes = [self.serving(i) for i in self.plan.ranges]
@@ -138,7 +140,12 @@ class Cluster:
         moved = sum(abs((proposal.ranges[i][1] - proposal.ranges[i][0]) - (r[1] - r[0]))
                     for i, r in self.plan.ranges.items() if i in proposal.ranges) // 2
         if moved <= REWEIGHT_MIN_MOVE * self.weights.neurons:
+            self.reweight_streak = 0
             return
+        self.reweight_streak += 1
+        if self.reweight_streak < 2:   # the same verdict twice in a row, or it was noise
+            return
+        self.reweight_streak = 0
         for n in nodes:
             n.observed = measured[n.id]
         self.replan("re-weighted from observed latency: " + ", ".join(
@@ -213,10 +220,9 @@ class Cluster:
         n = NodeState(self.next_id, ident, h.name, h.cores, h.mem_bytes, h.gflops, h.weight, nonce=h.nonce)
         self.next_id += 1
         self.nodes[n.id], self.by_ident[ident] = n, n.id
-        if self.keyring.enabled:
+        if self.keyring.enabled:   # the node proves first: no HMAC of ours for a stranger to attack
             n.server_nonce = self.keyring.nonce()
-            proof = self.keyring.proof(b"server", h.nonce, n.server_nonce) if len(h.nonce) == 16 else b""
-            self.send(n, wire.Challenge(n.server_nonce, proof))
+            self.send(n, wire.Challenge(n.server_nonce, b""))
         else:
             self._welcome(n)
 
@@ -226,6 +232,8 @@ class Cluster:
             self.send(n, wire.Bye("wrong cluster key"))
             self._forget(n)
             return
+        # now the server proves it holds the key too, before anything else moves
+        self.send(n, wire.Challenge(b"", self.keyring.proof(b"server", n.nonce, n.server_nonce)))
         self._welcome(n)
 
     def _welcome(self, n: NodeState) -> None:
@@ -295,6 +303,8 @@ class Cluster:
             new = plan(self.weights.neurons, members[:self.weights.neurons], self.cfg.local_weight)
         if new == self.plan and not self.pending:
             return
+        if self.pending:   # the superseded plan's reason still explains this one
+            reason = f"{self.pending[3]}; {reason}"
         epoch = max(self.epoch, self.pending[0] if self.pending else 0) + 1
         moved = sum(self._assign(self.nodes[nid], epoch, r) for nid, r in new.ranges.items())
         self.pending = (epoch, new, time.monotonic(), reason, moved)

@@ -30,6 +30,7 @@ class LocalCluster:
         self.server_args, self.node_args = list(server_args), list(node_args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="skynet-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.port, self.node_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: subprocess.Popen | None = None

@@ -103,7 +103,7 @@ class Node:
 
     def _register(self, sock) -> bool:
         gflops = self.cfg.gflops or measure_gflops()
-        mine, verified = self.keyring.nonce(), False
+        mine, theirs, verified = self.keyring.nonce(), None, False
         hello = wire.Hello(self.cfg.name, os.cpu_count() or 1, self.cfg.max_memory or free_memory(),
                            gflops, self.cfg.weight, mine)
         sock.send_multipart(wire.encode(hello))
@@ -112,14 +112,15 @@ class Node:
             if not sock.poll(200):
                 continue
             msg = self._decode(sock.recv_multipart(copy=False))
-            if isinstance(msg, wire.Challenge):
+            if isinstance(msg, wire.Challenge) and msg.nonce:   # the server's challenge: prove first
                 if not self.keyring.enabled:
                     raise Refused("the server requires a cluster key (--cluster-key or SKYNET_CLUSTER_KEY)")
-                if not self.keyring.check(b"server", mine, msg.nonce, msg.proof):
+                theirs = msg.nonce
+                sock.send_multipart(wire.encode(wire.Challenge(b"", self.keyring.proof(b"node", theirs, mine))))
+            elif isinstance(msg, wire.Challenge):                # the server's proof
+                if theirs is None or not self.keyring.check(b"server", mine, theirs, msg.proof):
                     raise Refused("the server could not prove it holds our cluster key")
                 verified = True
-                proof = self.keyring.proof(b"node", msg.nonce, mine)
-                sock.send_multipart(wire.encode(wire.Challenge(b"", proof)))
             elif isinstance(msg, wire.Bye):
                 raise Refused(msg.reason)
             elif isinstance(msg, wire.Welcome):

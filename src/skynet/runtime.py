@@ -161,6 +161,17 @@ class Runtime:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ views
+    def _local_ranges(self) -> list[list[int]]:
+        """What the server computes now: its planned ranges plus those of planned nodes that are
+        not serving at the moment (lost, or still building a new epoch's slices)."""
+        c = self.cluster
+        out = [*c.plan.local]
+        for nid, rng in list(c.plan.ranges.items()):
+            n = c.serving(nid)
+            if n is None or n.loading_rows:
+                out.append(rng)
+        return [list(r) for r in sorted(out)]
+
     def cluster_view(self) -> dict:
         c = self.cluster
         now = time.monotonic()
@@ -177,7 +188,7 @@ class Runtime:
                 "neurons": self.arch.neurons, "epoch": c.epoch,
                 "uptime_s": round(time.time() - self.started, 1),
                 "pending_epoch": c.pending[0] if c.pending else None, "nodes": nodes,
-                "local_neurons": [list(r) for r in c.plan.local], "rebalances": list(c.history),
+                "local_neurons": self._local_ranges(), "rebalances": list(c.history),
                 "active_requests": len(self.engine.running), "queued_requests": len(self.engine.waiting),
                 "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats),
                 "engine": dict(self.engine.stats), **self.stats}
