@@ -20,6 +20,7 @@ import numpy as np
 from .arch import Arch
 from .mlp import MLPWeights
 
+HEAD_ROWWISE = 4   # see Model.head
 MLPFn = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (N, H)) -> (N, H)
 
 
@@ -85,6 +86,7 @@ class Model:
         head = tensors.get("lm_head.weight", self.embed if a.tie_embeddings else None)
         if head is None:
             raise ValueError("checkpoint has no lm_head.weight and does not tie embeddings")
+        self.lm_head = head                                                        # (V, H)
         self.lm_head_t = np.ascontiguousarray(head.T)                             # (H, V)
         self.norm = tensors[p + "norm.weight"]
         self.layers: list[Layer] = []
@@ -107,6 +109,14 @@ class Model:
         self.cos, self.sin = np.cos(freqs), np.sin(freqs)
         self.scale = 1.0 / float(np.sqrt(a.head_dim))
         self.last_head_s = 0.0
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """x (S, H) -> logits (S, V). The head streams ~V*H*4 bytes from memory; measured on the
+        2-core EPYC (1 BLAS thread): one row 4.5 ms as x @ W^T (contiguous), but 2 rows 26 ms
+        in one call. So up to HEAD_ROWWISE rows go one by one, more rows as W @ x^T (24 ms at 8)."""
+        if x.shape[0] <= HEAD_ROWWISE:
+            return np.concatenate([x[i:i + 1] @ self.lm_head_t for i in range(x.shape[0])])
+        return (self.lm_head @ x.T).T
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.arch, capacity)
@@ -136,7 +146,7 @@ class Model:
         t0 = time.perf_counter()
         if last_only:
             x = x[[s.row + s.n - 1 for s in segments]]                             # (S, H)
-        logits = rmsnorm(x, self.norm, a.eps) @ self.lm_head_t                     # (S, V)
+        logits = self.head(rmsnorm(x, self.norm, a.eps))                          # (S, V)
         self.last_head_s = time.perf_counter() - t0
         return logits
 
