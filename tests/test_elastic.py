@@ -249,6 +249,27 @@ def test_sigkill_mid_generation_keeps_output(make_cluster):
     assert covers(view)
 
 
+def test_hung_node_is_computed_around_then_planned_out(make_cluster):
+    """SIGSTOP: the connection stays up but nothing answers. Its range is computed by the server
+    on every step it misses, and it is planned out (missed deadlines / heartbeats)."""
+    lc = make_cluster(2)
+    ref = complete(lc, PROMPT, 48)
+
+    def freeze(i):
+        if i == 3:
+            lc.signal_node("node1", signal.SIGSTOP)
+
+    try:
+        text, fin = stream(lc, PROMPT, 48, on_chunk=freeze)
+        assert text == ref, f"output changed when a node hung\n{logs(lc)}"
+        assert fin == "length"
+        view = wait_for(lc, lambda: view_when(lc, lambda v: "node1" not in active(v)
+                                              and v["pending_epoch"] is None), 20, "node1 planned out")
+        assert covers(view) and view["mlp"]["fallbacks"] > 0
+    finally:
+        lc.signal_node("node1", signal.SIGKILL)
+
+
 def test_all_nodes_killed_server_computes_everything(make_cluster):
     lc = make_cluster(2)
     ref = complete(lc, PROMPT, 48)

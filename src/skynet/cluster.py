@@ -47,6 +47,7 @@ class NodeState:
     samples: int = 0                  # latency samples since the last plan switch
     observed: float = 0.0             # weight re-estimated from latency (neurons / s), 0 = none yet
     bad: int = 0
+    misses: int = 0                   # consecutive missed step deadlines
     bytes_sent: int = 0
 
     @property

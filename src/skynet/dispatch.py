@@ -7,11 +7,13 @@ For a plan that splits the I neurons into ranges r_1 < r_2 < ... (nodes and serv
 Each node gets one `Mlp(step, epoch, layer, x)` per layer and returns its partial; the server
 computes its own ranges while it waits, then sums the partials in range order (so the result
 does not depend on which reply came first). A node that misses the step's deadline or whose
-connection is gone has its range computed here for this step; it is then planned out. Replies
+connection is gone has its range computed here for this step; a lost connection, or
+MAX_MISSES missed deadlines in a row, plan it out. Replies
 carry (step, epoch, layer): a late one is dropped, never summed into another step.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -21,6 +23,8 @@ from .cluster import Cluster, NodeState
 from .polling import wait_readable
 
 EMA = 0.2
+MAX_MISSES = 3   # consecutive missed deadlines before a node is planned out
+log = logging.getLogger("skynet.dispatch")
 
 
 class ClusterMLP:
@@ -99,8 +103,14 @@ class ClusterMLP:
         for nid in list(self.waiting):
             n = self.c.nodes.get(nid)
             self._fallback(nid, "missed the step deadline")
-            if n is not None:
-                self.c.lose(n, f"missed a {self._deadline(rows) * 1000:.0f} ms step deadline")
+            if n is None:
+                continue
+            n.misses += 1   # one hiccup is not a failure: evicting means reloading every row
+            why = f"missed a {self._deadline(rows) * 1000:.0f} ms step deadline"
+            if n.misses >= MAX_MISSES:
+                self.c.lose(n, f"{why} {n.misses} times in a row")
+            else:
+                log.warning("node %r %s (%d in a row); its range was computed here", n.name, why, n.misses)
 
     def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
         if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
@@ -110,6 +120,7 @@ class ClusterMLP:
             self.c._bad(n, f"mlp_out shape {m.y.shape}, expected {self._x.shape}")
             return True
         rng = self.waiting.pop(n.id)
+        n.misses = 0
         self.parts.append((rng[0], m.y.reshape(-1, m.y.shape[-1])))
         self.stats["bytes_in"] += m.y.nbytes
         lat = time.perf_counter() - self._t_sent
