@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import RequestError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .runtime import Busy, Runtime, Stream
-from .schema import ChatRequest, CompletionRequest, ChatMessage
+from .schema import ChatRequest, CompletionRequest
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}   # served as /static/<name>

@@ -13,7 +13,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import zmq
 
 from . import loader
