@@ -178,6 +178,9 @@ class Cluster:
         except wire.WireError as e:
             self._bad(node, ident, str(e))
             return
+        if node is not None and node.id in self.unreachable:
+            self.dropped += 1   # we cannot answer it: it is lost at the next tick, never used
+            return
         if node is not None:
             node.last_seen = time.monotonic()
         if isinstance(msg, wire.Hello):
