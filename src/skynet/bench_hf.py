@@ -76,7 +76,7 @@ def run_hf(model_dir, prompt_ids: list[int], long_ids: list[int], n: int, batche
             batch_tok_s[str(b)] = b * n / tb
             say(f"  HF batch {b}: {batch_tok_s[str(b)]:.1f} tok/s")
     finally:
-        del model
+        model = None  # frees the weights (gen() holds the same cell)
         gc.collect()
     return {"decode_tok_s": n / t, "decode_only_tok_s": decode_only(n, t, ttft_short),
             "ttft_short_s": ttft_short, "ttft_s": ttft_long, "batch_tok_s": batch_tok_s,

@@ -90,16 +90,11 @@ class ClusterMLP:
                 if time.perf_counter() >= deadline:
                     break
                 continue
-            self.c.handle(self.c.sock.recv_multipart(copy=False))
-            # a node lost while we waited (disconnect, bad messages) is computed locally
-            for nid in [i for i in self.waiting if self.c.serving(i) is None]:
-                self._fallback(nid, "lost during the step")
+            self._receive()
         # replies that arrived while this thread was busy (e.g. shipping rows to a new node) are
         # not late: read them before calling anyone a miss
         while self.waiting and self.c.sock.poll(0):
-            self.c.handle(self.c.sock.recv_multipart(copy=False))
-            for nid in [i for i in self.waiting if self.c.serving(i) is None]:
-                self._fallback(nid, "lost during the step")
+            self._receive()
         for nid in list(self.waiting):
             n = self.c.nodes.get(nid)
             self._fallback(nid, "missed the step deadline")
@@ -111,6 +106,12 @@ class ClusterMLP:
                 self.c.lose(n, f"{why} {n.misses} times in a row")
             else:
                 log.warning("node %r %s (%d in a row); its range was computed here", n.name, why, n.misses)
+
+    def _receive(self) -> None:
+        """Handle one message; a node lost meanwhile (disconnect, bad messages) is computed here."""
+        self.c.handle(self.c.sock.recv_multipart(copy=False))
+        for nid in [i for i in self.waiting if self.c.serving(i) is None]:
+            self._fallback(nid, "lost during the step")
 
     def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
         if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
@@ -126,7 +127,7 @@ class ClusterMLP:
         lat = time.perf_counter() - self._t_sent
         if self.on_latency is not None:
             self.on_latency(n, lat)
-        scaled = lat / (1 + m.y.shape[-2] / 64 if m.y.ndim >= 2 else 1)
+        scaled = lat / _row_scale(m.y.shape[0])
         n.latency_ema = scaled if n.latency_ema is None else (1 - EMA) * n.latency_ema + EMA * scaled
         n.samples += 1
         return True
@@ -134,13 +135,14 @@ class ClusterMLP:
     def _fallback(self, nid: int, why: str) -> None:
         s, e = self.waiting.pop(nid)
         layer = self.key[2]
+        log.debug("computing [%d, %d) of layer %d here: node %d %s", s, e, layer, nid, why)
         self.stats["fallbacks"] += 1
         self.parts.append((s, self._local(layer, s, e)(self._x)))
 
     def _deadline(self, rows: int) -> float:
         emas = [self.c.nodes[i].latency_ema for i in self.waiting if i in self.c.nodes
                 and self.c.nodes[i].latency_ema is not None]
-        est = max(emas, default=0.0) * (1 + rows / 64)
+        est = max(emas, default=0.0) * _row_scale(rows)
         return max(self.min_deadline_s, 10 * est)
 
     def _local(self, layer: int, s: int, e: int):
@@ -151,3 +153,9 @@ class ClusterMLP:
                 self.local_cache.clear()
             sl = self.local_cache[key] = self.c.weights.slice(layer, s, e)
         return sl
+
+
+def _row_scale(rows: int) -> float:
+    """How much longer a call with `rows` rows takes than a 1-row call, roughly (latency EMAs
+    are kept per 1-row call so that prefill and decode steps share one estimate)."""
+    return 1 + rows / 64

@@ -130,7 +130,7 @@ class Runtime:
                 push((delta, None))
 
         def on_finish(s: Sequence) -> None:
-            tail = detok.flush(s.finish_reason)   # text held back for a possible stop string
+            tail = detok.flush()   # text held back for a possible stop string
             stream.text += tail
             stream.finish_reason = s.finish_reason
             self.stats["generated_tokens"] += len(s.out)

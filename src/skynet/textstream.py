@@ -40,7 +40,7 @@ class Detokenizer:
         self.emitted = end
         return delta, False
 
-    def flush(self, reason: str | None = None) -> str:
+    def flush(self) -> str:
         """Whatever was held back, once the sequence has finished."""
         if self.stopped:
             return ""
