@@ -201,3 +201,36 @@ def test_plan_invariants(cluster):
     elif local_size(p) > 0 and local_weight == 0:
         # Neurons only go local when every node is full.
         assert all(m.cap is not None and n == m.cap for m, n in zip(nodes, got))
+
+
+# ---------------------------------------------------------------- block granularity (fast precision)
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([32, 256]), st.integers(1, 64), st.lists(st.floats(0.1, 10), min_size=1, max_size=8),
+       st.floats(0, 2), st.lists(st.none() | st.integers(1, 4000), min_size=8, max_size=8))
+def test_granular_plans_fall_on_block_bounds(granule, units, weights, local_weight, caps):
+    if len(weights) + (local_weight > 0) > units:
+        return
+    nodes = [Member(i, w, caps[i]) for i, w in enumerate(weights)]
+    if any(c is not None and c < granule for c in caps[:len(weights)]):
+        with pytest.raises(PlanError):
+            plan(units * granule, nodes, local_weight, granule)
+        return
+    p = plan(units * granule, nodes, local_weight, granule)
+    assert p.covers() and p.neurons == units * granule
+    for s, e in [*p.ranges.values(), *p.local]:
+        assert s % granule == 0 and e % granule == 0
+    for m in nodes:
+        assert m.cap is None or p.ranges[m.id][1] - p.ranges[m.id][0] <= m.cap
+    # the same plan as over units, scaled: granularity changes nothing else
+    q = plan(units, [Member(m.id, m.weight, None if m.cap is None else m.cap // granule) for m in nodes],
+             local_weight)
+    assert {i: (s * granule, e * granule) for i, (s, e) in q.ranges.items()} == p.ranges
+
+
+def test_granule_must_divide_the_neurons():
+    with pytest.raises(PlanError, match="granule"):
+        plan(1000, equal(3), 0.0, 32)
+    with pytest.raises(PlanError, match="granule"):
+        plan(1024, equal(3), 0.0, 0)
+    with pytest.raises(PlanError, match="at least one"):
+        plan(1536, equal(7), 0.0, 256)        # 6 blocks of 256 for 7 nodes

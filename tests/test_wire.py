@@ -95,7 +95,7 @@ def test_round_trip_non_contiguous_and_empty_batch():
 
 def test_encode_refuses_unsendable_dtypes():
     with pytest.raises(WireError):
-        encode(wire.Mlp(step=0, epoch=0, layer=0, x=np.zeros((2, H), np.float64)))
+        encode(wire.Mlp(step=0, epoch=0, layer=0, x=np.zeros((2, H), np.int64)))
 
 
 # ---------------------------------------------------------------- rejections
@@ -111,8 +111,8 @@ LOAD = SAMPLES["load"]
     ([msgpack.packb([1, "mlp"])], "not a map"),
     ([msgpack.packb(7)], "not a map"),
     ([msgpack.packb({1: 2})], "not msgpack"),                      # non-str map key
-    ([msgpack.packb({"v": 1, "t": ["mlp"]})], "unknown"),         # unhashable type
-    ([msgpack.packb({"v": 1, "t": {"a": 1}})], "unknown"),
+    ([msgpack.packb({"v": wire.VERSION, "t": ["mlp"]})], "unknown"),         # unhashable type
+    ([msgpack.packb({"v": wire.VERSION, "t": {"a": 1}})], "unknown"),
     ([b"\xda\xff\xff" + b"a" * (wire.MAX_HEADER_BYTES + 1)], "header of"),
 ])
 def test_rejects_bad_headers(frames, match):
@@ -120,7 +120,7 @@ def test_rejects_bad_headers(frames, match):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"v": 2}, "version"), ({"v": None}, "version"), ({"v": "1"}, "version"),
+    ({"v": 1}, "version"), ({"v": 3}, "version"), ({"v": None}, "version"), ({"v": "1"}, "version"),
     ({"t": "exec"}, "unknown"), ({"t": None}, "unknown"), ({"t": b"mlp"}, "unknown"),
     ({"step": None}, "missing"), ({"layer": None}, "missing"),
     ({"step": "1"}, "expected int"), ({"step": 1.0}, "expected int"), ({"step": True}, "expected int"),
@@ -128,7 +128,7 @@ def test_rejects_bad_headers(frames, match):
     ({"tensors": None}, "tensor frame"), ({"tensors": []}, "tensor frame"), ({"tensors": "x"}, "tensor frame"),
     ({"tensors": [["float32", [5, H]], ["float32", [5, H]]]}, "tensor frame"),
     ({"tensors": [["float32"]]}, "spec"), ({"tensors": [["float32", 5]]}, "spec"), ({"tensors": [7]}, "spec"),
-    ({"tensors": [["float64", [5, H]]]}, "not allowed"), ({"tensors": [["object", [5, H]]]}, "not allowed"),
+    ({"tensors": [["int64", [5, H]]]}, "not allowed"), ({"tensors": [["object", [5, H]]]}, "not allowed"),
     ({"tensors": [[7, [5, H]]]}, "not allowed"), ({"tensors": [["<f4", [5, H]]]}, "not allowed"),
     ({"tensors": [["float32", []]]}, "shape"), ({"tensors": [["float32", [-5, -H]]]}, "shape"),
     ({"tensors": [["float32", [1, 1, 1, 5, H]]]}, "shape"), ({"tensors": [["float32", [5.0, H]]]}, "shape"),
@@ -248,3 +248,46 @@ def test_fuzz_mutated_valid_messages(msg, data):
     if out is not None and action in ("truncate", "extend", "drop", "append"):
         # A changed tensor frame can only pass if the header was mutated to match it.
         assert frames[0] != frames_of(msg)[0] or action == "truncate" and len(frames[i]) == len(frames_of(msg)[i])
+
+
+# ---------------------------------------------------------------- fast precision: blocks and float64
+def test_float64_partials_only_in_replies():
+    y = rng.standard_normal((3, H))
+    assert decode(frames_of(wire.MlpOut(step=1, epoch=1, layer=0, y=y)), LIMITS).y.dtype == np.float64
+    rejects(frames_of(wire.Mlp(step=1, epoch=1, layer=0, x=y)), LIMITS, match="expected float32")
+
+
+HB = 64   # block rows need a hidden size that is a multiple of 32
+
+
+def _block_load(start=32, end=96, layer=1, **override):
+    from skynet import quant
+    n, rb = end - start, quant.row_bytes
+    parts = {"gate": np.zeros((n, rb(3, HB)), np.uint8), "up": np.zeros((n, rb(8, HB)), np.uint8),
+             "down_t": np.zeros((HB, rb(2, n)), np.uint8)}
+    parts.update(override)
+    return wire.Load(epoch=2, layer=layer, start=start, end=end, **parts)
+
+
+QLIMITS = Limits(hidden=HB, layers=2, qtypes=bytes([3, 8, 2] * 2))   # Q4_1 gate, Q8_0 up, Q4_0 down
+
+
+def test_block_load_is_checked_against_the_welcome_types():
+    m = _block_load()
+    out = decode(frames_of(m), QLIMITS)
+    assert out == m and out.down_t.shape == m.down_t.shape and out.gate.dtype == np.uint8
+    rejects(frames_of(_block_load(start=16, end=80)), QLIMITS, match="block bounds")
+    rejects(frames_of(_block_load(up=np.zeros((64, 20 * HB // 32), np.uint8))), QLIMITS, match="load.up")
+    rejects(frames_of(_block_load(down_t=np.zeros((HB, 1), np.uint8))), QLIMITS, match="load.down_t")
+    rejects(frames_of(_block_load(gate=np.zeros((64, 20 * HB // 32), np.float32))), QLIMITS, match="load.gate")
+    rejects(frames_of(_block_load(layer=2)), QLIMITS, match="layer")
+    rejects(frames_of(LOAD), QLIMITS)                                   # float rows in a block cluster
+    rejects(frames_of(_block_load()), Limits(hidden=HB, layers=2))                           # blocks in a float cluster
+
+
+def test_welcome_block_types_are_validated():
+    ok = wire.Welcome(node_id=1, model="m", hidden=HB, layers=2, neurons=64, heartbeat_s=1.0, qtypes=bytes([3, 3, 2] * 2))
+    assert decode(frames_of(ok)) == ok
+    for bad in (bytes([3, 3, 2]), bytes([3, 3, 7] * 2)):
+        rejects(frames_of(wire.Welcome(node_id=1, model="m", hidden=HB, layers=2, neurons=64, heartbeat_s=1.0,
+                                       qtypes=bad)), match="qtypes")

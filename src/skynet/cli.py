@@ -32,7 +32,8 @@ def cmd_server(a) -> int:
                        node_port=a.node_port, cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
                        step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us, max_batch=a.max_batch,
-                       max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads)
+                       max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
+                       precision=a.precision)
     if a.insecure:
         logging.getLogger("skynet").warning(
             "--insecure: ports may be exposed without a key. Anyone who can reach them can use them.")
@@ -80,7 +81,7 @@ def cmd_status(a) -> int:
 
 def cmd_run(a) -> int:
     from .launch import run_local
-    return run_local(a.prompt, a.nodes, a.max_tokens, a.model, a.chat, a.temperature)
+    return run_local(a.prompt, a.nodes, a.max_tokens, a.model, a.chat, a.temperature, a.precision)
 
 
 def cmd_bench(a) -> int:
@@ -110,7 +111,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=16, help="sequences per step")
     s.add_argument("--max-step-tokens", type=int, default=512, help="rows per step (prefill chunking)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    s.add_argument("--threads", type=int, default=1, help="BLAS threads of the server")
+    s.add_argument("--threads", type=int, default=1, help="BLAS and kernel threads of the server")
+    s.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto",
+                   help="fast: quantized blocks + 8-bit activations; exact: float32 (default: fast for "
+                        "quantized files, exact for float checkpoints)")
     s.set_defaults(fn=cmd_server)
 
     n = sub.add_parser("node", help="join a server and compute a slice of every MLP")
@@ -148,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None)
     r.add_argument("--chat", action="store_true", help="use the chat template")
     r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto",
+                   help="as for `skynet server`")
     r.set_defaults(fn=cmd_run)
 
     b = sub.add_parser("bench", help="benchmark against HF transformers on this machine")

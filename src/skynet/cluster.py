@@ -78,11 +78,12 @@ class Cluster:
             self.sock.bind(f"tcp://{cfg.node_host}:{cfg.node_port}")
         else:
             cfg.node_port = self.sock.bind_to_random_port(f"tcp://{cfg.node_host}")
+        self.qtypes = weights.format.qtype_bytes() if weights.quantized else b""
         self.limits = wire.Limits(hidden=weights.hidden, layers=weights.layers)
         self.nodes: dict[int, NodeState] = {}
         self.by_ident: dict[bytes, int] = {}
         self.next_id = 1
-        self.epoch, self.plan = 0, plan(weights.neurons, [], cfg.local_weight)
+        self.epoch, self.plan = 0, self._plan([])
         self.pending: tuple[int, Plan, float, str, int] | None = None  # epoch, plan, t0, reason, bytes
         self.history: list[dict] = []
         self.dropped = 0
@@ -135,7 +136,7 @@ class Cluster:
                     for n in nodes}
         members = [Member(m.id, measured.get(m.id, m.weight), m.cap) for m in self.members()]
         try:
-            proposal = plan(self.weights.neurons, members, self.cfg.local_weight)
+            proposal = self._plan(members)
         except PlanError:
             return
         moved = sum(abs((proposal.ranges[i][1] - proposal.ranges[i][0]) - (r[1] - r[0]))
@@ -243,7 +244,8 @@ class Cluster:
     def _welcome(self, n: NodeState) -> None:
         w = self.weights
         n.state = "loading"
-        self.send(n, wire.Welcome(n.id, self.model_name, w.hidden, w.layers, w.neurons, self.cfg.heartbeat_s))
+        self.send(n, wire.Welcome(n.id, self.model_name, w.hidden, w.layers, w.neurons, self.cfg.heartbeat_s,
+                                  self.qtypes))
         log.info("node %d %r joined: %d cores, %.1f GB free, %.1f GFLOP/s%s", n.id, n.name, n.cores,
                  n.mem_bytes / 1e9, n.gflops, f", weight {n.weight_override}" if n.weight_override else "")
         self.replan(f"node {n.name} joined")
@@ -288,8 +290,11 @@ class Cluster:
         return n if n is not None and n.state in ("active", "draining") else None
 
     # ------------------------------------------------------------------ plans
+    def _plan(self, members: list[Member]) -> Plan:
+        return plan(self.weights.neurons, members, self.cfg.local_weight, self.weights.granule)
+
     def members(self) -> list[Member]:
-        row_bytes = 3 * self.weights.hidden * 4 * self.weights.layers
+        row_bytes = self.weights.bytes_per_neuron()
         nodes = [n for n in sorted(self.nodes.values(), key=lambda n: n.id) if n.state in ("loading", "active")]
         # Observed weights are neurons/s, measured ones GFLOP/s: put unobserved nodes on the
         # observed scale through the observed nodes' average ratio.
@@ -301,10 +306,11 @@ class Cluster:
     def replan(self, reason: str) -> None:
         members = self.members()
         try:
-            new = plan(self.weights.neurons, members, self.cfg.local_weight)
-        except PlanError as e:   # more nodes than neurons: the newest ones wait
-            log.warning("cannot plan all nodes (%s); keeping the first %d", e, self.weights.neurons)
-            new = plan(self.weights.neurons, members[:self.weights.neurons], self.cfg.local_weight)
+            new = self._plan(members)
+        except PlanError as e:   # more nodes than neuron blocks: the newest ones wait
+            units = self.weights.neurons // self.weights.granule
+            log.warning("cannot plan all nodes (%s); keeping the first %d", e, units)
+            new = self._plan(members[:units])
         if new == self.plan and not self.pending:
             return
         if self.pending:   # the superseded plan's reason still explains this one
@@ -322,15 +328,16 @@ class Cluster:
         held = n.held()
         self.send(n, wire.Assign(epoch, rng[0], rng[1], max(n.ready_epoch, 0) if held else 0))
         pieces = [rng] if held is None else _minus(rng, held)
-        sent, h = 0, self.weights.hidden
-        step = max(1, LOAD_FRAME_BYTES // (h * 4))
-        for layer in range(self.weights.layers):
+        w, sent = self.weights, 0
+        per_layer = max(1, w.bytes_per_neuron() // w.layers)
+        step = max(1, LOAD_FRAME_BYTES // per_layer // w.granule) * w.granule   # on block bounds
+        for layer in range(w.layers):
             for s, e in pieces:
                 for a in range(s, e, step):
                     b = min(e, a + step)
-                    g, u, d = self.weights.rows(layer, a, b)
+                    g, u, d = w.rows(layer, a, b)
                     self.send(n, wire.Load(epoch, layer, a, b, g, u, d))
-                    sent += 3 * (b - a) * h * 4
+                    sent += g.nbytes + u.nbytes + d.nbytes
         n.bytes_sent += sent
         n.load_epoch = epoch
         return sent

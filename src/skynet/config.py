@@ -58,6 +58,7 @@ class ServerConfig:
     max_step_tokens: int = 512
     max_queue: int = 256
     threads: int = 1                 # BLAS threads for the server's own matmuls
+    precision: str = "auto"          # exact | fast | auto (fast for quantized files, else exact)
 
     def __post_init__(self):
         self.cluster_key = self.cluster_key or os.environ.get("SKYNET_CLUSTER_KEY") or None
@@ -71,6 +72,8 @@ class ServerConfig:
         for name in ("max_batch", "max_step_tokens", "max_queue", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.precision not in ("auto", "exact", "fast"):
+            raise ConfigError(f"--precision must be exact, fast or auto, got {self.precision!r}")
         exposed = [h for h in (self.host, self.node_host) if not is_loopback(h)]
         if exposed and not self.insecure:
             if not is_loopback(self.node_host) and not self.cluster_key:

@@ -6,7 +6,8 @@ For a plan that splits the I neurons into ranges r_1 < r_2 < ... (nodes and serv
 
 Each node gets one `Mlp(step, epoch, layer, x)` per layer and returns its partial; the server
 computes its own ranges while it waits, then sums the partials in range order (so the result
-does not depend on which reply came first). A node that misses the step's deadline or whose
+does not depend on which reply came first). In the fast precision partials are float64 (see
+mlp.py) and their sum is rounded to float32 once. A node that misses the step's deadline or whose
 connection is gone has its range computed here for this step; a lost connection, or
 MAX_MISSES missed deadlines in a row, plan it out. Replies
 carry (step, epoch, layer): a late one is dropped, never summed into another step.
@@ -34,6 +35,7 @@ class ClusterMLP:
         self.c = cluster
         self.min_deadline_s, self.spin_s = min_deadline_s, spin_s
         self.step = 0
+        self.out_dtype = np.dtype(np.float64 if cluster.weights.quantized else np.float32)
         self.local_cache: dict[tuple[int, int, int], object] = {}
         self._epoch = cluster.epoch
         self.waiting: dict[int, tuple[int, int]] = {}   # node id -> range, for the current call
@@ -80,7 +82,7 @@ class ClusterMLP:
         out = self.parts[0][1].copy() if len(self.parts) == 1 else self.parts[0][1] + self.parts[1][1]
         for _, p in self.parts[2:]:
             out += p
-        return out.reshape(x.shape)
+        return out.reshape(x.shape).astype(np.float32, copy=False)
 
     def _gather(self, rows: int, sent_at: float) -> None:
         deadline = sent_at + self._deadline(rows)
@@ -116,9 +118,9 @@ class ClusterMLP:
     def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
         if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
             return False
-        if m.y.shape != self._x.shape:   # a broken peer: compute its range here instead
+        if m.y.shape != self._x.shape or m.y.dtype != self.out_dtype:   # a broken peer: compute here
             self._fallback(n.id, "bad reply shape")
-            self.c._bad(n, f"mlp_out shape {m.y.shape}, expected {self._x.shape}")
+            self.c._bad(n, n.ident, f"mlp_out {m.y.dtype} {m.y.shape}, expected {self.out_dtype} {self._x.shape}")
             return True
         rng = self.waiting.pop(n.id)
         n.misses = 0

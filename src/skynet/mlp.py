@@ -1,15 +1,25 @@
-"""MLP slices: the math a node (or the server) runs for its neuron range.
+"""MLP slices: the math a node (or the server) runs for its neuron range, in either precision.
 
 For neurons r = [s, e) of one layer:
 
     partial(x) = down[:, r] @ (silu(gate[r] @ x) * up[r] @ x)        # (N, H)
 
-and the full MLP output is the sum of the partials over a partition of [0, I). gate and up rows
-are fused into one (H, 2n) matrix so a step is two matmuls; down travels as rows (n, H).
+and the full MLP output is the sum of the partials over a partition of [0, I).
+
+Two layouts of the same three pieces, one `Format` each:
+- exact (float32): gate and up rows fused into one (H, 2n) matrix, down as rows (n, H).
+- fast (GGML blocks): gate and up are (n, row_bytes(H)) block rows, down is (H, row_bytes(n)):
+  down's blocks run along the neuron axis, so ranges start and end on block boundaries (the
+  plan's granule). Activations are quantized to 8-bit blocks before each matmul, and the down
+  product is accumulated in float64, so that the server's sum over ranges barely depends on
+  where the range boundaries fall (the partials are summed in float64, rounded to float32 once).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from . import quant
+from .quant import QMatrix
 
 
 def silu_mul(gu: np.ndarray, n: int) -> np.ndarray:
@@ -23,8 +33,18 @@ def silu_mul(gu: np.ndarray, n: int) -> np.ndarray:
     return t
 
 
+def silu_mul2(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) * u, in place in g."""
+    with np.errstate(over="ignore"):
+        t = np.exp(-g)
+    t += 1.0
+    np.divide(g, t, out=g)
+    g *= u
+    return g
+
+
 class SliceLayer:
-    """Neurons [start, end) of one layer, laid out for two matmuls."""
+    """Neurons [start, end) of one layer in float32, laid out for two matmuls."""
 
     __slots__ = ("start", "end", "wgu_t", "down_t")
 
@@ -41,7 +61,7 @@ class SliceLayer:
         return self.end - self.start
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x (N, H) -> partial output (N, H)."""
+        """x (N, H) -> partial output (N, H) float32."""
         gu = x @ self.wgu_t                 # (N, 2n)
         return silu_mul(gu, self.n) @ self.down_t  # (N, H)
 
@@ -51,25 +71,156 @@ class SliceLayer:
         return self.wgu_t[:, :n].T, self.wgu_t[:, n:].T, self.down_t
 
 
+class QSliceLayer:
+    """Neurons [start, end) of one layer in GGML blocks: gate, up (n rows), down (H rows of n)."""
+
+    __slots__ = ("start", "end", "gate", "up", "down")
+
+    def __init__(self, start: int, end: int, gate: QMatrix, up: QMatrix, down: QMatrix):
+        n = end - start
+        if not (gate.rows == up.rows == down.cols == n and gate.cols == up.cols == down.rows):
+            raise ValueError(f"slice [{start},{end}): gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
+                             f"down {down.rows}x{down.cols}")
+        self.start, self.end, self.gate, self.up, self.down = start, end, gate, up, down
+
+    @property
+    def n(self) -> int:
+        return self.end - self.start
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (N, H) float32 -> partial output (N, H) float64."""
+        xq = quant.quantize_act(x)                      # 8-bit blocks, shared by gate and up
+        act = silu_mul2(self.gate(xq), self.up(xq))     # (N, n) float32
+        return self.down(act, dtype=np.float64)         # (N, H) float64
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.gate.data, self.up.data, self.down.data
+
+
+# ---------------------------------------------------------------- formats
+class F32Format:
+    """Neuron rows as float32: gate (n, H), up (n, H), down_t (n, H)."""
+
+    name, granule = "float32", 1
+
+    def __init__(self, hidden: int):
+        self.hidden = hidden
+
+    def empty(self, layer: int, n: int) -> tuple[np.ndarray, ...]:
+        return tuple(np.empty((n, self.hidden), np.float32) for _ in range(3))
+
+    def put(self, layer: int, bufs, a: int, b: int, pieces) -> None:
+        """Write the pieces of neurons [a, b) (offsets within the buffers) into bufs."""
+        for dst, src in zip(bufs, pieces):
+            dst[a:b] = src
+
+    def get(self, layer: int, pieces, a: int, b: int) -> tuple[np.ndarray, ...]:
+        """The pieces of neurons [a, b) (offsets within `pieces`)."""
+        return tuple(p[a:b] for p in pieces)
+
+    def build(self, layer: int, start: int, end: int, bufs) -> SliceLayer:
+        return SliceLayer(start, end, *bufs)
+
+    def bytes_per_neuron(self, layer: int) -> int:
+        return 3 * self.hidden * 4
+
+
+class QFormat:
+    """Neuron ranges as GGML blocks: gate and up rows (n, row_bytes(H)), down (H, row_bytes(n)).
+
+    `qtypes[layer]` = (gate, up, down) ggml type ids. Ranges start and end on multiples of
+    `granule`, the largest block of any down tensor (32, or 256 for K-quants)."""
+
+    name = "blocks"
+
+    def __init__(self, hidden: int, qtypes: list[tuple[int, int, int]]):
+        self.hidden, self.qtypes = hidden, qtypes
+        self.granule = max(quant.BLOCKS[quant.QType(d)][0] for _, _, d in qtypes)
+
+    def _rb(self, qtype: int, values: int) -> int:
+        return quant.row_bytes(qtype, values)
+
+    def empty(self, layer: int, n: int) -> tuple[np.ndarray, ...]:
+        g, u, d = self.qtypes[layer]
+        h = self.hidden
+        return (np.empty((n, self._rb(g, h)), np.uint8), np.empty((n, self._rb(u, h)), np.uint8),
+                np.empty((h, self._rb(d, n)), np.uint8))
+
+    def _cols(self, layer: int, a: int, b: int) -> slice:
+        d = self.qtypes[layer][2]
+        return slice(self._rb(d, a), self._rb(d, b))
+
+    def put(self, layer: int, bufs, a: int, b: int, pieces) -> None:
+        bufs[0][a:b], bufs[1][a:b] = pieces[0], pieces[1]
+        bufs[2][:, self._cols(layer, a, b)] = pieces[2]
+
+    def get(self, layer: int, pieces, a: int, b: int) -> tuple[np.ndarray, ...]:
+        return pieces[0][a:b], pieces[1][a:b], pieces[2][:, self._cols(layer, a, b)]
+
+    def build(self, layer: int, start: int, end: int, bufs) -> QSliceLayer:
+        g, u, d = self.qtypes[layer]
+        n, h = end - start, self.hidden
+        return QSliceLayer(start, end, QMatrix(g, bufs[0], h), QMatrix(u, bufs[1], h), QMatrix(d, bufs[2], n))
+
+    def bytes_per_neuron(self, layer: int) -> int:
+        g, u, d = self.qtypes[layer]
+        per = lambda t: quant.BLOCKS[quant.QType(t)][1] / quant.BLOCKS[quant.QType(t)][0]  # noqa: E731
+        return int(np.ceil(self.hidden * (per(g) + per(u) + per(d))))
+
+    def qtype_bytes(self) -> bytes:
+        return bytes(t for layer in self.qtypes for t in layer)
+
+    @classmethod
+    def from_bytes(cls, hidden: int, layers: int, b: bytes) -> "QFormat":
+        if len(b) != 3 * layers or any(t not in quant.BLOCKS for t in b):
+            raise ValueError(f"bad block types {b!r:.60} for {layers} layers")
+        return cls(hidden, [tuple(b[3 * i:3 * i + 3]) for i in range(layers)])
+
+
+# ---------------------------------------------------------------- the server's full MLP
 class MLPWeights:
-    """The full MLP of every layer, as neuron rows: gate, up, down_t, each (L, I, H).
+    """The full MLP of every layer, so the server can compute (or ship) any neuron range.
 
-    The server keeps these so it can compute (or ship) any neuron range of any layer."""
+    exact: gate, up, down_t float32 (I, H) per layer. fast: gate, up QMatrix (I rows of H) and
+    down QMatrix (H rows of I) per layer, views into the mapped model file."""
 
-    def __init__(self, gate: list[np.ndarray], up: list[np.ndarray], down_t: list[np.ndarray]):
-        self.gate, self.up, self.down_t = gate, up, down_t
-        self.layers, self.neurons, self.hidden = len(gate), gate[0].shape[0], gate[0].shape[1]
+    def __init__(self, gate: list, up: list, down: list):
+        self.gate, self.up, self.down = gate, up, down
+        self.quantized = isinstance(gate[0], QMatrix)
+        self.layers = len(gate)
+        if self.quantized:
+            self.neurons, self.hidden = gate[0].rows, gate[0].cols
+            self.format = QFormat(self.hidden, [(g.qtype, u.qtype, d.qtype) for g, u, d in zip(gate, up, down)])
+        else:
+            self.neurons, self.hidden = gate[0].shape
+            self.format = F32Format(self.hidden)
+        self.granule = self.format.granule
 
-    def slice(self, layer: int, start: int, end: int) -> SliceLayer:
-        return SliceLayer(start, end, self.gate[layer][start:end], self.up[layer][start:end],
-                          self.down_t[layer][start:end])
+    @property
+    def down_t(self) -> list:   # the float32 layout's name for down
+        return self.down
+
+    def slice(self, layer: int, start: int, end: int):
+        if not self.quantized:
+            return SliceLayer(start, end, self.gate[layer][start:end], self.up[layer][start:end],
+                              self.down[layer][start:end])
+        return QSliceLayer(start, end, self.gate[layer].take_rows(start, end),
+                           self.up[layer].take_rows(start, end), self.down[layer].take_cols(start, end))
 
     def rows(self, layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Views (no copy) of the rows to ship for neurons [start, end)."""
-        return self.gate[layer][start:end], self.up[layer][start:end], self.down_t[layer][start:end]
+        """The pieces to ship for neurons [start, end), in this format's layout."""
+        if not self.quantized:
+            return self.gate[layer][start:end], self.up[layer][start:end], self.down[layer][start:end]
+        d = self.down[layer]
+        cols = slice(quant.row_bytes(d.qtype, start), quant.row_bytes(d.qtype, end))
+        return (self.gate[layer].data[start:end], self.up[layer].data[start:end],
+                np.ascontiguousarray(d.data[:, cols]))
+
+    def bytes_per_neuron(self) -> int:
+        return sum(self.format.bytes_per_neuron(i) for i in range(self.layers))
 
     def nbytes(self, start: int, end: int) -> int:
-        return 3 * (end - start) * self.hidden * 4 * self.layers
+        return (end - start) * self.bytes_per_neuron()
 
 
 class LocalMLP:
@@ -79,4 +230,4 @@ class LocalMLP:
         self.slices = [weights.slice(i, 0, weights.neurons) for i in range(weights.layers)]
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
-        return self.slices[layer](x)
+        return self.slices[layer](x).astype(np.float32, copy=False)

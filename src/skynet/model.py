@@ -1,4 +1,4 @@
-"""Our lean decoder forward pass (numpy, float32) over a packed batch of sequences.
+"""Our lean decoder forward pass (numpy) over a packed batch of sequences, in either precision.
 
 One step carries the new tokens of several sequences packed into N rows. Each layer:
 
@@ -8,6 +8,8 @@ One step carries the new tokens of several sequences packed into N rows. Each la
     x  += mlp(layer, rmsnorm(x))     # (N, H): the MLP object decides where neurons run
 
 The MLP is an object passed in (local, remote, or a mix): the model does not know which.
+Linear layers are `Dense` (exact: float32) or `QLinear` (fast: GGML blocks, 8-bit activations),
+chosen by the tensors given (layers.py); norms, RoPE, attention and softmax are float32 in both.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from typing import Callable
 
 import numpy as np
 
+from . import quant
 from .arch import Arch
+from .layers import linear
 from .mlp import MLPWeights
+from .quant import QMatrix
 
 HEAD_ROWWISE = 4   # see Model.head
 MLPFn = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (N, H)) -> (N, H)
@@ -71,9 +76,9 @@ class Segment:
 class Layer:
     ln1: np.ndarray      # (H,)
     ln2: np.ndarray      # (H,)
-    wqkv_t: np.ndarray   # (H, (nh + 2 kvh) D)
+    qkv: object          # (N, H) -> (N, (nh + 2 kvh) D)
     bqkv: np.ndarray | None
-    wo_t: np.ndarray     # (nh D, H)
+    o: object            # (N, nh D) -> (N, H)
 
 
 class Model:
@@ -86,23 +91,25 @@ class Model:
         head = tensors.get("lm_head.weight", self.embed if a.tie_embeddings else None)
         if head is None:
             raise ValueError("checkpoint has no lm_head.weight and does not tie embeddings")
+        self.quantized = isinstance(tensors[f"{p}layers.0.mlp.gate_proj.weight"], QMatrix)
         self.lm_head = head                                                        # (V, H)
-        self.lm_head_t = np.ascontiguousarray(head.T)                             # (H, V)
+        self.lm_head_t = None if isinstance(head, QMatrix) else np.ascontiguousarray(head.T)  # (H, V)
         self.norm = tensors[p + "norm.weight"]
         self.layers: list[Layer] = []
         gate, up, down_t = [], [], []
         for i in range(a.layers):
             q = f"{p}layers.{i}."
             att = q + "self_attn."
-            w = np.concatenate([tensors[att + n + "_proj.weight"] for n in "qkv"], axis=0)
             b = (np.concatenate([tensors[att + n + "_proj.bias"] for n in "qkv"])
                  if a.qkv_bias else None)
             self.layers.append(Layer(
                 tensors[q + "input_layernorm.weight"], tensors[q + "post_attention_layernorm.weight"],
-                np.ascontiguousarray(w.T), b, np.ascontiguousarray(tensors[att + "o_proj.weight"].T)))
+                linear(*[tensors[att + n + "_proj.weight"] for n in "qkv"]), b,
+                linear(tensors[att + "o_proj.weight"])))
             gate.append(tensors[q + "mlp.gate_proj.weight"])                           # (I, H)
             up.append(tensors[q + "mlp.up_proj.weight"])                               # (I, H)
-            down_t.append(np.ascontiguousarray(tensors[q + "mlp.down_proj.weight"].T))  # (I, H)
+            down = tensors[q + "mlp.down_proj.weight"]                                 # (H, I)
+            down_t.append(down if self.quantized else np.ascontiguousarray(down.T))   # blocks | (I, H)
         self.mlp_weights = MLPWeights(gate, up, down_t)
         inv = rope_inv_freq(a)
         freqs = np.arange(a.max_context, dtype=np.float32)[:, None] * inv[None, :]     # (C, D/2)
@@ -114,9 +121,16 @@ class Model:
         """x (S, H) -> logits (S, V). The head streams ~V*H*4 bytes from memory; measured on the
         2-core EPYC (1 BLAS thread): one row 4.5 ms as x @ W^T (contiguous), but 2 rows 26 ms
         in one call. So up to HEAD_ROWWISE rows go one by one, more rows as W @ x^T (24 ms at 8)."""
+        if self.lm_head_t is None:
+            return self.lm_head(x)
         if x.shape[0] <= HEAD_ROWWISE:
             return np.concatenate([x[i:i + 1] @ self.lm_head_t for i in range(x.shape[0])])
         return (self.lm_head @ x.T).T
+
+    def embed_rows(self, tokens: np.ndarray) -> np.ndarray:
+        if isinstance(self.embed, QMatrix):
+            return quant.dequantize(self.embed.qtype, self.embed.data[tokens])    # (N, H)
+        return self.embed[tokens]
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.arch, capacity)
@@ -128,10 +142,10 @@ class Model:
         a = self.arch
         pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]            # (N, 1, D/2)
-        x = self.embed[tokens]                                                     # (N, H)
+        x = self.embed_rows(tokens)                                                # (N, H)
         nq, nkv = a.heads * a.head_dim, a.kv_heads * a.head_dim
         for li, layer in enumerate(self.layers):
-            h = rmsnorm(x, layer.ln1, a.eps) @ layer.wqkv_t                        # (N, qkv)
+            h = layer.qkv(rmsnorm(x, layer.ln1, a.eps))                            # (N, qkv)
             if layer.bqkv is not None:
                 h += layer.bqkv
             qk = _rope(h[:, :nq + nkv].reshape(-1, a.heads + a.kv_heads, a.head_dim), cos, sin)
@@ -141,7 +155,7 @@ class Model:
             for s in segments:
                 att[s.row:s.row + s.n] = self._attend(li, s, q[s.row:s.row + s.n],
                                                       k[s.row:s.row + s.n], v[s.row:s.row + s.n])
-            x = x + att @ layer.wo_t                                               # (N, H)
+            x = x + layer.o(att)                                                   # (N, H)
             x = x + mlp(li, rmsnorm(x, layer.ln2, a.eps))                          # (N, H)
         t0 = time.perf_counter()
         if last_only:

@@ -20,7 +20,7 @@ import zmq
 from . import wire
 from .auth import Keyring
 from .config import NodeConfig
-from .mlp import SliceLayer
+from .mlp import F32Format, QFormat
 from .polling import wait_readable
 from .progress import Progress
 
@@ -37,15 +37,13 @@ class Refused(RuntimeError):
 
 @dataclass
 class Pending:
-    """An epoch being assembled: target range and per-layer row buffers."""
+    """An epoch being assembled: target range and per-layer (gate, up, down) buffers."""
 
     epoch: int
     start: int
     end: int
-    gate: list
-    up: list
-    down_t: list
-    missing: list  # per layer: rows still to arrive
+    bufs: list     # per layer: the format's three buffers for neurons [start, end)
+    missing: list  # per layer: neurons still to arrive
     progress: Progress | None = None
 
 
@@ -54,7 +52,7 @@ class Node:
         self.cfg = cfg
         self.ctx = zmq.Context.instance()
         self.keyring = Keyring(cfg.cluster_key)
-        self.slices: dict[int, list[SliceLayer]] = {}   # epoch -> layers
+        self.slices: dict[int, list] = {}   # epoch -> per-layer SliceLayer | QSliceLayer
         self.pending: Pending | None = None
         self.stopping = False
         self.served = 0
@@ -127,7 +125,9 @@ class Node:
                 if self.keyring.enabled and not verified:
                     raise Refused("the server has no cluster key but this node was given one")
                 self.welcome = msg
-                self.limits = wire.Limits(hidden=msg.hidden, layers=msg.layers)
+                self.limits = wire.Limits(hidden=msg.hidden, layers=msg.layers, qtypes=msg.qtypes)
+                self.format = (QFormat.from_bytes(msg.hidden, msg.layers, msg.qtypes) if msg.qtypes
+                               else F32Format(msg.hidden))
                 log.info("registered as node %d with %s (%d layers, %d neurons)",
                          msg.node_id, msg.model, msg.layers, msg.neurons)
                 return True
@@ -197,13 +197,12 @@ class Node:
 
     def _assign(self, sock, a: wire.Assign) -> None:
         """Start assembling epoch a.epoch from rows we hold plus rows the server will send."""
-        w, n = self.welcome, a.end - a.start
-        if not 0 <= a.start < a.end <= w.neurons:
-            log.warning("dropped assign [%d, %d): outside the model's %d neurons", a.start, a.end, w.neurons)
+        w, n, fmt = self.welcome, a.end - a.start, self.format
+        if not 0 <= a.start < a.end <= w.neurons or a.start % fmt.granule or a.end % fmt.granule:
+            log.warning("dropped assign [%d, %d): outside the model's %d neurons or off %d-neuron blocks",
+                        a.start, a.end, w.neurons, fmt.granule)
             return
-        p = Pending(a.epoch, a.start, a.end,
-                    *[[np.empty((n, w.hidden), np.float32) for _ in range(w.layers)] for _ in range(3)],
-                    missing=[n] * w.layers)
+        p = Pending(a.epoch, a.start, a.end, [fmt.empty(li, n) for li in range(w.layers)], [n] * w.layers)
         held = self.slices.get(a.base) if a.base else None
         if a.base and held is None:
             log.error("assigned on top of epoch %d, which I no longer hold; re-registering", a.base)
@@ -212,11 +211,10 @@ class Node:
         if held:
             s, e = max(a.start, held[0].start), min(a.end, held[0].end)
             for li, sl in enumerate(held if e > s else []):
-                g, u, d = sl.rows()
-                for dst, src in zip((p.gate[li], p.up[li], p.down_t[li]), (g, u, d)):
-                    dst[s - a.start:e - a.start] = src[s - sl.start:e - sl.start]
+                kept = fmt.get(li, sl.rows(), s - sl.start, e - sl.start)
+                fmt.put(li, p.bufs[li], s - a.start, e - a.start, kept)
                 p.missing[li] -= e - s
-        todo = sum(p.missing) * w.hidden * 12
+        todo = sum(m * fmt.bytes_per_neuron(li) for li, m in enumerate(p.missing))
         p.progress = Progress(f"node {self.cfg.name}: epoch {a.epoch} weights", todo) if todo else None
         self.pending = p
         log.info("assigned neurons [%d, %d) for epoch %d; %.1f MB to receive",
@@ -228,19 +226,17 @@ class Node:
         if p is None or m.epoch != p.epoch or m.start < p.start or m.end > p.end:
             log.warning("load for epoch %d [%d, %d) does not match my assignment", m.epoch, m.start, m.end)
             return
-        r = slice(m.start - p.start, m.end - p.start)
-        p.gate[m.layer][r], p.up[m.layer][r], p.down_t[m.layer][r] = m.gate, m.up, m.down_t
+        self.format.put(m.layer, p.bufs[m.layer], m.start - p.start, m.end - p.start, (m.gate, m.up, m.down_t))
         p.missing[m.layer] -= m.end - m.start
         if p.progress:
-            p.progress.update((m.end - m.start) * m.gate.shape[1] * 12)
+            p.progress.update(m.gate.nbytes + m.up.nbytes + m.down_t.nbytes)
         self._maybe_ready(sock)
 
     def _maybe_ready(self, sock) -> None:
         p = self.pending
         if p is None or any(p.missing):
             return
-        self.slices[p.epoch] = [SliceLayer(p.start, p.end, p.gate[i], p.up[i], p.down_t[i])
-                                for i in range(len(p.gate))]
+        self.slices[p.epoch] = [self.format.build(i, p.start, p.end, b) for i, b in enumerate(p.bufs)]
         if p.progress:
             p.progress.close()
         self.pending = None

@@ -42,13 +42,22 @@ class Plan:
         return pos == self.neurons
 
 
-def plan(neurons: int, nodes: Sequence[Member], local_weight: float = 0.0) -> Plan:
+def plan(neurons: int, nodes: Sequence[Member], local_weight: float = 0.0, granule: int = 1) -> Plan:
     """Split `neurons` into contiguous ranges in proportion to weight, capped by memory.
 
     Nodes are laid out in the order given; the server (LOCAL) takes `local_weight`'s share and
-    whatever the nodes' caps leave over. With no nodes the server computes everything."""
+    whatever the nodes' caps leave over. With no nodes the server computes everything.
+    Every boundary falls on a multiple of `granule` (the weight blocks' size along the neuron
+    axis in the fast precision; 1 in the exact one), and caps are rounded down to it."""
     if not isinstance(neurons, int) or neurons < 1:
         raise PlanError(f"neurons must be a positive integer, got {neurons!r}")
+    if not isinstance(granule, int) or granule < 1 or neurons % granule:
+        raise PlanError(f"neurons ({neurons}) must be a multiple of the granule ({granule!r})")
+    if granule > 1:
+        units = [Member(m.id, m.weight, None if m.cap is None else m.cap // granule) for m in nodes]
+        p = plan(neurons // granule, units, local_weight)
+        return Plan(neurons, {i: (s * granule, e * granule) for i, (s, e) in p.ranges.items()},
+                    tuple((s * granule, e * granule) for s, e in p.local))
     ids = [m.id for m in nodes]
     if len(set(ids)) != len(ids) or LOCAL in ids:
         raise PlanError(f"node ids must be unique and not {LOCAL}: {ids}")

@@ -51,12 +51,12 @@ class Runtime:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         t0 = time.perf_counter()
-        self.model_dir = loader.resolve(cfg.model)
-        self.model_name = loader.model_name(self.model_dir, cfg.model)
-        self.hf_config = loader.read_config(self.model_dir)
+        source = loader.open_model(cfg.model)
+        self.model_name, self.hf_config = source.name, source.config
+        self.precision = source.precision(cfg.precision)
         self.arch = arch_from_config(self.hf_config)
-        self.model = Model(self.arch, loader.read_weights(self.model_dir))
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model = Model(self.arch, source.tensors(self.precision))
+        self.tokenizer = source.tokenizer()
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
         self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6)
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
@@ -70,8 +70,8 @@ class Runtime:
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        log.info("model %s loaded in %.1fs: %d layers, hidden %d, %d MLP neurons; nodes connect to %s:%d",
-                 self.model_name, self.load_s, self.arch.layers, self.arch.hidden, self.arch.neurons,
+        log.info("model %s loaded in %.1fs (%s precision): %d layers, hidden %d, %d MLP neurons; "
+                 "nodes connect to %s:%d", self.model_name, self.load_s, self.precision, self.arch.layers, self.arch.hidden, self.arch.neurons,
                  cfg.node_host, cfg.node_port)
 
     # ------------------------------------------------------------------ lifecycle
@@ -183,7 +183,7 @@ class Runtime:
                 "cores": n.cores, "mem_bytes": n.mem_bytes, "gflops": round(n.gflops, 2),
                 "latency_ms": None if n.latency_ema is None else round(n.latency_ema * 1000, 3),
                 "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent})
-        return {"model": self.model_name, "layers": self.arch.layers, "hidden": self.arch.hidden,
+        return {"model": self.model_name, "precision": self.precision, "layers": self.arch.layers, "hidden": self.arch.hidden,
                 "neurons": self.arch.neurons, "epoch": c.epoch,
                 "uptime_s": round(time.time() - self.started, 1),
                 "pending_epoch": c.pending[0] if c.pending else None, "nodes": nodes,
@@ -192,8 +192,3 @@ class Runtime:
                 "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats),
                 "engine": dict(self.engine.stats), **self.stats}
 
-
-def load_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -18,11 +18,14 @@ from typing import ClassVar
 import msgpack
 import numpy as np
 
-VERSION = 1
+from . import quant
+
+VERSION = 2          # 2: block weights (Welcome.qtypes, uint8 Load frames), float64 MlpOut
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 4
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int32": np.dtype("<i4")}
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int32": np.dtype("<i4"),
+          "float64": np.dtype("<f8"), "uint8": np.dtype("u1")}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -37,6 +40,7 @@ class Limits:
     hidden: int | None = None
     layers: int | None = None
     max_frame: int = MAX_FRAME_BYTES
+    qtypes: bytes = b""       # fast precision: (gate, up, down) ggml types per layer (Welcome.qtypes)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Welcome(Message):
     layers: int
     neurons: int
     heartbeat_s: float
+    qtypes: bytes = b""   # empty: float32 weights (exact); else 3 ggml type ids per layer (fast)
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,10 @@ class Assign(Message):
 class Load(Message):
     """Weights for neurons [start, end) of one layer: gate and up rows, down columns.
 
-    down travels transposed, as rows (n, H), so every slice is a contiguous block."""
+    exact: float32, down transposed as rows (n, H), so every slice is a contiguous block.
+    fast: uint8 GGML blocks in the layer's Welcome.qtypes: gate and up (n, row_bytes(H)), down
+    (H, row_bytes(n)) -- its blocks run along the neuron axis, so start and end are multiples
+    of the down type's block size."""
 
     TYPE: ClassVar[str] = "load"
     TENSORS: ClassVar[tuple[str, ...]] = ("gate", "up", "down_t")
@@ -119,9 +127,9 @@ class Load(Message):
     layer: int
     start: int
     end: int
-    gate: np.ndarray = field(repr=False, compare=False, default=None)    # (n, H)
-    up: np.ndarray = field(repr=False, compare=False, default=None)      # (n, H)
-    down_t: np.ndarray = field(repr=False, compare=False, default=None)  # (n, H)
+    gate: np.ndarray = field(repr=False, compare=False, default=None)    # (n, H) | (n, rb(H))
+    up: np.ndarray = field(repr=False, compare=False, default=None)      # (n, H) | (n, rb(H))
+    down_t: np.ndarray = field(repr=False, compare=False, default=None)  # (n, H) | (H, rb(n))
 
 
 @dataclass(frozen=True)
@@ -257,16 +265,40 @@ def _decode_tensors(cls, specs, frames, limits: Limits) -> dict:
     return out
 
 
+def _check_block_load(m: Load, limits: Limits) -> None:
+    """A fast-precision Load: uint8 blocks of the layer's types, shapes and range on block bounds."""
+    if limits.hidden is None or limits.layers is None or len(limits.qtypes) != 3 * limits.layers:
+        raise WireError("load: block weights before the model's shape is known")
+    g, u, d = limits.qtypes[3 * m.layer:3 * m.layer + 3]
+    block = quant.BLOCKS[quant.QType(d)][0]
+    if m.start % block or m.end % block:
+        raise WireError(f"load: range [{m.start}, {m.end}) is not on {block}-neuron block bounds")
+    n, h = m.end - m.start, limits.hidden
+    want = {"gate": (n, quant.row_bytes(g, h)), "up": (n, quant.row_bytes(u, h)),
+            "down_t": (h, quant.row_bytes(d, n))}
+    for name, shape in want.items():
+        a = getattr(m, name)
+        if a.dtype != DTYPES["uint8"] or a.shape != shape:
+            raise WireError(f"load.{name}: {a.dtype} {a.shape}, expected uint8 {shape}")
+
+
 def _check_semantics(msg: Message, limits: Limits) -> None:
     layer = getattr(msg, "layer", None)
     if layer is not None and limits.layers is not None and layer >= limits.layers:
         raise WireError(f"{msg.TYPE}: layer {layer} out of range (model has {limits.layers})")
     if isinstance(msg, (Assign, Load)) and msg.end <= msg.start:
         raise WireError(f"{msg.TYPE}: empty range [{msg.start}, {msg.end})")
+    if isinstance(msg, Welcome) and msg.qtypes:
+        if len(msg.qtypes) != 3 * msg.layers or any(t not in quant.BLOCKS for t in msg.qtypes):
+            raise WireError(f"welcome.qtypes: {len(msg.qtypes)} bytes, need 3 kernel types per layer")
+    if isinstance(msg, Load) and limits.qtypes:
+        _check_block_load(msg, limits)
+        return
     for name in msg.TENSORS:
         a = getattr(msg, name)
-        if a.dtype != DTYPES["float32"] and isinstance(msg, (Mlp, MlpOut, Load)):
-            raise WireError(f"{msg.TYPE}.{name}: expected float32, got {a.dtype}")
+        ok = ("float32", "float64") if isinstance(msg, MlpOut) else ("float32",)
+        if isinstance(msg, (Mlp, MlpOut, Load)) and a.dtype not in [DTYPES[d] for d in ok]:
+            raise WireError(f"{msg.TYPE}.{name}: expected {' or '.join(ok)}, got {a.dtype}")
         if limits.hidden is not None and a.shape[-1] != limits.hidden:
             raise WireError(f"{msg.TYPE}.{name}: last dim {a.shape[-1]}, hidden size is {limits.hidden}")
     if isinstance(msg, Load):

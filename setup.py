@@ -1,0 +1,17 @@
+"""Builds skynet._qkernels, the C matmul kernels behind skynet.quant (metadata is in pyproject.toml).
+
+No -march flags: the AVX2 kernels are compiled per function and chosen at run time, so the same
+build runs on any x86-64 or other CPU. -ffp-contract=off keeps the reference dequantizers exact.
+"""
+import sys
+
+from setuptools import Extension, setup
+
+compile_args = ["-O3", "-ffp-contract=off", "-std=c11"]
+link_args = []
+if sys.platform.startswith("linux"):   # OpenMP only serves threads > 1; other platforms build without it
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+
+setup(ext_modules=[Extension("skynet._qkernels", ["src/skynet/_qkernels.c"],
+                             extra_compile_args=compile_args, extra_link_args=link_args)])

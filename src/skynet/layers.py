@@ -1,0 +1,49 @@
+"""Linear layers in both precisions: y = x @ W^T for x (N, in) float32 -> y (N, out) float32.
+
+- `Dense`: float32 weights (exact), kept transposed (in, out) for a row-major BLAS product.
+- `QLinear`: one or more GGML block matrices sharing an input (fast). The input is quantized to
+  8-bit blocks once and the outputs are concatenated: q, k and v stay separate matrices (their
+  block types may differ in K-quant files) but cost one activation quantization.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import quant
+from .quant import QMatrix
+
+
+class Dense:
+    __slots__ = ("wt", "out")
+
+    def __init__(self, *ws: np.ndarray):
+        w = ws[0] if len(ws) == 1 else np.concatenate(ws, axis=0)     # (out, in)
+        self.wt = np.ascontiguousarray(w.T, dtype=np.float32)          # (in, out)
+        self.out = self.wt.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.wt                                              # (N, out)
+
+
+class QLinear:
+    __slots__ = ("parts", "out", "nbytes")
+
+    def __init__(self, *parts: QMatrix):
+        if len({p.cols for p in parts}) != 1:
+            raise ValueError(f"fused matrices disagree on input size: {[p.cols for p in parts]}")
+        self.parts = parts
+        self.out = sum(p.rows for p in parts)
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if len(self.parts) == 1:
+            return self.parts[0](x)
+        xq = quant.quantize_act(x)
+        return np.concatenate([p(xq) for p in self.parts], axis=1)      # (N, out)
+
+
+def linear(*ws) -> Dense | QLinear:
+    """The layer type that fits the tensors: all QMatrix -> QLinear, all arrays -> Dense."""
+    if all(isinstance(w, QMatrix) for w in ws):
+        return QLinear(*ws)
+    return Dense(*[w.dequantize() if isinstance(w, QMatrix) else w for w in ws])

@@ -1,0 +1,186 @@
+"""skynet.quant: GGML block formats and the 8-bit-activation matmul against gguf-py and numpy."""
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize  # noqa: E402
+
+from skynet import _qkernels, quant  # noqa: E402
+from skynet.quant import BLOCKS, QAct, QMatrix, QType  # noqa: E402
+
+TYPES = list(BLOCKS)
+FP16_FIELDS = {QType.Q4_0: [0], QType.Q4_1: [0, 2], QType.Q8_0: [0], QType.Q4_K: [0, 2],
+               QType.Q5_K: [0, 2], QType.Q6_K: [208]}   # byte offsets of the fp16 scales in a block
+KERNELS = ["generic"] + (["avx2"] if _qkernels.set_kernel("auto") == "avx2" else [])
+
+
+def random_blocks(rng, qtype, rows, cols, scale=0.01):
+    """Random bytes with finite fp16 scale fields."""
+    values, size = BLOCKS[qtype]
+    b = rng.integers(0, 256, (rows, cols // values, size), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        h = (rng.standard_normal((rows, cols // values)) * scale).astype(np.float16)
+        b[:, :, off:off + 2] = h.view(np.uint8).reshape(rows, cols // values, 2)
+    return b.reshape(rows, -1)
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    assert _qkernels.set_kernel(request.param) == request.param
+    yield request.param
+    _qkernels.set_kernel("auto")
+
+
+def act_reference(x):
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = np.abs(xb).max(-1) / np.float32(127)                                  # (N, K/32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[..., None] > 0, np.rint(xb / d[..., None]), 0).astype(np.int8)
+    return q.reshape(x.shape), d, q.astype(np.int32).sum(-1)
+
+
+def bits(a):
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequantize_matches_gguf(qtype, rng=np.random.default_rng(1)):
+    for scale in (0.01, 100.0):
+        w = random_blocks(rng, qtype, 9, 512, scale)
+        ours, ref = quant.dequantize(qtype, w), gguf_dequantize(w, gguf.GGMLQuantizationType(qtype))
+        assert ours.shape == ref.shape == (9, 512)
+        assert np.array_equal(bits(ours), bits(ref))
+        assert np.array_equal(bits(QMatrix(qtype, w, 512).dequantize()), bits(ref))
+
+
+def test_quantize_q8_0_matches_gguf():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((64, 512)) * rng.uniform(1e-6, 1e3, (64, 1))).astype(np.float32)
+    x[0, :32] = 0                                   # an all-zero block
+    x[1, :32] = np.float32(1e-30)                   # fp16 scale underflows
+    x[2, 32:64] = np.arange(32) - 15.5              # ties
+    ref = gguf_quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(quant.quantize_q8_0(x), ref)
+
+
+def test_quantize_act_matches_reference(kernel):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((7, 256)) * 3).astype(np.float32)
+    x[0, :32] = 0
+    x[1, 32:64] = (np.arange(32) - 16) * np.float32(0.5)      # exact halves: ties to even
+    a = quant.quantize_act(x)
+    q, d, s = act_reference(x)
+    assert np.array_equal(a.q, q) and np.array_equal(bits(a.d), bits(d)) and np.array_equal(a.s, s)
+    assert a.q.dtype == np.int8 and a.d.dtype == np.float32 and a.s.dtype == np.int32
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("cols", [256, 512, 768])
+def test_matmul_matches_float64_reference(qtype, cols, kernel):
+    rng = np.random.default_rng(cols + qtype)
+    w = random_blocks(rng, qtype, 40, cols)
+    m = QMatrix(qtype, w, cols)
+    wf = quant.dequantize(qtype, w).astype(np.float64)
+    for n in (1, 3, 64):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        a = quant.quantize_act(x)
+        ref = (a.q * np.repeat(a.d, 32, axis=1).astype(np.float64)) @ wf.T         # (n, 40)
+        tol = 1e-6 * np.abs(ref).max()
+        for dtype in (np.float32, np.float64):
+            for y in (m(x, dtype=dtype), m(a, dtype=dtype)):
+                assert y.dtype == dtype and y.shape == (n, 40)
+                np.testing.assert_allclose(y, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_result_independent_of_batch_and_threads(qtype, kernel):
+    rng = np.random.default_rng(qtype)
+    cols = 768
+    m = QMatrix(qtype, random_blocks(rng, qtype, 53, cols), cols)
+    x = rng.standard_normal((37, cols)).astype(np.float32)
+    for dtype in (np.float32, np.float64):
+        full = m(x, dtype=dtype)
+        assert np.array_equal(bits(full), bits(m(x, dtype=dtype, threads=2)))
+        assert np.array_equal(bits(full), bits(m(quant.quantize_act(x), dtype=dtype, threads=3)))
+        for i in (0, 5, 36):
+            assert np.array_equal(bits(full[i:i + 1]), bits(m(x[i:i + 1], dtype=dtype)))
+        assert np.array_equal(bits(full[4:11]), bits(m(x[4:11], dtype=dtype)))
+        assert np.array_equal(bits(full[:, 7:20]), bits(m.take_rows(7, 20)(x, dtype=dtype)))
+        assert np.array_equal(bits(full), bits(m(x, dtype=dtype)))                 # run to run
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("qtype", TYPES)
+def test_avx2_matches_generic(qtype):
+    rng = np.random.default_rng(10 + qtype)
+    cols = 512
+    m = QMatrix(qtype, random_blocks(rng, qtype, 33, cols), cols)
+    x = rng.standard_normal((9, cols)).astype(np.float32)
+    out = {}
+    for k in KERNELS:
+        _qkernels.set_kernel(k)
+        out[k] = m(x), m(x, dtype=np.float64)
+    _qkernels.set_kernel("auto")
+    (g32, g64), (a32, a64) = out["generic"], out["avx2"]
+    assert np.array_equal(bits(g64), bits(a64))                  # same float64 formula, block order
+    np.testing.assert_allclose(a32, g64, rtol=0, atol=1e-6 * np.abs(g64).max())
+
+
+def test_take_cols_and_rows():
+    rng = np.random.default_rng(4)
+    for qtype in (QType.Q4_1, QType.Q6_K):
+        m = QMatrix(qtype, random_blocks(rng, qtype, 6, 768), 768)
+        full = m.dequantize()
+        assert np.array_equal(m.take_cols(256, 768).dequantize(), full[:, 256:])
+        assert np.array_equal(m.take_rows(2, 5).dequantize(), full[2:5])
+        assert m.take_rows(2, 5).data.base is not None                           # a view
+        with pytest.raises(ValueError):
+            m.take_cols(16, 256)
+        with pytest.raises(ValueError):
+            m.take_rows(3, 9)
+
+
+def test_read_only_memmap(tmp_path):
+    rng = np.random.default_rng(5)
+    w = random_blocks(rng, QType.Q8_0, 10, 64)
+    w.tofile(tmp_path / "w.bin")
+    mm = np.memmap(tmp_path / "w.bin", np.uint8, "r", shape=w.shape)
+    m = QMatrix(QType.Q8_0, mm, 64)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    assert np.array_equal(m(x), QMatrix(QType.Q8_0, w, 64)(x))
+
+
+def test_bad_input_raises():
+    rng = np.random.default_rng(6)
+    w = random_blocks(rng, QType.Q4_0, 4, 64)
+    m = QMatrix(QType.Q4_0, w, 64)
+    bad = [
+        lambda: QMatrix(QType.Q4_0, w, 48),                         # cols not a block multiple
+        lambda: QMatrix(QType.Q4_0, w, 96),                         # wrong row_bytes
+        lambda: QMatrix(QType.Q4_0, w.astype(np.int8), 64),         # wrong dtype
+        lambda: QMatrix(QType.F32, w, 64),                          # not a block type
+        lambda: QMatrix(QType.Q4_K, w, 64),
+        lambda: m(np.zeros((2, 64), np.float64)),                   # wrong x dtype
+        lambda: m(np.zeros((2, 32), np.float32)),                   # wrong x width
+        lambda: m(np.zeros((2, 128), np.float32)[:, ::2]),          # not contiguous
+        lambda: m(np.zeros((2, 64), np.float32), out=np.zeros((2, 4), np.float16)),
+        lambda: m(np.zeros((2, 64), np.float32), out=np.zeros((3, 4), np.float32)),
+        lambda: m(quant.quantize_act(np.zeros((2, 96), np.float32))),
+        lambda: m.take_cols(0, 48),
+        lambda: quant.quantize_act(np.zeros((2, 48), np.float32)),
+        lambda: quant.dequantize(QType.Q4_0, w[:, :17].copy()),
+        lambda: quant.quantize_q8_0(np.zeros((2, 48), np.float32)),
+        lambda: quant.row_bytes(QType.Q6_K, 100),
+    ]
+    for fn in bad:
+        with pytest.raises(ValueError):
+            fn()
+
+
+def test_formats_as_data():
+    assert quant.row_bytes(QType.Q4_1, 576) == 18 * 20
+    assert quant.kernel_name() in ("avx2", "generic")
+    for t, (values, size) in BLOCKS.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)] == (values, size)
+    a = quant.quantize_act(np.ones((1, 32), np.float32))
+    assert isinstance(a, QAct) and a.q.tolist() == [[127] * 32] and a.s.tolist() == [[127 * 32]]
