@@ -69,6 +69,16 @@ def default_model(default_model_dir):
 
 
 @pytest.fixture(scope="session")
+def default_fast_model():
+    """The default GGUF in the fast precision (blocks in place), as `skynet server` runs it."""
+    from skynet import loader
+    from skynet.arch import arch_from_config
+    from skynet.model import Model
+    src = loader.open_model(None)
+    return Model(arch_from_config(src.config), src.tensors("fast"))
+
+
+@pytest.fixture(scope="session")
 def default_tokenizer(default_model_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(default_model_dir))

@@ -20,12 +20,15 @@ from skynet.engine import Engine
 from skynet.launch import LocalCluster, free_port
 from skynet.mlp import LocalMLP
 
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+# "What is the capital of France?" is a near-tie for this 135M model with 8-bit activations (the
+# ideal Q8 reference answers "L'Étoile, ..." too); this wording is not, in either precision.
+CHAT = [{"role": "user", "content": "Which city is the capital of France?"}]
 STORY = "Once upon a time, in a small village by the sea,"
 
 
 class Reference:
-    """Greedy generation in-process, encoded exactly as the server encodes requests."""
+    """Greedy generation in-process, encoded exactly as the server encodes requests (the server
+    runs the default GGUF in its default precision, fast, and so does the reference)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tok = model, tokenizer
@@ -46,8 +49,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def ref(default_model, default_tokenizer):
-    return Reference(default_model, default_tokenizer)
+def ref(default_fast_model, default_tokenizer):
+    return Reference(default_fast_model, default_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,7 @@ def test_health_and_cluster_view(lc, default_model):
     assert isinstance(health["epoch"], int) and health["epoch"] >= 1
 
     view = lc.cluster()
-    assert view["model"] == health["model"]
+    assert view["model"] == health["model"] and view["precision"] == "fast"
     assert (view["layers"], view["neurons"]) == (a.layers, a.neurons)
     assert isinstance(view["epoch"], int) and view["epoch"] >= 1
     assert {n["name"] for n in view["nodes"]} == {"node0", "node1"}

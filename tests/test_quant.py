@@ -109,21 +109,35 @@ def test_result_independent_of_batch_and_threads(qtype, kernel):
         assert np.array_equal(bits(full), bits(m(x, dtype=dtype)))                 # run to run
 
 
-@pytest.mark.skipif(len(KERNELS) < 2, reason="no AVX2 on this CPU")
+@pytest.mark.skipif(len(KERNELS) < 2, reason="only the generic kernel on this CPU")
 @pytest.mark.parametrize("qtype", TYPES)
-def test_avx2_matches_generic(qtype):
-    rng = np.random.default_rng(10 + qtype)
-    cols = 512
-    m = QMatrix(qtype, random_blocks(rng, qtype, 33, cols), cols)
-    x = rng.standard_normal((9, cols)).astype(np.float32)
-    out = {}
+@pytest.mark.parametrize("cols", [256, 1536])
+def test_paths_bit_identical(qtype, cols):
+    """Every kernel path computes the same canonical float64 sum: both output dtypes bit-identical,
+    whatever the batch, the tiling (row ranges) and the thread count."""
+    rng = np.random.default_rng(10 + qtype + cols)
+    m = QMatrix(qtype, random_blocks(rng, qtype, 37, cols), cols)
+    x = rng.standard_normal((37, cols)).astype(np.float32)
+    x[3, :64] = 0                                           # zero activation blocks
+    xq = quant.quantize_act(x)
+    ref = {}
     for k in KERNELS:
-        _qkernels.set_kernel(k)
-        out[k] = m(x), m(x, dtype=np.float64)
-    _qkernels.set_kernel("auto")
-    (g32, g64), (a32, a64) = out["generic"], out["avx2"]
-    assert np.array_equal(bits(g64), bits(a64))                  # same float64 formula, block order
-    np.testing.assert_allclose(a32, g64, rtol=0, atol=1e-6 * np.abs(g64).max())
+        assert _qkernels.set_kernel(k) == k
+        try:
+            for dtype in (np.float32, np.float64):
+                full = m(x, dtype=dtype)
+                if dtype not in ref:
+                    ref[dtype] = full
+                assert np.array_equal(bits(full), bits(ref[dtype])), (k, dtype)
+                assert np.array_equal(bits(full), bits(m(xq, dtype=dtype, threads=2)))
+                for n0, n1 in ((0, 1), (36, 37), (4, 11), (1, 4), (5, 10)):
+                    assert np.array_equal(bits(full[n0:n1]), bits(m(x[n0:n1], dtype=dtype))), (k, n0, n1)
+                for r0, r1 in ((0, 1), (3, 20), (9, 37), (30, 36)):
+                    assert np.array_equal(bits(full[:, r0:r1]), bits(m.take_rows(r0, r1)(x, dtype=dtype)))
+                    assert np.array_equal(bits(full[:1, r0:r1]), bits(m.take_rows(r0, r1)(x[:1], dtype=dtype)))
+            assert np.array_equal(bits(ref[np.float32]), bits(ref[np.float64].astype(np.float32)))  # (float) of the sum
+        finally:
+            _qkernels.set_kernel("auto")
 
 
 def test_take_cols_and_rows():

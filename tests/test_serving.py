@@ -20,7 +20,8 @@ from skynet.launch import LocalCluster
 ENV = {"SKYNET_NO_PROGRESS": "1"}
 CTX = 8192                      # the default model's context
 STORY = "Once upon a time"      # greedy: 12 tokens, no EOS
-EOS_PROMPT = "The capital of France is"   # greedy: ends with EOS well before 40 tokens
+# greedy: ends with EOS after 8 tokens, in both precisions
+EOS_PROMPT = "<|im_start|>user\nWhich city is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 KEY = "sekret"
 
 

@@ -112,7 +112,7 @@ def quantize_q8_0(w: np.ndarray) -> np.ndarray:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class QAct:
     """Activations x (N, K) in 8-bit blocks of 32: x[n, 32b + i] ~= d[n, b] * q[n, 32b + i]."""
     q: np.ndarray   # (N, K) int8, in -127..127
@@ -124,8 +124,12 @@ class QAct:
         return self.q.shape
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def _check_x(x, cols: int | None = None) -> None:
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
+    """Raise ValueError unless x is a C-contiguous float32 (N, cols) array, cols a multiple of 32."""
+    if not isinstance(x, np.ndarray) or x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
         raise ValueError(f"expected a C-contiguous float32 (N, K) array, got {getattr(x, 'dtype', type(x))} "
                          f"{getattr(x, 'shape', '')}")
     k = x.shape[1]
@@ -137,12 +141,27 @@ def _check_x(x, cols: int | None = None) -> None:
 
 def quantize_act(x: np.ndarray) -> QAct:
     """float32 (N, K) C-contiguous -> QAct."""
-    _check_x(x)
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or x.shape[1] % ACT_BLOCK:
+        _check_x(x)
     n, k = x.shape
-    a = QAct(np.empty((n, k), np.int8), np.empty((n, k // ACT_BLOCK), np.float32),
-             np.empty((n, k // ACT_BLOCK), np.int32))
-    _k.quantize_act(x, a.q, a.d, a.s, n, k)
-    return a
+    q, d, s = np.empty((n, k), np.int8), np.empty((n, k // ACT_BLOCK), np.float32), np.empty((n, k // ACT_BLOCK), np.int32)
+    _k.quantize_act(x, q, d, s, n, k)   # raises ValueError if x is not C-contiguous
+    return QAct(q, d, s)
+
+
+def _out(out, n: int, rows: int, dtype) -> tuple[np.ndarray, bool]:
+    """The output array (N, rows) and whether it is float64."""
+    if out is None:
+        out = np.empty((n, rows), dtype)
+    if out.dtype is _F32 or out.dtype is _F64:
+        f64 = out.dtype is _F64
+    elif out.dtype in (_F32, _F64):
+        f64 = out.dtype == _F64
+    else:
+        raise ValueError(f"out must be float32 or float64, got {out.dtype}")
+    if out.shape != (n, rows):
+        raise ValueError(f"out {out.shape}, expected {(n, rows)}")
+    return out, f64
 
 
 class QMatrix:
@@ -165,25 +184,27 @@ class QMatrix:
 
     def __call__(self, x: np.ndarray | QAct, out: np.ndarray | None = None, dtype=np.float32,
                  threads: int = 1) -> np.ndarray:
-        """x (N, cols) float32 or QAct -> (N, rows) float32 or float64 (the dtype of `out` if given)."""
-        if out is None:
-            n = x.shape[0]
-            out = np.empty((n, self.rows), dtype)
-        f64 = out.dtype == np.float64
-        if not (f64 or out.dtype == np.float32) or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous float32 or float64 array, got {out.dtype}")
-        if isinstance(x, QAct):
+        """x (N, cols) float32 or QAct -> (N, rows), float32 or float64 (`dtype`, or out's dtype).
+
+        threads > 1 splits the rows over OpenMP threads; results do not depend on it."""
+        if type(x) is QAct:
             n = x.q.shape[0]
-            if x.q.shape != (n, self.cols) or x.d.shape != (n, self.cols // ACT_BLOCK) or x.s.shape != x.d.shape:
+            if x.q.shape[1] != self.cols or x.d.shape != (n, self.cols // ACT_BLOCK) or x.s.shape != x.d.shape:
                 raise ValueError(f"QAct {x.q.shape} does not match the matrix's {self.cols} columns")
-            if out.shape != (n, self.rows):
-                raise ValueError(f"out {out.shape}, expected {(n, self.rows)}")
-            _k.mmq(self._t, self._ptr, self.rows, self.cols, x.q, x.d, x.s, out, n, f64, threads)
+            out, f64 = _out(out, n, self.rows, dtype)
+            if self.cols:
+                _k.mmq(self._t, self._ptr, self.rows, self.cols, x.q, x.d, x.s, out, n, f64, threads)
+            else:
+                out.fill(0)
             return out
-        _check_x(x, self.cols)
-        if out.shape != (x.shape[0], self.rows):
-            raise ValueError(f"out {out.shape}, expected {(x.shape[0], self.rows)}")
-        _k.mm(self._t, self._ptr, self.rows, self.cols, x, out, x.shape[0], f64, threads)
+        if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or x.shape[1] != self.cols:
+            _check_x(x, self.cols)
+        n = x.shape[0]
+        out, f64 = _out(out, n, self.rows, dtype)
+        if self.cols:
+            _k.mm(self._t, self._ptr, self.rows, self.cols, x, out, n, f64, threads)   # checks contiguity
+        else:
+            out.fill(0)
         return out
 
     def take_rows(self, s: int, e: int) -> "QMatrix":
