@@ -11,7 +11,8 @@ from skynet.quant import BLOCKS, QAct, QMatrix, QType  # noqa: E402
 TYPES = list(BLOCKS)
 FP16_FIELDS = {QType.Q4_0: [0], QType.Q4_1: [0, 2], QType.Q8_0: [0], QType.Q4_K: [0, 2],
                QType.Q5_K: [0, 2], QType.Q6_K: [208]}   # byte offsets of the fp16 scales in a block
-KERNELS = ["generic"] + (["avx2"] if _qkernels.set_kernel("auto") == "avx2" else [])
+KERNELS = ["generic"] + [k for k in ("avx2", "avx512") if _qkernels.set_kernel(k) == k]   # what this CPU runs
+_qkernels.set_kernel("auto")
 
 
 def random_blocks(rng, qtype, rows, cols, scale=0.01):
@@ -193,7 +194,7 @@ def test_bad_input_raises():
 
 def test_formats_as_data():
     assert quant.row_bytes(QType.Q4_1, 576) == 18 * 20
-    assert quant.kernel_name() in ("avx2", "generic")
+    assert quant.kernel_name() in ("avx512", "avx2", "generic") and quant.kernel_name() == KERNELS[-1]
     for t, (values, size) in BLOCKS.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)] == (values, size)
     a = quant.quantize_act(np.ones((1, 32), np.float32))

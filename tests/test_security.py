@@ -118,8 +118,7 @@ def test_server_handler_survives_mutated_messages(cluster, data):
 @pytest.fixture(scope="module")
 def node():
     n = Node(NodeConfig(gflops=1.0))
-    n.welcome = wire.Welcome(1, "fuzz", H, LAYERS, NEURONS, 1.0)
-    n.limits = wire.Limits(hidden=H, layers=LAYERS)
+    n.welcomed(wire.Welcome(1, "fuzz", H, LAYERS, NEURONS, 1.0))
     return n
 
 

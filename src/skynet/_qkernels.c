@@ -346,18 +346,6 @@ static void mm_generic(const mm_args *a, int r0, int r1)
 
 AVX2I float h2f_x(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
-AVX2I __m256i unpack_nib(const uint8_t *p)   /* 16 bytes -> 32 nibbles: low halves then high */
-{
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
-    return _mm256_and_si256(t, _mm256_set1_epi8(15));
-}
-
-AVX2I __m256i dot_us(__m256i w, __m256i q)   /* unsigned w (<= 128) x signed q -> 8 int32 */
-{
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, q), _mm256_set1_epi16(1));
-}
-
 AVX2I int32_t hsum_i32(__m256i v)
 {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -366,200 +354,224 @@ AVX2I int32_t hsum_i32(__m256i v)
     return _mm_cvtsi128_si32(s);
 }
 
-AVX2I float hsum_f32(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* Simple formats (one fp16 d, Q4_1 also m, per 32-block). Per weight row the scales are first
- * converted to float arrays wd, wm (zero-padded to a multiple of 8). Per (row, activation row)
- * pair: dd[b] = wd[b] * dx[b]; float32 output is hsum(sum_b fma(isum8_b, dd[b])) + hsum(Q4_1's
- * sum_b (wm[b]*dx[b]) * s[b] in 8 lanes); float64 output adds term_*() per block in order. Tiles
- * of RT weight rows x NT activation rows only interleave independent pairs. */
-#define NB_STACK 512
-
-AVX2I __m256i tail_mask(int cnt) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+/* Simple formats (Q4_0, Q4_1, Q8_0: one fp16 d, Q4_1 also m, per 32-block), canonical arithmetic.
+ * The integer sums of several (weight row, activation row) pairs are reduced into the lanes of one
+ * vector, and each lane then forms its pair's float64 term and adds it in block order exactly as
+ * mm_generic does (the lanes are independent: no lane ever sees another's values). Decode tiles
+ * are 8 weight rows x 1 activation row (lane k = row r + k); prefill tiles are 2 weight rows x 4
+ * activation rows (lane 4L + i = row r + L, activation row n + i), each weight block unpacked once
+ * for the 4 activation rows. Integer sums use maddubs (u8 x s8): Q4_0 as sum(n q) - 8 s, Q8_0 with
+ * the sign trick (|w| x sign(q, w)), both exact. */
+typedef struct {
+    const mm_args *a;
+    int T, nb, bb, qoff;  /* qoff: byte offset of the quants in a block */
+    int N4;               /* activation rows in prefill tiles (a multiple of 4) */
+    float *wd, *wm;       /* prefill: the tile's weight scales, per row [rows_per_tile][nb] */
+    float *dxT;           /* prefill: activation scales transposed, [nb][N4] */
+    int32_t *sT;          /* prefill: activation block sums transposed, [nb][N4] */
+    double *wl;           /* prefill (AVX-512): the tile's weight scales in lane order, [nb][64] */
+    void *mem;
+} lk_ctx;
 
 AVX2I uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-AVX2I void prep_simple(int T, const uint8_t *wr, int nb, float *wd, float *wm)
-{
-    size_t bb = (size_t)block_bytes(T);
-    const __m128i lo = _mm_set1_epi32(0xffff);
-    for (int g = 0; g < nb; g += 8) {
-        const uint8_t *p = wr + g * bb;
-        __m128i v0, v1;
-        if (nb - g >= 8) {
-            v0 = _mm_setr_epi32(rd32(p), rd32(p + bb), rd32(p + 2 * bb), rd32(p + 3 * bb));
-            v1 = _mm_setr_epi32(rd32(p + 4 * bb), rd32(p + 5 * bb), rd32(p + 6 * bb), rd32(p + 7 * bb));
-        } else {
-            uint32_t t[8] = {0};
-            for (int i = 0; i < nb - g; i++) t[i] = rd32(p + i * bb);
-            v0 = _mm_setr_epi32(t[0], t[1], t[2], t[3]);
-            v1 = _mm_setr_epi32(t[4], t[5], t[6], t[7]);
-        }
-        _mm256_storeu_ps(wd + g, _mm256_cvtph_ps(_mm_packus_epi32(_mm_and_si128(v0, lo), _mm_and_si128(v1, lo))));
-        if (T == T_Q4_1)
-            _mm256_storeu_ps(wm + g, _mm256_cvtph_ps(_mm_packus_epi32(_mm_srli_epi32(v0, 16), _mm_srli_epi32(v1, 16))));
-    }
-}
-
-/* dd[b] = wd[b] * dx[b]; returns Q4_1's min term of the pair (0 otherwise). */
-AVX2I float pair_prep(int T, const float *wd, const float *wm, const float *dx, const int32_t *sx, int nb, float *dd)
-{
-    __m256 macc = _mm256_setzero_ps();
-    for (int g = 0; g < nb; g += 8) {
-        __m256 x8;
-        __m256i s8;
-        if (nb - g >= 8) {
-            x8 = _mm256_loadu_ps(dx + g);
-            s8 = _mm256_loadu_si256((const __m256i *)(sx + g));
-        } else {
-            __m256i m = tail_mask(nb - g);
-            x8 = _mm256_maskload_ps(dx + g, m);
-            s8 = _mm256_maskload_epi32((const int *)(sx + g), m);
-        }
-        _mm256_storeu_ps(dd + g, _mm256_mul_ps(_mm256_loadu_ps(wd + g), x8));
-        if (T == T_Q4_1) macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(wm + g), x8), _mm256_cvtepi32_ps(s8), macc);
-    }
-    return T == T_Q4_1 ? hsum_f32(macc) : 0.0f;
-}
-
-/* The unsigned operand of block p, and in *S the sign source (Q4_0, Q8_0: signed weights). */
-AVX2I __m256i load_w(int T, const uint8_t *p, __m256i *S)
-{
-    if (T == T_Q4_1) return unpack_nib(p + 4);
-    *S = T == T_Q8_0 ? _mm256_loadu_si256((const __m256i *)(p + 2)) : _mm256_sub_epi8(unpack_nib(p + 2), _mm256_set1_epi8(8));
-    return _mm256_sign_epi8(*S, *S);
-}
-
-AVX2I __m256i dot_w(int T, __m256i W, __m256i S, const int8_t *q)
-{
-    __m256i Q = _mm256_loadu_si256((const __m256i *)q);
-    return dot_us(W, T == T_Q4_1 ? Q : _mm256_sign_epi8(Q, S));
-}
-
-typedef struct {
-    const mm_args *a;
-    int T, nb, nbp, bb;
-    float *wd, *wm, *dd;   /* wd, wm: [2][nbp]; dd: [8][nbp] */
-} simple_ctx;
-
-AVX2I void tile_f32(const simple_ctx *c, int r, int RT, int n0, int NT)
+static void lk_transpose_act(lk_ctx *c)
 {
     const mm_args *a = c->a;
-    int T = c->T, nb = c->nb, nbp = c->nbp, K = a->K;
-    float mt[2][4];
-    __m256 acc[2][4];
-    const uint8_t *wr[2];
-    for (int rr = 0; rr < RT; rr++) {
-        wr[rr] = a->w + (size_t)(r + rr) * a->row_bytes;
-        for (int j = 0; j < NT; j++) {
-            size_t n = (size_t)(n0 + j);
-            mt[rr][j] = pair_prep(T, c->wd + rr * nbp, c->wm + rr * nbp, a->dx + n * nb, a->sx + n * nb, nb,
-                                  c->dd + (rr * NT + j) * nbp);
-            acc[rr][j] = _mm256_setzero_ps();
+    int nb = c->nb;
+    for (int n = 0; n < c->N4; n++)
+        for (int b = 0; b < nb; b++) {
+            c->dxT[(size_t)b * c->N4 + n] = a->dx[(size_t)n * nb + b];
+            c->sT[(size_t)b * c->N4 + n] = a->sx[(size_t)n * nb + b];
         }
-    }
-    for (int b = 0; b < nb; b++) {
-        __m256i W[2], S[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        for (int rr = 0; rr < RT; rr++) W[rr] = load_w(T, wr[rr] + (size_t)b * c->bb, &S[rr]);
-        for (int j = 0; j < NT; j++) {
-            const int8_t *q = a->q + (size_t)(n0 + j) * K + 32 * b;
-            for (int rr = 0; rr < RT; rr++)
-                acc[rr][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_w(T, W[rr], S[rr], q)),
-                                             _mm256_broadcast_ss(c->dd + (rr * NT + j) * nbp + b), acc[rr][j]);
-        }
-    }
-    for (int rr = 0; rr < RT; rr++)
-        for (int j = 0; j < NT; j++)
-            ((float *)a->out)[(size_t)(n0 + j) * a->rows + r + rr] = hsum_f32(acc[rr][j]) + mt[rr][j];
 }
 
-AVX2I __m128i hsum4_i32(__m256i v0, __m256i v1, __m256i v2, __m256i v3)   /* 4 blocks' sums */
+/* Writes lane k of the 8 (f32 or f64) results v[] to out[n][r + k] or, prefill, out[n + k % 4][r + k / 4]. */
+static void lk_store(const mm_args *a, const double *v, int lanes, int r, int rend, int n, int prefill)
 {
-    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
-
-/* One pair, float64: the per-block terms of 4 blocks at a time in double lanes, added in order. */
-AVX2I double pair_f64(const simple_ctx *c, const uint8_t *wr, const float *wd, const float *wm, size_t n)
-{
-    const mm_args *a = c->a;
-    int T = c->T, nb = c->nb, bb = c->bb;
-    const int8_t *q = a->q + n * a->K;
-    const float *dx = a->dx + n * nb;
-    const int32_t *sx = a->sx + n * nb;
-    double acc = 0.0;
-    int b = 0;
-    for (; b + 4 <= nb; b += 4) {
-        __m256i v[4], S = _mm256_setzero_si256();
-        for (int k = 0; k < 4; k++) {
-            __m256i W = load_w(T, wr + (size_t)(b + k) * bb, &S);
-            v[k] = dot_w(T, W, S, q + 32 * (b + k));
-        }
-        __m128i is4 = hsum4_i32(v[0], v[1], v[2], v[3]);
-        __m256d x4 = _mm256_cvtps_pd(_mm_loadu_ps(dx + b));
-        __m256d t = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(wd + b)), x4), _mm256_cvtepi32_pd(is4));
-        if (T == T_Q4_1)
-            t = _mm256_add_pd(t, _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(wm + b)), x4),
-                                               _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(sx + b)))));
-        __m128d lo = _mm256_castpd256_pd128(t), hi = _mm256_extractf128_pd(t, 1);
-        acc += _mm_cvtsd_f64(lo);
-        acc += _mm_cvtsd_f64(_mm_unpackhi_pd(lo, lo));
-        acc += _mm_cvtsd_f64(hi);
-        acc += _mm_cvtsd_f64(_mm_unpackhi_pd(hi, hi));
+    for (int k = 0; k < lanes; k++) {
+        int rr = prefill ? r + k / 4 : r + k, nn = prefill ? n + k % 4 : n;
+        if (rr < rend) store(a, nn, rr, v[k]);
     }
-    for (; b < nb; b++) {
-        __m256i S = _mm256_setzero_si256(), W = load_w(T, wr + (size_t)b * bb, &S);
-        int32_t isum = hsum_i32(dot_w(T, W, S, q + 32 * b));
-        acc += T == T_Q4_1 ? term_q4_1(wd[b], wm[b], dx[b], isum, sx[b]) : term_simple(wd[b], dx[b], isum);
-    }
-    return acc;
 }
 
-AVX2I void tile_f64(const simple_ctx *c, int r, int RT, int n0, int NT)
+AVX2I __m256i a2_pair(const uint8_t *p0, const uint8_t *p1)
 {
-    const mm_args *a = c->a;
-    double res[2][4];
-    for (int rr = 0; rr < RT; rr++)
-        for (int j = 0; j < NT; j++)
-            res[rr][j] = pair_f64(c, a->w + (size_t)(r + rr) * a->row_bytes, c->wd + rr * c->nbp, c->wm + rr * c->nbp,
-                                  (size_t)(n0 + j));
-    for (int rr = 0; rr < RT; rr++)
-        for (int j = 0; j < NT; j++) ((double *)a->out)[(size_t)(n0 + j) * a->rows + r + rr] = res[rr][j];
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p0)),
+                                   _mm_loadu_si128((const __m128i *)p1), 1);
 }
 
-AVX2I void rows_tile(const simple_ctx *c, int r, int RT)
+/* Block values 0..15 (lo) and 16..31 (hi) of two rows' blocks, one row per 128-bit lane. */
+AVX2I void a2_w(int T, int qoff, const uint8_t *p0, const uint8_t *p1, __m256i *lo, __m256i *hi)
 {
-    int N = c->a->N, n = 0;
-    for (int rr = 0; rr < RT; rr++)
-        prep_simple(c->T, c->a->w + (size_t)(r + rr) * c->a->row_bytes, c->nb, c->wd + rr * c->nbp, c->wm + rr * c->nbp);
-    if (c->a->f64) {
-        for (; n + 4 <= N; n += 4) tile_f64(c, r, RT, n, 4);
-        for (; n < N; n++) tile_f64(c, r, RT, n, 1);
-    } else if (RT == 2) {
-        for (; n + 4 <= N; n += 4) tile_f32(c, r, 2, n, 4);
-        for (; n < N; n++) tile_f32(c, r, 2, n, 1);
+    if (T == T_Q8_0) {
+        *lo = a2_pair(p0 + 2, p1 + 2);
+        *hi = a2_pair(p0 + 18, p1 + 18);
     } else {
-        for (; n + 4 <= N; n += 4) tile_f32(c, r, 1, n, 4);
-        for (; n < N; n++) tile_f32(c, r, 1, n, 1);
+        __m256i v = a2_pair(p0 + qoff, p1 + qoff), m = _mm256_set1_epi8(15);
+        *lo = _mm256_and_si256(v, m);
+        *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
     }
 }
+
+/* Per 128-bit lane, 4 int32 partial sums of the lane's row block times activation block q. */
+AVX2I __m256i a2_dot(int T, __m256i lo, __m256i hi, const int8_t *q)
+{
+    __m256i qlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
+    __m256i qhi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 16)));
+    const __m256i one = _mm256_set1_epi16(1);
+    if (T == T_Q8_0)
+        return _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(lo), _mm256_sign_epi8(qlo, lo)), one),
+            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(hi), _mm256_sign_epi8(qhi, hi)), one));
+    /* nibbles: |each int16| <= 2 * 15 * 127, the sum of two fits */
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, qlo), _mm256_maddubs_epi16(hi, qhi)), one);
+}
+
+/* Per 128-bit lane L: [sum a0_L, sum a1_L, sum a2_L, sum a3_L] (exact int32). */
+AVX2I __m256i a2_red4(__m256i a0, __m256i a1, __m256i a2, __m256i a3)
+{
+    __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(a0, a1), _mm256_unpackhi_epi32(a0, a1));
+    __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(a2, a3), _mm256_unpackhi_epi32(a2, a3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+}
+
+/* term_simple / term_q4_1 in 4 lanes, the same operations in the same order. */
+AVX2I __m256d a2_term(int T, __m256d dw, __m256d dm, __m256d dx, __m256d isum, __m256d s)
+{
+    __m256d t = _mm256_mul_pd(_mm256_mul_pd(dw, dx), isum);
+    if (T == T_Q4_1) t = _mm256_add_pd(t, _mm256_mul_pd(_mm256_mul_pd(dm, dx), s));
+    return t;
+}
+
+/* Decode tile: rows r..r+7 (clamped to rend - 1) x activation row n. */
+AVX2I void a2_decode(const lk_ctx *c, int r, int rend, int n)
+{
+    const mm_args *a = c->a;
+    int T = c->T, nb = c->nb, qoff = c->qoff;
+    size_t bb = (size_t)c->bb;
+    const uint8_t *w[8];
+    for (int k = 0; k < 8; k++) w[k] = a->w + (size_t)(r + k < rend ? r + k : rend - 1) * a->row_bytes;
+    const int8_t *q = a->q + (size_t)n * a->K;
+    const float *dx = a->dx + (size_t)n * nb;
+    const int32_t *sx = a->sx + (size_t)n * nb;
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        size_t o = (size_t)b * bb;
+        __m256i A[4];
+        for (int i = 0; i < 4; i++) {
+            __m256i lo, hi;
+            a2_w(T, qoff, w[i] + o, w[i + 4] + o, &lo, &hi);
+            A[i] = a2_dot(T, lo, hi, q + 32 * b);
+        }
+        __m256i u = a2_red4(A[0], A[1], A[2], A[3]);   /* lane k: row r + 4 (k / 4) + k % 4 = r + k */
+        int32_t s = sx[b];
+        if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_set1_epi32(8 * s));
+        __m256i h = _mm256_setr_epi32((int)rd32(w[0] + o), (int)rd32(w[1] + o), (int)rd32(w[2] + o), (int)rd32(w[3] + o),
+                                      (int)rd32(w[4] + o), (int)rd32(w[5] + o), (int)rd32(w[6] + o), (int)rd32(w[7] + o));
+        /* per 128-bit lane: [d0..d3 | m0..m3] as 16-bit, then [d0..d7 | m0..m7] */
+        __m256i dm16 = _mm256_packus_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0xffff)), _mm256_srli_epi32(h, 16));
+        dm16 = _mm256_permute4x64_epi64(dm16, 0xd8);
+        __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dm16)), dm = _mm256_setzero_ps();
+        if (T == T_Q4_1) dm = _mm256_cvtph_ps(_mm256_extracti128_si256(dm16, 1));
+        __m256d dxd = _mm256_set1_pd((double)dx[b]), sd = _mm256_set1_pd((double)s);
+        acc0 = _mm256_add_pd(acc0, a2_term(T, _mm256_cvtps_pd(_mm256_castps256_ps128(dw)),
+                                           _mm256_cvtps_pd(_mm256_castps256_ps128(dm)), dxd,
+                                           _mm256_cvtepi32_pd(_mm256_castsi256_si128(u)), sd));
+        acc1 = _mm256_add_pd(acc1, a2_term(T, _mm256_cvtps_pd(_mm256_extractf128_ps(dw, 1)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(dm, 1)), dxd,
+                                           _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1)), sd));
+    }
+    if (r + 8 <= rend && a->f64) {
+        double *o = (double *)a->out + (size_t)n * a->rows + r;
+        _mm256_storeu_pd(o, acc0);
+        _mm256_storeu_pd(o + 4, acc1);
+    } else if (r + 8 <= rend) {
+        float *o = (float *)a->out + (size_t)n * a->rows + r;
+        _mm_storeu_ps(o, _mm256_cvtpd_ps(acc0));
+        _mm_storeu_ps(o + 4, _mm256_cvtpd_ps(acc1));
+    } else {
+        double v[8];
+        _mm256_storeu_pd(v, acc0);
+        _mm256_storeu_pd(v + 4, acc1);
+        lk_store(a, v, 8, r, rend, n, 0);
+    }
+}
+
+/* Prefill tile: rows r, r + 1 (clamped) x activation rows n..n+3 (all < N4); c->wd, c->wm hold the
+ * two rows' scales. */
+AVX2I void a2_prefill(const lk_ctx *c, int r, int rend, int n)
+{
+    const mm_args *a = c->a;
+    int T = c->T, nb = c->nb, qoff = c->qoff, N4 = c->N4, K = a->K;
+    size_t bb = (size_t)c->bb;
+    const uint8_t *w0 = a->w + (size_t)r * a->row_bytes, *w1 = r + 1 < rend ? w0 + a->row_bytes : w0;
+    const int8_t *q = a->q + (size_t)n * K;
+    const float *wd0 = c->wd, *wd1 = c->wd + nb, *wm0 = c->wm, *wm1 = c->wm + nb;
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        __m256i lo, hi;
+        a2_w(T, qoff, w0 + b * bb, w1 + b * bb, &lo, &hi);
+        const int8_t *qb = q + 32 * b;
+        __m256i u = a2_red4(a2_dot(T, lo, hi, qb), a2_dot(T, lo, hi, qb + K), a2_dot(T, lo, hi, qb + 2 * K),
+                            a2_dot(T, lo, hi, qb + 3 * K));
+        __m128i s4 = _mm_loadu_si128((const __m128i *)(c->sT + (size_t)b * N4 + n));
+        if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_broadcastsi128_si256(_mm_slli_epi32(s4, 3)));
+        __m256d dxd = _mm256_cvtps_pd(_mm_loadu_ps(c->dxT + (size_t)b * N4 + n)), sd = _mm256_cvtepi32_pd(s4);
+        acc0 = _mm256_add_pd(acc0, a2_term(T, _mm256_set1_pd((double)wd0[b]), _mm256_set1_pd((double)wm0[b]), dxd,
+                                           _mm256_cvtepi32_pd(_mm256_castsi256_si128(u)), sd));
+        acc1 = _mm256_add_pd(acc1, a2_term(T, _mm256_set1_pd((double)wd1[b]), _mm256_set1_pd((double)wm1[b]), dxd,
+                                           _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1)), sd));
+    }
+    double v[8];
+    _mm256_storeu_pd(v, acc0);
+    _mm256_storeu_pd(v + 4, acc1);
+    lk_store(a, v, 8, r, rend, n, 1);
+}
+
+/* A row's fp16 d (and m) per block as float. */
+static void lk_row_scales(int T, const uint8_t *w, int nb, int bb, float *wd, float *wm)
+{
+    for (int b = 0; b < nb; b++) {
+        wd[b] = h2f(rd16(w + (size_t)b * bb));
+        wm[b] = T == T_Q4_1 ? h2f(rd16(w + (size_t)b * bb + 2)) : 0.0f;
+    }
+}
+
+/* Sets up c and its prefill buffers; 0 on allocation failure. */
+static int lk_init(lk_ctx *c, const mm_args *a, int T)
+{
+    int nb = a->K / 32, N4 = a->N >= 4 ? a->N & ~3 : 0;
+    *c = (lk_ctx){a, T, nb, block_bytes(T), T == T_Q4_1 ? 4 : 2, N4, NULL, NULL, NULL, NULL, NULL, NULL};
+    if (!N4) return 1;
+    double *mem = malloc(sizeof(double) * ((size_t)64 * nb + (size_t)nb * N4) + sizeof(float) * (size_t)4 * nb);
+    if (!mem) return 0;
+    c->mem = mem;
+    c->wl = mem;
+    c->dxT = (float *)(mem + (size_t)64 * nb);
+    c->sT = (int32_t *)(c->dxT + (size_t)nb * N4);
+    c->wd = (float *)(c->sT + (size_t)nb * N4);
+    c->wm = c->wd + 2 * nb;
+    lk_transpose_act(c);
+    return 1;
+}
+
+static void lk_free(lk_ctx *c) { free(c->mem); }
 
 AVX2I void simple_avx2(const mm_args *a, int T, int r0, int r1)
 {
-    int nb = a->K / 32, nbp = (nb + 7) & ~7;
-    float stack[12 * NB_STACK], *mem = nbp <= NB_STACK ? stack : malloc(sizeof(float) * 12 * (size_t)nbp);
-    if (!mem) return;
-    simple_ctx c = {a, T, nb, nbp, block_bytes(T), mem, mem + 2 * nbp, mem + 4 * nbp};
-    int r = r0;
-    for (; r + 2 <= r1; r += 2) rows_tile(&c, r, 2);
-    if (r < r1) rows_tile(&c, r, 1);
-    if (mem != stack) free(mem);
+    lk_ctx c;
+    if (!lk_init(&c, a, T)) return;
+    for (int r = r0; r < r1; r += 2) {
+        if (!c.N4) break;
+        for (int k = 0; k < 2; k++)
+            lk_row_scales(T, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, c.nb, c.bb, c.wd + k * c.nb,
+                          c.wm + k * c.nb);
+        for (int n = 0; n < c.N4; n += 4) a2_prefill(&c, r, r1, n);
+    }
+    for (int n = c.N4; n < a->N; n++)
+        for (int r = r0; r < r1; r += 8) a2_decode(&c, r, r1, n);
+    lk_free(&c);
 }
 
 AVX2 static void mm_avx2_q4_0(const mm_args *a, int r0, int r1) { simple_avx2(a, T_Q4_0, r0, r1); }
@@ -606,6 +618,202 @@ static int have_avx2(void)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+/* ------------------------------------------------------------------ AVX-512 VNNI kernels
+ * The AVX2 scheme on 512-bit vectors with vpdpbusd (u8 x s8 -> int32, no 16-bit saturation):
+ * decode tiles are 16 weight rows x 1 activation row (lane k = row r + k), prefill tiles 4 weight
+ * rows x 4 activation rows (lane 4L + i = row r + L, activation row n + i). Signed weights become
+ * unsigned with an exact correction: Q4_0 sum(n q) - 8 s, Q8_0 sum((w + 128) q) - 128 s. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define AVX512I static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+AVX512I __m512i a5_quad(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8_t *p3)
+{
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p0));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)p1), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)p2), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)p3), 3);
+}
+
+/* Block values 0..15 (lo) and 16..31 (hi) of four rows' blocks as u8, one row per 128-bit lane. */
+AVX512I void a5_w(int T, int qoff, const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8_t *p3,
+                  __m512i *lo, __m512i *hi)
+{
+    if (T == T_Q8_0) {
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        *lo = _mm512_xor_si512(a5_quad(p0 + 2, p1 + 2, p2 + 2, p3 + 2), flip);
+        *hi = _mm512_xor_si512(a5_quad(p0 + 18, p1 + 18, p2 + 18, p3 + 18), flip);
+    } else {
+        __m512i v = a5_quad(p0 + qoff, p1 + qoff, p2 + qoff, p3 + qoff), m = _mm512_set1_epi8(15);
+        *lo = _mm512_and_si512(v, m);
+        *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+    }
+}
+
+AVX512I __m512i a5_dot(__m512i lo, __m512i hi, const int8_t *q)
+{
+    __m512i qlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)q));
+    __m512i qhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(q + 16)));
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, qlo), hi, qhi);
+}
+
+AVX512I __m512i a5_red4(__m512i a0, __m512i a1, __m512i a2, __m512i a3)
+{
+    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+/* Undo the unsigned shift: Q4_0 - 8 s, Q8_0 - 128 s (s per lane). */
+AVX512I __m512i a5_fix(int T, __m512i u, __m512i s)
+{
+    if (T == T_Q4_0) return _mm512_sub_epi32(u, _mm512_slli_epi32(s, 3));
+    if (T == T_Q8_0) return _mm512_sub_epi32(u, _mm512_slli_epi32(s, 7));
+    return u;
+}
+
+AVX512I __m512d a5_term(int T, __m512d dw, __m512d dm, __m512d dx, __m512d isum, __m512d s)
+{
+    __m512d t = _mm512_mul_pd(_mm512_mul_pd(dw, dx), isum);
+    if (T == T_Q4_1) t = _mm512_add_pd(t, _mm512_mul_pd(_mm512_mul_pd(dm, dx), s));
+    return t;
+}
+
+AVX512I __m512d a5_lo_pd(__m512 f) { return _mm512_cvtps_pd(_mm512_castps512_ps256(f)); }
+AVX512I __m512d a5_hi_pd(__m512 f)
+{
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+}
+
+AVX512I void a5_store(const mm_args *a, __m512d acc0, __m512d acc1, int r, int rend, int n, int prefill)
+{
+    if (!prefill && r + 16 <= rend && a->f64) {
+        double *o = (double *)a->out + (size_t)n * a->rows + r;
+        _mm512_storeu_pd(o, acc0);
+        _mm512_storeu_pd(o + 8, acc1);
+    } else if (!prefill && r + 16 <= rend) {
+        float *o = (float *)a->out + (size_t)n * a->rows + r;
+        _mm256_storeu_ps(o, _mm512_cvtpd_ps(acc0));
+        _mm256_storeu_ps(o + 8, _mm512_cvtpd_ps(acc1));
+    } else {
+        double v[16];
+        _mm512_storeu_pd(v, acc0);
+        _mm512_storeu_pd(v + 8, acc1);
+        for (int k = 0; k < 16; k++) {
+            int rr = prefill ? r + k / 4 : r + k, nn = prefill ? n + k % 4 : n;
+            if (rr < rend) store(a, nn, rr, v[k]);
+        }
+    }
+}
+
+/* Decode tile: rows r..r+15 (clamped to rend - 1) x activation row n. */
+AVX512I void a5_decode(const lk_ctx *c, int r, int rend, int n)
+{
+    const mm_args *a = c->a;
+    int T = c->T, nb = c->nb, qoff = c->qoff;
+    size_t bb = (size_t)c->bb;
+    const uint8_t *w[16];
+    for (int k = 0; k < 16; k++) w[k] = a->w + (size_t)(r + k < rend ? r + k : rend - 1) * a->row_bytes;
+    const int8_t *q = a->q + (size_t)n * a->K;
+    const float *dx = a->dx + (size_t)n * nb;
+    const int32_t *sx = a->sx + (size_t)n * nb;
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        size_t o = (size_t)b * bb;
+        __m512i A[4];
+        for (int i = 0; i < 4; i++) {
+            __m512i lo, hi;
+            a5_w(T, qoff, w[i] + o, w[i + 4] + o, w[i + 8] + o, w[i + 12] + o, &lo, &hi);
+            A[i] = a5_dot(lo, hi, q + 32 * b);
+        }
+        int32_t s = sx[b];
+        __m512i u = a5_fix(T, a5_red4(A[0], A[1], A[2], A[3]), _mm512_set1_epi32(s));   /* lane k: row r + k */
+        __m512i h = _mm512_setr_epi32((int)rd32(w[0] + o), (int)rd32(w[1] + o), (int)rd32(w[2] + o), (int)rd32(w[3] + o),
+                                      (int)rd32(w[4] + o), (int)rd32(w[5] + o), (int)rd32(w[6] + o), (int)rd32(w[7] + o),
+                                      (int)rd32(w[8] + o), (int)rd32(w[9] + o), (int)rd32(w[10] + o), (int)rd32(w[11] + o),
+                                      (int)rd32(w[12] + o), (int)rd32(w[13] + o), (int)rd32(w[14] + o), (int)rd32(w[15] + o));
+        __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)), dm = _mm512_setzero_ps();
+        if (T == T_Q4_1) dm = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+        __m512d dxd = _mm512_set1_pd((double)dx[b]), sd = _mm512_set1_pd((double)s);
+        acc0 = _mm512_add_pd(acc0, a5_term(T, a5_lo_pd(dw), a5_lo_pd(dm), dxd,
+                                           _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)), sd));
+        acc1 = _mm512_add_pd(acc1, a5_term(T, a5_hi_pd(dw), a5_hi_pd(dm), dxd,
+                                           _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)), sd));
+    }
+    a5_store(a, acc0, acc1, r, rend, n, 0);
+}
+
+/* Prefill tile: rows r..r+7 (clamped) x activation rows n..n+3 (< N4), as two quads of 4 rows
+ * sharing each activation block; c->wl holds the rows' d and m per block in lane order, [nb][64]
+ * doubles (per quad 16 d, then 16 m). */
+AVX512I void a5_prefill(const lk_ctx *c, int r, int rend, int n)
+{
+    const mm_args *a = c->a;
+    int T = c->T, nb = c->nb, qoff = c->qoff, N4 = c->N4, K = a->K;
+    size_t bb = (size_t)c->bb, rb = a->row_bytes;
+    const uint8_t *w[8];
+    for (int k = 0; k < 8; k++) w[k] = a->w + (size_t)(r + k < rend ? r + k : rend - 1) * rb;
+    const int8_t *q = a->q + (size_t)n * K;
+    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+    for (int b = 0; b < nb; b++) {
+        size_t o = (size_t)b * bb;
+        const int8_t *qb = q + 32 * b;
+        __m128i s4 = _mm_loadu_si128((const __m128i *)(c->sT + (size_t)b * N4 + n));
+        __m512i s16 = _mm512_broadcast_i32x4(s4);
+        __m512d dxd = _mm512_broadcast_f64x4(_mm256_cvtps_pd(_mm_loadu_ps(c->dxT + (size_t)b * N4 + n)));
+        __m512d sd = _mm512_broadcast_f64x4(_mm256_cvtepi32_pd(s4));
+        const double *wl = c->wl + (size_t)b * 64;
+        for (int g = 0; g < 2; g++) {
+            __m512i lo, hi;
+            a5_w(T, qoff, w[4 * g] + o, w[4 * g + 1] + o, w[4 * g + 2] + o, w[4 * g + 3] + o, &lo, &hi);
+            __m512i u = a5_fix(T, a5_red4(a5_dot(lo, hi, qb), a5_dot(lo, hi, qb + K), a5_dot(lo, hi, qb + 2 * K),
+                                          a5_dot(lo, hi, qb + 3 * K)), s16);
+            const double *wg = wl + 32 * g;
+            acc[2 * g] = _mm512_add_pd(acc[2 * g], a5_term(T, _mm512_loadu_pd(wg), _mm512_loadu_pd(wg + 16), dxd,
+                                                           _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)), sd));
+            acc[2 * g + 1] = _mm512_add_pd(acc[2 * g + 1],
+                                           a5_term(T, _mm512_loadu_pd(wg + 8), _mm512_loadu_pd(wg + 24), dxd,
+                                                   _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)), sd));
+        }
+    }
+    a5_store(a, acc[0], acc[1], r, rend, n, 1);
+    if (r + 4 < rend) a5_store(a, acc[2], acc[3], r + 4, rend, n, 1);
+}
+
+AVX512I void simple_avx512(const mm_args *a, int T, int r0, int r1)
+{
+    lk_ctx c;
+    if (!lk_init(&c, a, T)) return;
+    for (int r = r0; r < r1 && c.N4; r += 8) {
+        for (int k = 0; k < 8; k++) {
+            const uint8_t *w = a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes;
+            double *wl = c.wl + 32 * (k / 4) + 4 * (k % 4);
+            for (int b = 0; b < c.nb; b++) {
+                double d = (double)h2f(rd16(w + (size_t)b * c.bb));
+                double m = T == T_Q4_1 ? (double)h2f(rd16(w + (size_t)b * c.bb + 2)) : 0.0;
+                for (int i = 0; i < 4; i++) {
+                    wl[(size_t)b * 64 + i] = d;
+                    wl[(size_t)b * 64 + 16 + i] = m;
+                }
+            }
+        }
+        for (int n = 0; n < c.N4; n += 4) a5_prefill(&c, r, r1, n);
+    }
+    for (int n = c.N4; n < a->N; n++)
+        for (int r = r0; r < r1; r += 16) a5_decode(&c, r, r1, n);
+    lk_free(&c);
+}
+
+AVX512 static void mm_avx512_q4_0(const mm_args *a, int r0, int r1) { simple_avx512(a, T_Q4_0, r0, r1); }
+AVX512 static void mm_avx512_q4_1(const mm_args *a, int r0, int r1) { simple_avx512(a, T_Q4_1, r0, r1); }
+AVX512 static void mm_avx512_q8_0(const mm_args *a, int r0, int r1) { simple_avx512(a, T_Q8_0, r0, r1); }
+
+static int have_avx512(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+           && __builtin_cpu_supports("avx512vnni");
+}
 #endif /* SK_X86 */
 
 /* ------------------------------------------------------------------ dispatch */
@@ -615,22 +823,29 @@ static struct {
     qa_fn qa;
 } K_ = {"generic", {0}, quant_act_rows_generic};
 
-static void select_kernels(int want_avx2)
+/* level: 0 generic, 1 AVX2 at most, 2 AVX-512 VNNI at most (what the CPU has). */
+static void select_kernels(int level)
 {
     static const int types[] = {T_Q4_0, T_Q4_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K};
     K_.name = "generic";
     K_.qa = quant_act_rows_generic;
     for (int i = 0; i < 6; i++) K_.mm[types[i]] = mm_generic;
 #ifdef SK_X86
-    if (want_avx2 && have_avx2()) {
+    if (level >= 1 && have_avx2()) {
         K_.name = "avx2";
         K_.qa = quant_act_rows_avx2;
         K_.mm[T_Q4_0] = mm_avx2_q4_0;
         K_.mm[T_Q4_1] = mm_avx2_q4_1;
         K_.mm[T_Q8_0] = mm_avx2_q8_0;
+        if (level >= 2 && have_avx512()) {
+            K_.name = "avx512";
+            K_.mm[T_Q4_0] = mm_avx512_q4_0;
+            K_.mm[T_Q4_1] = mm_avx512_q4_1;
+            K_.mm[T_Q8_0] = mm_avx512_q8_0;
+        }
     }
 #else
-    (void)want_avx2;
+    (void)level;
 #endif
 }
 
@@ -870,16 +1085,27 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssiz
 
 static PyObject *py_kernel_name(PyObject *self, PyObject *unused) { return PyUnicode_FromString(K_.name); }
 
-/* set_kernel(name): "generic", "avx2" or "auto"; returns the name now in use (tests only). */
+/* "generic" 0, "avx2" 1, "avx512" or "auto" 2; -1 otherwise. */
+static int kernel_level(const char *s)
+{
+    if (!strcmp(s, "generic")) return 0;
+    if (!strcmp(s, "avx2")) return 1;
+    if (!strcmp(s, "avx512") || !strcmp(s, "auto")) return 2;
+    return -1;
+}
+
+/* set_kernel(name): "generic", "avx2", "avx512" (each at most: what the CPU has) or "auto";
+ * returns the name now in use (tests and benchmarks). */
 static PyObject *py_set_kernel(PyObject *self, PyObject *arg)
 {
     const char *s = PyUnicode_AsUTF8(arg);
     if (!s) return NULL;
-    if (strcmp(s, "generic") && strcmp(s, "avx2") && strcmp(s, "auto")) {
+    int level = kernel_level(s);
+    if (level < 0) {
         PyErr_Format(PyExc_ValueError, "unknown kernel %R", arg);
         return NULL;
     }
-    select_kernels(strcmp(s, "generic") != 0);
+    select_kernels(level);
     return PyUnicode_FromString(K_.name);
 }
 
@@ -891,7 +1117,7 @@ static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "dequantize(type, data, out, rows, cols)"},
     {"quantize_q8_0", (PyCFunction)(void (*)(void))py_quantize_q8_0, METH_FASTCALL, "quantize_q8_0(x, out, nvalues)"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
-    {"set_kernel", py_set_kernel, METH_O, "set_kernel('generic' | 'avx2' | 'auto')"},
+    {"set_kernel", py_set_kernel, METH_O, "set_kernel('generic' | 'avx2' | 'avx512' | 'auto')"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -900,6 +1126,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", "GGML bl
 PyMODINIT_FUNC PyInit__qkernels(void)
 {
     const char *env = getenv("SKYNET_KERNEL");
-    select_kernels(!(env && strcmp(env, "generic") == 0));
+    int level = env && *env ? kernel_level(env) : 2;
+    select_kernels(level < 0 ? 2 : level);
     return PyModule_Create(&module);
 }

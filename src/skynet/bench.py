@@ -1,8 +1,14 @@
 """`skynet bench`: SkyNet against HF transformers, in one run on one machine.
 
-Same model, same prompt, float32, greedy. HF runs first in this process (2 torch threads) and is
-freed before any cluster starts. SkyNet is measured end to end over HTTP on a LocalCluster
-(server + node processes on 127.0.0.1). Prints tables, writes results.json and bench.png to --out.
+Same model, same prompt, greedy. HF (float32) runs first in this process (2 torch threads); the
+same loaded model then gives the quality reference (bench_quality.py: teacher-forced agreement of
+our fast and exact models, in process) and is freed before any cluster starts. SkyNet is measured
+end to end over HTTP on LocalClusters (server + node processes on 127.0.0.1) in the precision
+asked (--precision; auto = fast for a quantized GGUF); when that is not exact, one more exact
+single-stream run checks greedy tokens against HF. Then: scaling over 0/1/2 nodes, server RSS
+with 2 nodes, the bytes shipped when a 3rd node joins 2, a server's cold start with empty caches,
+llama.cpp on the same GGUF where installed, and issue 9's targets. Prints tables, writes
+results.json and bench.png to --out.
 """
 from __future__ import annotations
 
@@ -10,16 +16,18 @@ import gc
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from .bench_hf import PROMPT, decode_only, long_prompt, median, plot, ratio, run_hf, table
+from .bench_hf import PROMPT, decode_only, load_hf, long_prompt, median, plot, ratio, run_hf, table
 
 QUICK_TOKENS = 16
 STREAMS = (1, 4, 8)
@@ -88,11 +96,13 @@ def single(lc, prompt: str, n: int, reps: int, nodes: int) -> dict:
     eng, mlp = delta(after["engine"], before["engine"]), delta(after["mlp"], before["mlp"])
     tokens, rows = reps * n, max(eng["rows"], 1)
     ms = lambda s: 1000 * s / tokens   # noqa: E731
-    theory = 2 * nodes * after["layers"] * after["hidden"] * 4
+    precision = after.get("precision", "exact")
+    reply_bytes = 8 if precision == "fast" else 4   # fast: float64 partials back, float32 out
+    theory = nodes * after["layers"] * after["hidden"] * (4 + reply_bytes)
     wire = (mlp["bytes_out"] + mlp["bytes_in"]) / rows
     wall = sum(r[0] for r in runs)
     return {
-        "nodes": nodes, "decode_tok_s": n / t, "decode_only_tok_s": decode_only(n, t, ttft_short),
+        "nodes": nodes, "precision": precision, "decode_tok_s": n / t, "decode_only_tok_s": decode_only(n, t, ttft_short),
         "ttft_short_s": ttft_short, "text": runs[0][1]["choices"][0]["text"],
         "breakdown_ms_per_token": {
             "waiting on nodes (mlp wait)": ms(mlp["wait_s"]),
@@ -104,28 +114,125 @@ def single(lc, prompt: str, n: int, reps: int, nodes: int) -> dict:
             "outside the engine (HTTP, queue, detok)": ms(wall - eng["forward_s"] - eng["sample_s"]),
             "total (wall)": ms(wall)},
         "wire": {"bytes_per_token": wire, "theory_bytes_per_token": theory, "ratio": ratio(wire, theory),
-                 "rows": eng["rows"], "generated": tokens, "layers": after["layers"], "hidden": after["hidden"]},
+                 "rows": eng["rows"], "generated": tokens, "layers": after["layers"], "hidden": after["hidden"],
+                 "bytes_out": mlp["bytes_out"], "bytes_in": mlp["bytes_in"], "mlp_calls": mlp["calls"],
+                 "request_bytes_per_value": 4, "reply_bytes_per_value": reply_bytes},
         "fallbacks": mlp["fallbacks"], "plan_changes": after["epoch"] - before["epoch"]}
 
 
-def cluster(args, nodes: int):
+def cluster(args, nodes: int, precision: str):
     from .launch import LocalCluster
-    logs = Path(args.out) / f"logs-{nodes}-nodes"
-    say(f"starting a local cluster: server + {nodes} node(s) (logs in {logs}) ...")
+    logs = Path(args.out) / f"logs-{precision}-{nodes}-nodes"
+    say(f"starting a local cluster: server ({precision}) + {nodes} node(s) (logs in {logs}) ...")
     logs.mkdir(parents=True, exist_ok=True)
-    return LocalCluster(args.model, nodes, env=ENV, log_dir=str(logs))
+    return LocalCluster(args.model, nodes, server_args=["--precision", precision], env=ENV, log_dir=str(logs))
+
+
+def rss_mib(pid: int) -> float | None:
+    """Resident memory (VmRSS) of a process, MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory(lc) -> dict:
+    return {"server_rss_mib": rss_mib(lc.server.pid),
+            "node_rss_mib": {name: rss_mib(p.pid) for name, p in lc.nodes.items() if p.poll() is None}}
+
+
+def cold_start(args, precision: str, model: str | None) -> dict:
+    """Popen -> first /health 200 of a server alone, with SkyNet's and HF's caches empty (fresh dirs)."""
+    from .launch import LocalCluster
+    tmp = Path(tempfile.mkdtemp(prefix="skynet-cold-"))
+    env = {**ENV, "SKYNET_CACHE": str(tmp / "skynet"), "XDG_CACHE_HOME": str(tmp / "xdg"),
+           "HF_HOME": str(tmp / "hf")}
+    logs = Path(args.out) / "logs-cold-start"
+    lc = LocalCluster(model, 0, server_args=["--precision", precision], env=env, log_dir=str(logs))
+    try:
+        t0 = time.perf_counter()
+        lc.start_server(timeout=300)   # polls /health every 0.1 s
+        secs = time.perf_counter() - t0
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        return {"seconds": secs, "precision": precision, "cache_bytes_written": written,
+                "server_rss_mib": rss_mib(lc.server.pid)}
+    finally:
+        lc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+LLAMA_CPP = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, prompt, n, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = {}
+for threads in (2, 1):
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, seed=0,
+                verbose=False)
+    toks = llm.tokenize(prompt.encode("utf-8"))
+
+    def run(k):
+        llm.reset()
+        t0, got = time.perf_counter(), 0
+        for _ in llm.generate(toks, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                              reset=True):
+            got += 1
+            if got >= k:
+                break
+        return time.perf_counter() - t0, got
+
+    run(4)
+    runs = sorted(run(n) for _ in range(reps))
+    t, got = runs[len(runs) // 2]
+    out[str(threads)] = {"tok_s": got / t, "tokens": got}
+    del llm
+print("RESULT " + json.dumps(out))
+"""
+
+
+def llama_cpp_figures(n: int, reps: int) -> dict:
+    """llama.cpp (llama-cpp-python) on the same GGUF, greedy, n tokens, 2 and 1 threads, in a subprocess."""
+    import importlib.util
+    import subprocess
+
+    from . import loader
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"installed": False, "note": "not installed"}
+    gguf = str(loader.default_gguf())
+    try:
+        p = subprocess.run([sys.executable, "-c", LLAMA_CPP, gguf, PROMPT, str(n), str(reps)],
+                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"installed": True, "note": "timed out"}
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["?"]
+        note = "not installed" if "No module named" in tail[0] else f"failed: {tail[0][:200]}"
+        return {"installed": "No module named" not in tail[0], "note": note}
+    return {"installed": True, "gguf": gguf, "threads_tok_s": {k: v["tok_s"] for k, v in
+                                                              json.loads(line[7:]).items()}}
 
 
 def join_figures(lc, nodes: int) -> dict:
-    """Add a node to the running cluster; the rebalance's time and bytes, as the server logged them."""
-    epoch, t0 = lc.cluster()["epoch"], time.perf_counter()
+    """Add a node to the running cluster; the rebalance's time and bytes, as the server logged them
+    (bytes_moved: its plan's count; bytes_shipped: what the server's per-node counters say it sent)."""
+    before = lc.cluster()
+    epoch, t0 = before["epoch"], time.perf_counter()
+    sent0 = {n["name"]: n["bytes_sent"] for n in before["nodes"]}
     lc.add_node("joiner")
     lc.wait_active(nodes + 1, 180)
     wall = time.perf_counter() - t0
-    hist = [h for h in lc.cluster()["rebalances"] if h["epoch"] > epoch]
+    after = lc.cluster()
+    hist = [h for h in after["rebalances"] if h["epoch"] > epoch]
     reb = next((h for h in hist if "joiner joined" in h["reason"]), hist[-1])
+    shipped = sum(n["bytes_sent"] - sent0.get(n["name"], 0) for n in after["nodes"])
     return {"from_nodes": nodes, "to_nodes": nodes + 1, "rebalance_s": reb["seconds"],
-            "bytes_moved": reb["bytes_moved"], "spawn_to_active_s": wall, "reason": reb["reason"]}
+            "bytes_moved": reb["bytes_moved"], "bytes_shipped": shipped, "spawn_to_active_s": wall,
+            "reason": reb["reason"], "rebalances": len(hist)}
 
 
 def kill_figures(lc, prompt: str, victim: str, nodes_after: int) -> dict:
@@ -170,7 +277,7 @@ def kill_figures(lc, prompt: str, victim: str, nodes_after: int) -> dict:
 def main(args) -> int:
     from transformers import AutoTokenizer
 
-    from . import loader
+    from . import bench_quality, loader
 
     n = min(args.tokens, QUICK_TOKENS) if args.quick else args.tokens
     reps = 1 if args.quick else 3
@@ -189,69 +296,151 @@ def main(args) -> int:
         phases[name], phase_t = now - phase_t, now
 
     model_dir = loader.resolve(args.model)
+    precision = loader.open_model(args.model).precision(getattr(args, "precision", "auto"))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids = tok(PROMPT, add_special_tokens=True)["input_ids"]   # as the server encodes it
     long_ids = long_prompt(tok, args.prompt_tokens)
+    q_prompts = bench_quality.PROMPTS[:bench_quality.QUICK_PROMPTS] if args.quick else bench_quality.PROMPTS
+    q_tokens = bench_quality.QUICK_TOKENS if args.quick else bench_quality.TOKENS
 
-    say(f"[1/5] HF transformers baseline ({n} tokens, {reps} rep(s)) ...")
-    hf = run_hf(model_dir, prompt_ids, long_ids, n, STREAMS, reps, say)
+    say(f"[1/7] HF transformers baseline ({n} tokens, {reps} rep(s)) and quality reference ...")
+    hf_model = load_hf(model_dir)
+    try:
+        hf = run_hf(hf_model, prompt_ids, long_ids, n, STREAMS, reps, say)
+        phase("hf")
+        ref = bench_quality.hf_reference(hf_model, tok, q_prompts, q_tokens, say)
+    finally:
+        hf_model = None
+        gc.collect()
     hf_text = tok.decode(hf.pop("ids"), skip_special_tokens=True)
+    say("[2/7] quality: our fast and exact models, teacher-forced on HF's continuations ...")
+    quality = bench_quality.run(args.model, ref, say)
+    ref = None
     gc.collect()
-    phase("hf")
+    phase("quality")
 
-    say(f"[2/5] SkyNet: server + {args.nodes} node(s) ...")
+    say(f"[3/7] SkyNet ({precision}): server + {args.nodes} node(s) ...")
     scaling: dict[str, dict] = {}
-    elastic = None
-    with cluster(args, args.nodes) as lc:
+    elastic: dict = {}
+    resources: dict = {}
+    with cluster(args, args.nodes, precision) as lc:
         sky = single(lc, PROMPT, n, reps, args.nodes)
         scaling[str(args.nodes)] = dict(sky)
+        if args.nodes == 2:
+            resources.update(memory(lc))
         say(f"  SkyNet single stream: {sky['decode_tok_s']:.1f} tok/s")
-        sky["identical"] = sky["text"] == hf_text
-        if not sky["identical"]:
-            at = next((i for i, (a, b) in enumerate(zip(sky["text"], hf_text)) if a != b),
-                      min(len(sky["text"]), len(hf_text)))
-            say(f"  tokens differ from HF at char {at}:\n    ours {sky['text']!r}\n    HF   {hf_text!r}")
+        sky["same_text_as_hf"] = sky["text"] == hf_text
+        sky["identical"] = sky["same_text_as_hf"] if precision == "exact" else None
         sky["ttft_s"] = median(complete(lc.url, long_ids, 1)[0] for _ in range(reps))
         say(f"  SkyNet TTFT ({len(long_ids)}-token prompt): {sky['ttft_s'] * 1000:.0f} ms")
         sky["concurrency_tok_s"] = {"1": sky["decode_tok_s"]}
         for k in STREAMS[1:]:
             sky["concurrency_tok_s"][str(k)] = concurrent(lc.url, PROMPT, n, k)
             say(f"  SkyNet {k} streams: {sky['concurrency_tok_s'][str(k)]:.1f} tok/s")
+        sky["server_rss_after_streams_mib"] = rss_mib(lc.server.pid)
         phase("skynet")
-        if not args.quick:
-            say("[3/5] elastic: a node joins, then a node dies mid-request ...")
-            elastic = join_figures(lc, args.nodes)
-            if args.nodes >= 1:
-                elastic.update(kill_figures(lc, PROMPT, "node0", args.nodes))
-            phase("elastic")
-    say("[4/5] scaling: single stream at 0, 1 and 2 nodes ...")
+        if args.nodes == 2:
+            say("  elastic: a 3rd node joins ...")
+            elastic.update(join_figures(lc, args.nodes))
+        if not args.quick and args.nodes >= 1:
+            say("  elastic: a node dies mid-request ...")
+            elastic.update(kill_figures(lc, PROMPT, "node0", len(lc.active_nodes()) - 1))
+        phase("elastic")
+
+    if precision == "exact":
+        exact = sky
+    else:
+        say(f"[4/7] SkyNet (exact): server + {args.nodes} node(s), single stream ...")
+        with cluster(args, args.nodes, "exact") as lc:
+            exact = single(lc, PROMPT, n, reps, args.nodes)
+        exact["identical"] = exact["same_text_as_hf"] = exact["text"] == hf_text
+        say(f"  exact single stream: {exact['decode_tok_s']:.1f} tok/s")
+        phase("exact")
+    if not exact["identical"]:
+        at = next((i for i, (a, b) in enumerate(zip(exact["text"], hf_text)) if a != b),
+                  min(len(exact["text"]), len(hf_text)))
+        say(f"  exact tokens differ from HF at char {at}:\n    ours {exact['text']!r}\n    HF   {hf_text!r}")
+
+    say(f"[5/7] scaling ({precision}): single stream at 0, 1 and 2 nodes ...")
     for k in SCALING:
-        if str(k) not in scaling:
-            with cluster(args, k) as lc:
-                scaling[str(k)] = single(lc, PROMPT, n, reps, k)
-            say(f"  {k} node(s): {scaling[str(k)]['decode_tok_s']:.1f} tok/s")
+        if str(k) in scaling:
+            continue
+        with cluster(args, k, precision) as lc:
+            scaling[str(k)] = single(lc, PROMPT, n, reps, k)
+            if k == 2:
+                resources.update(memory(lc))
+                if "bytes_moved" not in elastic:
+                    say("  elastic: a 3rd node joins ...")
+                    elastic.update(join_figures(lc, k))
+        say(f"  {k} node(s): {scaling[str(k)]['decode_tok_s']:.1f} tok/s")
     phase("scaling")
+
+    say("[6/7] cold start (empty caches) and llama.cpp ...")
+    cold_model = args.model
+    if args.model and not Path(args.model).expanduser().exists():
+        cold_model = str(model_dir)   # a hub id: its files live in the HF cache we empty
+    resources["cold_start"] = cold_start(args, precision, cold_model)
+    say(f"  cold start to /health: {resources['cold_start']['seconds']:.2f} s")
+    llama = llama_cpp_figures(n, reps)
+    say(f"  llama.cpp: {llama.get('threads_tok_s') or llama.get('note')}")
+    phase("cold+llama.cpp")
 
     results = {
         "meta": {"model": loader.model_name(model_dir, args.model), "model_dir": str(model_dir),
-                 "nodes": args.nodes, "tokens": n, "prompt_tokens": len(long_ids),
-                 "short_prompt_tokens": len(prompt_ids),
+                 "precision": precision, "nodes": args.nodes, "tokens": n,
+                 "prompt_tokens": len(long_ids), "short_prompt_tokens": len(prompt_ids),
                  "reps": reps, "quick": bool(args.quick), "cpus": os.cpu_count(),
                  "machine": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "hf_threads": hf["threads"], "seconds": time.perf_counter() - t_start,
                  "phases_s": phases},
-        "hf": hf, "skynet": sky, "scaling": scaling, "elastic": elastic}
-    say("[5/5] report")
+        "hf": hf, "skynet": sky, "exact": exact, "scaling": scaling, "elastic": elastic or None,
+        "quality": quality, "resources": resources, "llama_cpp": llama}
+    results["targets"] = targets(results)
+    say("[7/7] report")
     print(report(results))
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(out / "bench.png", hf, scaling, sky["concurrency_tok_s"], results["meta"]["model"])
+    plot(out / "bench.png", hf, scaling, sky["concurrency_tok_s"], f"{results['meta']['model']} ({precision})")
     say(f"wrote {out / 'results.json'} and {out / 'bench.png'} ({results['meta']['seconds']:.0f}s)")
     return 0
 
 
+MB, MIB = 1e6, 1024 * 1024
+
+
+def targets(r: dict) -> list[dict]:
+    """Issue 9's targets: each figure, its bound and whether it is met (None: not measured)."""
+    hf, sky, sc, m = r["hf"], r["skynet"], r["scaling"], r["meta"]
+    res, e, q = r["resources"], r["elastic"] or {}, r["quality"]
+    p = m["precision"]
+
+    def row(name, value, op, bound, unit=""):
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        return {"name": name, "value": value, "target": f"{op} {bound:g}{unit}", "met": met}
+
+    sc8 = sky["concurrency_tok_s"].get("8")
+    return [
+        row(f"server alone, single stream ({p}) / HF", ratio(sc["0"]["decode_tok_s"], hf["decode_tok_s"])
+            if "0" in sc else None, ">=", 5, "x"),
+        row(f"server + 2 nodes, single stream ({p}) / HF", ratio(sc["2"]["decode_tok_s"], hf["decode_tok_s"])
+            if "2" in sc else None, ">=", 2.5, "x"),
+        row(f"8 streams aggregate ({m['nodes']} nodes) / HF batch 8", ratio(sc8, hf["batch_tok_s"].get("8")),
+            ">=", 2.5, "x"),
+        row(f"TTFT {m['prompt_tokens']}-token prompt / HF", ratio(sky["ttft_s"], hf["ttft_s"]), "<=", 1.0, "x"),
+        row("server RSS, 2 nodes (MiB)", res.get("server_rss_mib"), "<=", 300),
+        row("bytes shipped when a 3rd node joins 2 (MB)",
+            e["bytes_moved"] / MB if "bytes_moved" in e else None, "<=", 40),
+        row("cold start to /health, empty cache (s)", res.get("cold_start", {}).get("seconds"), "<=", 5),
+        row("teacher-forced agreement, fast (%)", 100 * q["fast"]["agreement"], ">=",
+            100 * q["target_fast"]),
+        row("fast agreement - ideal Q8_0 reference (points)",
+            100 * (q["fast"]["agreement"] - q["q8_ref"]), ">=", 0),
+        row("greedy tokens identical to HF, exact (1 = yes)", float(bool(r["exact"]["identical"])), ">=", 1),
+    ]
+
+
 def report(r: dict) -> str:
-    hf, sky, m = r["hf"], r["skynet"], r["meta"]
-    n, p = m["tokens"], m["prompt_tokens"]
+    hf, sky, m, ex = r["hf"], r["skynet"], r["meta"], r["exact"]
+    n, p, prec = m["tokens"], m["prompt_tokens"], m["precision"]
     rows = [[f"single stream, {n} tokens (tok/s)", hf["decode_tok_s"], sky["decode_tok_s"]],
             ["decode after 1st token (tok/s)", hf["decode_only_tok_s"], sky["decode_only_tok_s"]],
             [f"TTFT, {m['short_prompt_tokens']}-token prompt (ms)", 1000 * hf["ttft_short_s"],
@@ -259,17 +448,39 @@ def report(r: dict) -> str:
             [f"TTFT, {p}-token prompt (ms)", 1000 * hf["ttft_s"], 1000 * sky["ttft_s"]],
             *([f"aggregate, {k} stream(s) (tok/s)", hf["batch_tok_s"][k], sky["concurrency_tok_s"][k]]
               for k in sky["concurrency_tok_s"])]
-    out = [table(f"{m['model']}, float32, greedy; SkyNet = server + {m['nodes']} node(s) over HTTP",
-                 ["metric", "HF transformers", "SkyNet", "SkyNet/HF"], [[*x, ratio(x[2], x[1])] for x in rows])
-           + f"\ngreedy tokens identical to HF: {'yes' if sky['identical'] else 'no'}; during the timed "
-           f"single-stream runs: {sky['fallbacks']} fallbacks, {sky['plan_changes']} plan changes"]
-    out.append(table("scaling (single stream)", ["nodes", "tok/s", "decode tok/s", "wait ms/tok",
-                                                 "wire B/tok", "theory B/tok", "fallbacks", "plan changes"],
+    if ex is not sky:
+        rows.insert(2, [f"single stream, exact (float32), {n} tokens (tok/s)", hf["decode_tok_s"],
+                        ex["decode_tok_s"]])
+    same = "yes" if ex["identical"] else "no"
+    ident = (f"greedy tokens identical to HF: {same}" if ex is sky else
+             f"greedy tokens identical to HF: exact run {same}; {prec}: n/a (quantized; see quality)")
+    out = [table(f"{m['model']}, SkyNet precision {prec}, greedy; HF float32; SkyNet = server + {m['nodes']} "
+                 f"node(s) over HTTP", ["metric", "HF transformers", "SkyNet", "SkyNet/HF"],
+                 [[*x, ratio(x[2], x[1])] for x in rows])
+           + f"\n{ident}; during the timed single-stream runs: {sky['fallbacks']} fallbacks, "
+           f"{sky['plan_changes']} plan changes"]
+    lc = r.get("llama_cpp") or {}
+    if lc.get("threads_tok_s"):
+        out.append(table(f"llama.cpp on the same GGUF, single stream, {n} tokens, greedy",
+                         ["threads", "tok/s", "SkyNet/llama.cpp"],
+                         [[int(k), v, ratio(sky["decode_tok_s"], v)] for k, v in lc["threads_tok_s"].items()]))
+    else:
+        out.append(f"llama.cpp: {lc.get('note', 'not measured')}")
+    out.append(table(f"scaling (single stream, {prec})", ["nodes", "tok/s", "decode tok/s", "wait ms/tok",
+                                                         "wire B/tok", "theory B/tok", "fallbacks",
+                                                         "plan changes"],
                      [[int(k), s["decode_tok_s"], s["decode_only_tok_s"],
                        s["breakdown_ms_per_token"]["waiting on nodes (mlp wait)"],
                        s["wire"]["bytes_per_token"], s["wire"]["theory_bytes_per_token"], s["fallbacks"],
                        s["plan_changes"]]
                       for k, s in sorted(r["scaling"].items(), key=lambda kv: int(kv[0]))]))
+    q = r["quality"]
+    out.append(table(f"quality: teacher-forced agreement with HF float32 greedy ({q['prompts']} prompts x "
+                     f"{q['tokens']} tokens)", ["model", "argmax = HF token", "mean |dlogprob|"],
+                     [["SkyNet fast", f"{100 * q['fast']['agreement']:.1f}%", q["fast"]["mean_abs_dlogprob"]],
+                      ["SkyNet exact", f"{100 * q['exact']['agreement']:.1f}%", q["exact"]["mean_abs_dlogprob"]],
+                      ["ideal: HF, nn.Linear inputs Q8_0", f"{100 * q['q8_ref']:.1f}%", None],
+                      ["HF itself (teacher-forced vs generate)", f"{100 * q['hf_self']:.1f}%", None]]))
     total = sky["breakdown_ms_per_token"]["total (wall)"]
     out.append(table(f"time per generated token, single stream, {m['nodes']} node(s)",
                      ["where", "ms/token", "share"],
@@ -278,12 +489,24 @@ def report(r: dict) -> str:
     w = sky["wire"]
     out.append(table("wire bytes per token row (server <-> nodes, all layers)", ["", "bytes"],
                      [["measured (header + payload)", w["bytes_per_token"]],
-                      ["theory 2*nodes*layers*hidden*4", w["theory_bytes_per_token"]],
+                      [f"theory nodes*layers*hidden*({w['request_bytes_per_value']}+{w['reply_bytes_per_value']})",
+                       w["theory_bytes_per_token"]],
                       ["measured / theory", w["ratio"]]]))
+    res = r["resources"]
+    cs = res.get("cold_start", {})
+    out.append(table("resources", ["", "value"],
+                     [["server RSS after single stream, 2 nodes (MiB)", res.get("server_rss_mib")],
+                      *[[f"  {k} RSS (MiB)", v] for k, v in res.get("node_rss_mib", {}).items()],
+                      [f"server RSS after 8 streams, {m['nodes']} nodes (MiB)", sky.get("server_rss_after_streams_mib")],
+                      ["cold start, Popen -> /health, empty cache (s)", cs.get("seconds")],
+                      ["  cache bytes written meanwhile", cs.get("cache_bytes_written")]]))
     e = r["elastic"]
     if e:
-        rows = [[f"join {e['from_nodes']} -> {e['to_nodes']} nodes: rebalance (s)", e["rebalance_s"]],
-                ["  bytes moved", e["bytes_moved"]], ["  spawn -> active (s)", e["spawn_to_active_s"]]]
+        rows = []
+        if "bytes_moved" in e:
+            rows += [[f"join {e['from_nodes']} -> {e['to_nodes']} nodes: rebalance (s)", e["rebalance_s"]],
+                     ["  bytes moved (plan)", e["bytes_moved"]], ["  bytes shipped (node counters)", e["bytes_shipped"]],
+                     ["  spawn -> active (s)", e["spawn_to_active_s"]]]
         if "max_gap_s" in e:
             rows += [[f"kill {e['killed']} after {e['killed_after_tokens']} tokens: max gap (ms)",
                       1000 * e["max_gap_s"]],
@@ -294,4 +517,7 @@ def report(r: dict) -> str:
                      ["  recovery rebalance (s)", e["recovery_rebalance_s"]],
                      ["  rebalances after the kill", len(e["rebalances_after_kill"])]]
         out.append(table("elastic", ["event", "value"], rows))
+    out.append(table("targets (issue 9)", ["figure", "value", "target", "met"],
+                     [[t["name"], t["value"], t["target"],
+                       "-" if t["met"] is None else "met" if t["met"] else "NOT met"] for t in r["targets"]]))
     return "\n\n".join(out)

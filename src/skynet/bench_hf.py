@@ -6,7 +6,6 @@ every run produces exactly the requested number of tokens.
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 
@@ -36,9 +35,8 @@ def decode_only(n: int, total_s: float, ttft_s: float) -> float | None:
     return (n - 1) / (total_s - ttft_s) if total_s > ttft_s else None
 
 
-def run_hf(model_dir, prompt_ids: list[int], long_ids: list[int], n: int, batches, reps: int,
-           say=print) -> dict:
-    """HF transformers figures; returns a dict with the greedy ids of the single-stream run."""
+def load_hf(model_dir):
+    """HF transformers' float32 model of model_dir, eval mode, torch capped at 2 threads."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -46,7 +44,15 @@ def run_hf(model_dir, prompt_ids: list[int], long_ids: list[int], n: int, batche
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def run_hf(model, prompt_ids: list[int], long_ids: list[int], n: int, batches, reps: int,
+           say=print) -> dict:
+    """HF transformers figures of a loaded model (load_hf); returns a dict with the greedy ids of
+    the single-stream run. The caller owns (and frees) the model."""
+    import torch
+
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.generation_config.eos_token_id
@@ -60,24 +66,20 @@ def run_hf(model_dir, prompt_ids: list[int], long_ids: list[int], n: int, batche
                                  min_new_tokens=new, do_sample=False, pad_token_id=pad)
         return time.perf_counter() - t0, out[:, len(ids):]
 
-    try:
-        gen(prompt_ids, 4)   # warm-up: first-call allocations, kernels
-        ttft_short = median(gen(prompt_ids, 1)[0] for _ in range(reps))
-        runs = [gen(prompt_ids, n) for _ in range(reps)]
-        t = median(r[0] for r in runs)
-        ids = [int(i) for i in runs[0][1][0]]
-        assert len(ids) == n, f"HF generated {len(ids)} tokens, expected {n}"
-        say(f"  HF single stream: {n / t:.1f} tok/s")
-        ttft_long = median(gen(long_ids, 1)[0] for _ in range(reps))
-        say(f"  HF TTFT ({len(long_ids)}-token prompt): {ttft_long * 1000:.0f} ms")
-        batch_tok_s = {}
-        for b in batches:
-            tb = t if b == 1 else gen(prompt_ids, n, b)[0]
-            batch_tok_s[str(b)] = b * n / tb
-            say(f"  HF batch {b}: {batch_tok_s[str(b)]:.1f} tok/s")
-    finally:
-        model = None  # frees the weights (gen() holds the same cell)
-        gc.collect()
+    gen(prompt_ids, 4)   # warm-up: first-call allocations, kernels
+    ttft_short = median(gen(prompt_ids, 1)[0] for _ in range(reps))
+    runs = [gen(prompt_ids, n) for _ in range(reps)]
+    t = median(r[0] for r in runs)
+    ids = [int(i) for i in runs[0][1][0]]
+    assert len(ids) == n, f"HF generated {len(ids)} tokens, expected {n}"
+    say(f"  HF single stream: {n / t:.1f} tok/s")
+    ttft_long = median(gen(long_ids, 1)[0] for _ in range(reps))
+    say(f"  HF TTFT ({len(long_ids)}-token prompt): {ttft_long * 1000:.0f} ms")
+    batch_tok_s = {}
+    for b in batches:
+        tb = t if b == 1 else gen(prompt_ids, n, b)[0]
+        batch_tok_s[str(b)] = b * n / tb
+        say(f"  HF batch {b}: {batch_tok_s[str(b)]:.1f} tok/s")
     return {"decode_tok_s": n / t, "decode_only_tok_s": decode_only(n, t, ttft_short),
             "ttft_short_s": ttft_short, "ttft_s": ttft_long, "batch_tok_s": batch_tok_s,
             "threads": 2, "ids": ids}

@@ -162,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=64, help="decode tokens per measurement")
     b.add_argument("--prompt-tokens", type=int, default=256)
     b.add_argument("--quick", action="store_true", help="fewer, shorter runs")
+    b.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto",
+                   help="SkyNet's precision for the main figures (an exact run is always added)")
     b.add_argument("--out", default="bench-out", help="folder for results.json and the plot")
     b.set_defaults(fn=cmd_bench)
     return p

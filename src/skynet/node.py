@@ -124,15 +124,18 @@ class Node:
             elif isinstance(msg, wire.Welcome):
                 if self.keyring.enabled and not verified:
                     raise Refused("the server has no cluster key but this node was given one")
-                self.welcome = msg
-                self.limits = wire.Limits(hidden=msg.hidden, layers=msg.layers, qtypes=msg.qtypes)
-                self.format = (QFormat.from_bytes(msg.hidden, msg.layers, msg.qtypes) if msg.qtypes
-                               else F32Format(msg.hidden))
+                self.welcomed(msg)
                 log.info("registered as node %d with %s (%d layers, %d neurons)",
                          msg.node_id, msg.model, msg.layers, msg.neurons)
                 return True
         log.warning("no answer from %s", self.cfg.server)
         return False
+
+    def welcomed(self, w: wire.Welcome) -> None:
+        """The model's shape and the weights' layout, as the server's Welcome states them."""
+        self.welcome = w
+        self.limits = wire.Limits(hidden=w.hidden, layers=w.layers, qtypes=w.qtypes)
+        self.format = QFormat.from_bytes(w.hidden, w.layers, w.qtypes) if w.qtypes else F32Format(w.hidden)
 
     def _serve(self, sock) -> None:
         quiet_limit = 3 * self.welcome.heartbeat_s + 1.0
