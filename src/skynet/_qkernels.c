@@ -20,12 +20,12 @@
  *   Q4_1:        (d*dx) * isum + (m*dx) * s
  *   Q4_K, Q5_K:  (d*dx) * (sc_j*isum) - (dmin*dx) * (m_j*s)
  *   Q6_K:        (d*dx) * (sc_a*isum_a + sc_b*isum_b)
- * float64 output adds those terms in block order. float32 output: the generic kernel rounds the
- * float64 result; the AVX2 kernels accumulate (d*dx) * isum in 8 float lanes with FMA. Every
- * (weight row, activation row) result is computed by the same instruction sequence whatever N,
- * the tiling, or the thread count, so it is bit-identical across those.
+ * The terms are added in float64 in block order, and float32 output is (float) of that sum: one
+ * canonical result per (weight row, activation row), the same in every kernel (generic, AVX2,
+ * AVX-512 VNNI), whatever N, the tiling, or the thread count. SIMD kernels keep one pair per
+ * float64 lane and run exactly the scalar operations in that lane.
  *
- * Build with -ffp-contract=off: the reference dequantizers must not fuse a*b+c.
+ * Build with -ffp-contract=off: neither the reference dequantizers nor the terms may fuse a*b+c.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -780,8 +780,130 @@ AVX512I void a5_prefill(const lk_ctx *c, int r, int rend, int n)
     if (r + 4 < rend) a5_store(a, acc[2], acc[3], r + 4, rend, n, 1);
 }
 
+/* Prefill, 16 activation rows per tile: the activation quants are transposed once per call so that
+ * 64-byte vector t of block b holds bytes 4t..4t+3 of the 16 rows' blocks (lane j = row n0 + j),
+ * and each weight row is unpacked once to u8 values. One vpdpbusd per 4 values then adds into one
+ * int32 lane per (weight row, activation row): no horizontal reduction. Tiles are 4 weight rows x
+ * 16 activation rows; missing activation rows are zero lanes that are never stored. */
+typedef struct {
+    int nt;               /* tiles of 16 activation rows */
+    uint8_t *qT;          /* [nt][nb][8][64] */
+    float *dxT;           /* [nt][nb][16] */
+    int32_t *sT;          /* [nt][nb][16] */
+    uint8_t *wu;          /* [4][K] unpacked u8 weights of the current rows */
+    float *wd, *wm;       /* [4][nb] */
+    void *mem;
+} p16_ctx;
+
+static int p16_init(p16_ctx *p, const mm_args *a, int n0)
+{
+    int K = a->K, nb = K / 32, N = a->N - n0, nt = (N + 15) / 16;
+    size_t qn = (size_t)nt * nb * 512, fn = (size_t)nt * nb * 16;
+    char *mem = malloc(qn + 8 * fn + 4 * (size_t)K + 32 * (size_t)nb + 64);
+    if (!mem) return 0;
+    p->nt = nt;
+    p->mem = mem;
+    p->qT = (uint8_t *)mem;
+    p->dxT = (float *)(mem + qn);
+    p->sT = (int32_t *)(p->dxT + fn);
+    p->wu = (uint8_t *)(p->sT + fn);
+    p->wd = (float *)(p->wu + 4 * (size_t)K);
+    p->wm = p->wd + 4 * (size_t)nb;
+    memset(mem, 0, qn + 8 * fn);
+    for (int n = 0; n < N; n++) {
+        int g = n / 16, j = n % 16;
+        const int8_t *q = a->q + (size_t)(n0 + n) * K;
+        for (int b = 0; b < nb; b++) {
+            size_t tb = (size_t)g * nb + b;
+            for (int t = 0; t < 8; t++) memcpy(p->qT + (tb * 8 + t) * 64 + 4 * j, q + 32 * b + 4 * t, 4);
+            p->dxT[tb * 16 + j] = a->dx[(size_t)(n0 + n) * nb + b];
+            p->sT[tb * 16 + j] = a->sx[(size_t)(n0 + n) * nb + b];
+        }
+    }
+    return 1;
+}
+
+/* Row w's values as u8 (Q4_0, Q4_1: n; Q8_0: w + 128) and its d, m per block. */
+AVX512I void p16_unpack(int T, const uint8_t *w, int nb, int bb, uint8_t *u, float *wd, float *wm)
+{
+    int qoff = T == T_Q4_1 ? 4 : 2;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = w + (size_t)b * bb;
+        wd[b] = h2f(rd16(p));
+        wm[b] = T == T_Q4_1 ? h2f(rd16(p + 2)) : 0.0f;
+        if (T == T_Q8_0) {
+            _mm256_storeu_si256((__m256i *)(u + 32 * b),
+                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_epi8((char)0x80)));
+        } else {
+            __m128i v = _mm_loadu_si128((const __m128i *)(p + qoff)), m = _mm_set1_epi8(15);
+            _mm_storeu_si128((__m128i *)(u + 32 * b), _mm_and_si128(v, m));
+            _mm_storeu_si128((__m128i *)(u + 32 * b + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+        }
+    }
+}
+
+AVX512I void p16_tile(const mm_args *a, const p16_ctx *p, int T, int r, int rend, int n0, int g)
+{
+    int nb = a->K / 32, K = a->K;
+    __m512d A[4][2];
+    for (int k = 0; k < 4; k++) A[k][0] = A[k][1] = _mm512_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        size_t tb = (size_t)g * nb + b;
+        const uint8_t *Q = p->qT + tb * 512;
+        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int t = 0; t < 8; t++) {
+            __m512i qv = _mm512_loadu_si512((const void *)(Q + 64 * t));
+            for (int k = 0; k < 4; k++)
+                acc[k] = _mm512_dpbusd_epi32(acc[k], _mm512_set1_epi32((int)rd32(p->wu + (size_t)k * K + 32 * b + 4 * t)), qv);
+        }
+        __m512i s16 = _mm512_loadu_si512((const void *)(p->sT + tb * 16));
+        __m512 dx16 = _mm512_loadu_ps(p->dxT + tb * 16);
+        __m512d dxl = a5_lo_pd(dx16), dxh = a5_hi_pd(dx16);
+        __m512d sl = _mm512_cvtepi32_pd(_mm512_castsi512_si256(s16)), sh = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s16, 1));
+        for (int k = 0; k < 4; k++) {
+            __m512i u = a5_fix(T, acc[k], s16);
+            __m512d dw = _mm512_set1_pd((double)p->wd[k * nb + b]), dm = _mm512_set1_pd((double)p->wm[k * nb + b]);
+            A[k][0] = _mm512_add_pd(A[k][0], a5_term(T, dw, dm, dxl, _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)), sl));
+            A[k][1] = _mm512_add_pd(A[k][1], a5_term(T, dw, dm, dxh, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)), sh));
+        }
+    }
+    int nn = a->N - (n0 + 16 * g);
+    if (nn > 16) nn = 16;
+    for (int k = 0; k < 4 && r + k < rend; k++) {
+        double v[16];
+        _mm512_storeu_pd(v, A[k][0]);
+        _mm512_storeu_pd(v + 8, A[k][1]);
+        for (int j = 0; j < nn; j++) store(a, n0 + 16 * g + j, r + k, v[j]);
+    }
+}
+
+/* Activation rows [n0, N) against rows [r0, r1). */
+AVX512I int p16_run(const mm_args *a, int T, int r0, int r1, int n0)
+{
+    p16_ctx p;
+    if (!p16_init(&p, a, n0)) return 0;
+    int nb = a->K / 32, bb = block_bytes(T);
+    for (int r = r0; r < r1; r += 4) {
+        for (int k = 0; k < 4; k++)
+            p16_unpack(T, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, nb, bb, p.wu + (size_t)k * a->K,
+                       p.wd + (size_t)k * nb, p.wm + (size_t)k * nb);
+        for (int g = 0; g < p.nt; g++) p16_tile(a, &p, T, r, r1, n0, g);
+    }
+    free(p.mem);
+    return 1;
+}
+
 AVX512I void simple_avx512(const mm_args *a, int T, int r0, int r1)
 {
+    /* 16-row tiles for all activation rows but a remainder of 1..3 (decode tiles); the 4-row
+     * prefill tiles are the fallback when memory is short */
+    int n16 = a->N >= 4 ? (a->N % 16 < 4 ? a->N & ~15 : a->N) : 0;
+    if (n16 && p16_run(a, T, r0, r1, a->N - n16)) {   /* rows [N - n16, N) */
+        lk_ctx d = {a, T, a->K / 32, block_bytes(T), T == T_Q4_1 ? 4 : 2, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+        for (int n = 0; n < a->N - n16; n++)
+            for (int r = r0; r < r1; r += 16) a5_decode(&d, r, r1, n);
+        return;
+    }
     lk_ctx c;
     if (!lk_init(&c, a, T)) return;
     for (int r = r0; r < r1 && c.N4; r += 8) {

@@ -178,7 +178,7 @@ for threads in (2, 1):
     def run(k):
         llm.reset()
         t0, got = time.perf_counter(), 0
-        for _ in llm.generate(toks, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+        for _ in llm.generate(toks, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
                               reset=True):
             got += 1
             if got >= k:
@@ -448,11 +448,11 @@ def report(r: dict) -> str:
             [f"TTFT, {p}-token prompt (ms)", 1000 * hf["ttft_s"], 1000 * sky["ttft_s"]],
             *([f"aggregate, {k} stream(s) (tok/s)", hf["batch_tok_s"][k], sky["concurrency_tok_s"][k]]
               for k in sky["concurrency_tok_s"])]
-    if ex is not sky:
+    if prec != "exact":
         rows.insert(2, [f"single stream, exact (float32), {n} tokens (tok/s)", hf["decode_tok_s"],
                         ex["decode_tok_s"]])
     same = "yes" if ex["identical"] else "no"
-    ident = (f"greedy tokens identical to HF: {same}" if ex is sky else
+    ident = (f"greedy tokens identical to HF: {same}" if prec == "exact" else
              f"greedy tokens identical to HF: exact run {same}; {prec}: n/a (quantized; see quality)")
     out = [table(f"{m['model']}, SkyNet precision {prec}, greedy; HF float32; SkyNet = server + {m['nodes']} "
                  f"node(s) over HTTP", ["metric", "HF transformers", "SkyNet", "SkyNet/HF"],

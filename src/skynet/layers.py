@@ -1,9 +1,10 @@
 """Linear layers in both precisions: y = x @ W^T for x (N, in) float32 -> y (N, out) float32.
 
 - `Dense`: float32 weights (exact), kept transposed (in, out) for a row-major BLAS product.
-- `QLinear`: one or more GGML block matrices sharing an input (fast). The input is quantized to
-  8-bit blocks once and the outputs are concatenated: q, k and v stay separate matrices (their
-  block types may differ in K-quant files) but cost one activation quantization.
+- `QLinear`: one or more GGML block matrices sharing an input (fast). Matrices of one block type
+  are fused into one (q, k and v rows: a ~10 MB copy for SmolLM2, one call instead of three);
+  otherwise (K-quant files mix types) the input is quantized to 8-bit blocks once and the
+  outputs are concatenated.
 """
 from __future__ import annotations
 
@@ -45,5 +46,7 @@ class QLinear:
 def linear(*ws) -> Dense | QLinear:
     """The layer type that fits the tensors: all QMatrix -> QLinear, all arrays -> Dense."""
     if all(isinstance(w, QMatrix) for w in ws):
+        if len(ws) > 1 and len({(w.qtype, w.cols) for w in ws}) == 1:
+            ws = (QMatrix(ws[0].qtype, np.concatenate([w.data for w in ws]), ws[0].cols),)
         return QLinear(*ws)
     return Dense(*[w.dequantize() if isinstance(w, QMatrix) else w for w in ws])

@@ -167,6 +167,8 @@ class Model:
     def _attend(self, li: int, s: Segment, q, k, v) -> np.ndarray:
         """q (n, nh, D), k/v (n, kvh, D) -> (n, nh D); writes k/v into the cache first."""
         a, c, n, p = self.arch, s.cache, s.n, s.pos
+        if n == 1:
+            return self._attend_one(li, c, p, q, k, v)
         c.k[li, :, p:p + n] = k.transpose(1, 0, 2)
         c.v[li, :, p:p + n] = v.transpose(1, 0, 2)
         K, V = c.k[li, :, :p + n], c.v[li, :, :p + n]                              # (kvh, T, D)
@@ -182,6 +184,20 @@ class Model:
         sc *= 1.0 / sc.sum(axis=-1, keepdims=True)
         out = sc @ V                                                               # (kvh, n g, D)
         return out.reshape(a.kv_heads, n, g, a.head_dim).transpose(1, 0, 2, 3).reshape(n, -1)
+
+
+    def _attend_one(self, li: int, c: KVCache, p: int, q, k, v) -> np.ndarray:
+        """_attend for one new row (a decode step), with fewer numpy calls: (1, nh D)."""
+        a = self.arch
+        c.k[li, :, p] = k[0]
+        c.v[li, :, p] = v[0]
+        K, V = c.k[li, :, :p + 1], c.v[li, :, :p + 1]                             # (kvh, T, D)
+        sc = q.reshape(a.kv_heads, -1, a.head_dim) @ K.transpose(0, 2, 1)          # (kvh, g, T)
+        sc *= self.scale
+        sc -= sc.max(axis=-1, keepdims=True)
+        np.exp(sc, out=sc)
+        sc *= 1.0 / sc.sum(axis=-1, keepdims=True)
+        return (sc @ V).reshape(1, -1)                                              # (1, nh D)
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -14,11 +14,14 @@ Then per weight block and activation block the dot product is an exact integer s
     Q4_0: d*dx * sum((n-8) q)       Q4_1: d*dx * sum(n q) + m*dx * s        Q8_0: d*dx * sum(n q)
     Q4_K, Q5_K: d*dx * sc_j*sum(n q) - dmin*dx * m_j*s       Q6_K: d*dx * sum_k sc_k*sum(n q)
 
-With a float64 `out`, every per-block term is formed and added in float64, in block order (MLP
-down projections, whose partial sums over neuron ranges are added elsewhere). float32 output
-accumulates in float32 lanes. Any (weight row, activation row) result is bit-identical whatever
-the other rows in the call and the thread count. The C kernels (skynet._qkernels) pick AVX2 at
-run time when the CPU has it; SKYNET_KERNEL=generic forces the portable C path.
+Canonical arithmetic, the same on every kernel path and CPU: per (weight block, activation block)
+the integer sum is exact (int32) and the term is formed in float64 by the fixed formula above
+(d, m, dx widened to double; d*dx is exact), terms are added in float64 in block order, and float32
+output is the float64 sum rounded once. No FMA contraction (built with -ffp-contract=off). So any
+(weight row, activation row) result is bit-identical whatever the other rows in the call, the
+thread count, the tiling, and the path: generic C, AVX2, or AVX-512 VNNI (Q4_0, Q4_1, Q8_0; the
+K-quants use the generic path everywhere). The C kernels (skynet._qkernels) pick the best path at
+run time with __builtin_cpu_supports; SKYNET_KERNEL=generic|avx2|avx512 caps it (for tests/benches).
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ ACT_BLOCK = 32
 
 
 def kernel_name() -> str:
-    """"avx2" or "generic": the kernel set the run-time dispatch chose."""
+    """"avx512", "avx2" or "generic": the kernel set the run-time dispatch chose."""
     return _k.kernel_name()
 
 
