@@ -137,7 +137,7 @@ def create_app(rt: Runtime) -> FastAPI:
         try:
             return {"prompt": rt.tokenizer.decode(rt.encode_prompt(req.tokens))}
         except RequestError as e:
-            return error(400, str(e), param="tokens")
+            return error(400, f"tokens: {e}", param="tokens")
 
     return app
 
