@@ -123,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--weight", type=float, default=0.0, help="planning weight (default: measured GFLOP/s)")
     n.add_argument("--max-memory", type=int, default=0, help="bytes offered for weights (default: free memory)")
     n.add_argument("--cluster-key", default=None, help="shared secret (env SKYNET_CLUSTER_KEY)")
-    n.add_argument("--threads", type=int, default=1, help="BLAS threads of the node")
+    n.add_argument("--threads", type=int, default=1, help="BLAS and kernel threads of the node")
     n.add_argument("--spin-us", type=float, default=0.0, help="spin this long for the next request before blocking")
     n.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow node
     n.add_argument("--gflops", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -135,7 +135,8 @@ class Node:
         """The model's shape and the weights' layout, as the server's Welcome states them."""
         self.welcome = w
         self.limits = wire.Limits(hidden=w.hidden, layers=w.layers, qtypes=w.qtypes)
-        self.format = QFormat.from_bytes(w.hidden, w.layers, w.qtypes) if w.qtypes else F32Format(w.hidden)
+        self.format = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
+                       else F32Format(w.hidden))
 
     def _serve(self, sock) -> None:
         quiet_limit = 3 * self.welcome.heartbeat_s + 1.0

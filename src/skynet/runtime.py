@@ -55,7 +55,7 @@ class Runtime:
         self.model_name, self.hf_config = source.name, source.config
         self.precision = source.precision(cfg.precision)
         self.arch = arch_from_config(self.hf_config)
-        self.model = Model(self.arch, source.tensors(self.precision))
+        self.model = Model(self.arch, source.tensors(self.precision), cfg.threads)
         self.tokenizer = source.tokenizer()
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
         self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6)
