@@ -6,16 +6,25 @@ other requests finish with exactly the tokens of an undisturbed run.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 
 from conftest import load_model
 from skynet import faults, wire
+from skynet.config import ServerConfig
 from skynet.engine import Engine
+from skynet.launch import free_port
 from skynet.mlp import LocalMLP
+from skynet.sampling import SamplingParams
 
 PROMPT = [1, 504, 3458, 282, 4649]
+OTHER = [1, 1183, 314, 253, 1607, 30]
+GREEDY = SamplingParams()
 
 
 # ---------------------------------------------------------------------------- lying nodes
@@ -51,3 +60,135 @@ def test_lying_node_is_computed_around_and_dropped(tiny_model, nodes, mode, capl
         assert honest.bad == 0 and honest.state == "active"
         # and it goes on: the same answer again, whatever the liar does after re-registering
         assert nc.engine.generate(PROMPT, 12).out == want
+
+
+# ---------------------------------------------------------------------------- the engine thread
+@pytest.fixture
+def runtime(tiny_model):
+    """Factory of in-process Runtimes on the tiny model (engine thread not started), closed after;
+    with the undisturbed greedy answers of PROMPT and OTHER (8 tokens, EOS ignored) as `want`."""
+    from skynet.runtime import Runtime
+
+    model_dir = tiny_model("llama")
+    model = load_model(model_dir)
+    ref = Engine(model, LocalMLP(model.mlp_weights))
+    want = {tuple(p): ref.generate(p, 8).out for p in (PROMPT, OTHER)}
+    made = []
+
+    def make(**cfg):
+        rt = Runtime(ServerConfig(model=str(model_dir), node_port=0, **cfg))
+        rt.want = want
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        if rt.thread.ident is None:
+            rt.cluster.close()
+        else:
+            rt.close()
+
+
+def submit(rt, prompt):
+    return rt.submit(list(prompt), 8, GREEDY, ignore_eos=True)
+
+
+def finished(*streams, timeout: float = 60):
+    for s in streams:
+        assert s.done.wait(timeout), f"request {s.seq.id} never finished"
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(runtime):
+    """max_batch 1: the step that raises holds only the first request; the second, waiting,
+    then runs to the undisturbed answer, and the engine thread is still alive."""
+    rt = runtime(max_batch=1)
+    real, calls = rt.model.forward, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected step failure")
+        return real(*args, **kw)
+
+    rt.model.forward = flaky
+    a, b = submit(rt, PROMPT), submit(rt, OTHER)
+    rt.start()
+    finished(a, b)
+    assert a.finish_reason == "error"
+    assert (b.finish_reason, b.seq.out) == ("length", rt.want[tuple(OTHER)])
+    assert rt.thread.is_alive() and rt.health() is None
+    c = submit(rt, PROMPT)
+    finished(c)
+    assert (c.finish_reason, c.seq.out) == ("length", rt.want[tuple(PROMPT)])
+
+
+def test_a_failing_token_callback_fails_that_request_only(runtime):
+    rt = runtime(max_batch=2)
+    a, b = submit(rt, PROMPT), submit(rt, OTHER)
+    inner = a.seq.on_token
+
+    def broken(seq, tok):
+        if len(seq.out) == 3:
+            raise RuntimeError("injected callback failure")
+        inner(seq, tok)
+
+    a.seq.on_token = broken
+    rt.start()
+    finished(a, b)
+    assert a.finish_reason == "error" and a.seq.out == rt.want[tuple(PROMPT)][:3]
+    assert (b.finish_reason, b.seq.out) == ("length", rt.want[tuple(OTHER)])
+    assert rt.thread.is_alive() and rt.health() is None
+
+
+@pytest.fixture
+def http(runtime):
+    """Serve a Runtime over real HTTP on 127.0.0.1 (uvicorn in a thread), stopped after."""
+    import uvicorn
+
+    from skynet.api import create_app
+
+    servers = []
+
+    def serve(rt) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(rt), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        t = threading.Thread(target=server.run, daemon=True)
+        t.start()
+        servers.append((server, t))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, t in servers:
+        server.should_exit = True
+        t.join(timeout=10)
+
+
+def test_an_engine_that_cannot_go_on_says_so(runtime, http):
+    """A step fails and so does failing its requests: the engine stops for good. The request
+    waiting on it gets an error (not a hang), /health answers 503, new requests 503."""
+    rt = runtime()
+    url = http(rt)
+
+    def boom(*_):
+        raise RuntimeError("injected failure")
+
+    rt.engine.step = rt.engine.fail_running = boom
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(1) as ex:
+        pending = ex.submit(httpx.post, url + "/v1/completions", json=body, timeout=30)
+        deadline = time.monotonic() + 30
+        while not rt.engine.waiting:
+            assert time.monotonic() < deadline and not pending.done(), "request never queued"
+            time.sleep(0.02)
+        rt.start()
+        r = pending.result()
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    h = httpx.get(url + "/health", timeout=5)
+    assert h.status_code == 503 and "injected failure" in h.json()["error"], h.text
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import RequestError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .runtime import Busy, Runtime, Stream
+from .runtime import Busy, Runtime, Stream, Unavailable
 from .schema import ChatRequest, CompletionRequest
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -61,6 +61,9 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        down = rt.health()
+        if down:
+            return JSONResponse({"status": "error", "error": down, "model": rt.model_name}, status_code=503)
         return {"status": "ok", "model": rt.model_name, "nodes": len(rt.cluster.plan.ranges),
                 "epoch": rt.cluster.epoch, "uptime_s": round(time.time() - rt.started, 1)}
 
@@ -126,6 +129,8 @@ async def _run(rt: Runtime, req, prompt: list[int], request: Request, chat: bool
         return error(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt")
     except Busy as e:
         return error(429, f"server busy: {e}", "rate_limit_error")
+    except Unavailable as e:
+        return error(503, f"server unavailable: {e}", "server_error")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     meta = {"id": rid, "created": int(time.time()), "model": rt.model_name}
     if req.stream:

@@ -33,6 +33,10 @@ class Busy(RuntimeError):
     """The request queue is full (back-pressure): try again later."""
 
 
+class Unavailable(RuntimeError):
+    """The engine has stopped for good; the server cannot generate any more."""
+
+
 @dataclass
 class Stream:
     """A request's output as it is produced: (text delta, finished) events on an asyncio queue."""
@@ -69,6 +73,7 @@ class Runtime:
         self.mlp.on_latency = self.metrics.node_reply
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
+        self.fatal: str | None = None   # why the engine stopped for good, if it did
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         log.info("model %s loaded in %.1fs: %d layers, hidden %d, %d MLP neurons; nodes connect to %s:%d",
                  self.model_name, self.load_s, self.arch.layers, self.arch.hidden, self.arch.neurons,
@@ -85,30 +90,57 @@ class Runtime:
         self.thread.join(timeout=5)
         self.cluster.close()
 
+    def health(self) -> str | None:
+        """None while the engine can serve, else why it cannot."""
+        if self.fatal is None and self.thread.ident is not None and not self.thread.is_alive():
+            return "the engine thread is not running"
+        return self.fatal
+
     def _loop(self) -> None:
+        """Never ends silently: a failed iteration fails the running requests and the loop goes
+        on; if even that fails (or anything escapes), the engine stops for good and says so."""
         poller = zmq.Poller()
         poller.register(self.cluster.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while not self._stop.is_set():
-            try:
-                self.metrics.sample()
-                if self.engine.has_work:
-                    self.engine.step()
-                    continue
-                ready = dict(poller.poll(100))
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)
-                self.cluster.poll(0)
-            except Exception:  # one bad step must not kill the server
-                log.exception("engine step failed; failing the running requests")
-                self.engine.cancel_all("error")
-                self.engine.step()
+        why = "the engine thread ended"
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._iterate(poller)
+                except Exception:   # (a failed forward is handled inside the engine)
+                    log.exception("engine loop failed; failing the running requests")
+                    self.engine.fail_running("error")
+                    time.sleep(0.05)   # a fault that repeats must not spin a core
+        except Exception as e:   # even failing the running requests failed
+            log.exception("the engine cannot continue")
+            why = f"the engine failed and cannot continue: {e!r}"
+        finally:
+            if not self._stop.is_set():
+                self._die(why)
+
+    def _iterate(self, poller: zmq.Poller) -> None:
+        self.metrics.sample()
+        if self.engine.has_work:
+            self.engine.step()
+            return
+        ready = dict(poller.poll(100))
+        if self._wake_r in ready:
+            os.read(self._wake_r, 4096)
+        self.cluster.poll(0)
+
+    def _die(self, why: str) -> None:
+        """The engine stops for good: /health reports it and every request gets an error."""
+        self.fatal = why
+        log.critical("%s; failing every request", why)
+        self.engine.fail_all("error")
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams,
                stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None,
                ignore_eos: bool = False) -> Stream:
-        """Queue a request; raises RequestError (bad request) or Busy (queue full)."""
+        """Queue a request; raises RequestError (bad request), Busy (queue full) or Unavailable."""
+        if self.fatal:
+            raise Unavailable(self.fatal)
         self.engine.check(prompt, max_tokens)
         if len(self.engine.waiting) >= self.cfg.max_queue:
             raise Busy(f"{len(self.engine.waiting)} requests already queued")
@@ -143,6 +175,8 @@ class Runtime:
         self.stats["prompt_tokens"] += len(prompt)
         self.metrics.request(len(prompt))
         self.engine.submit(seq)
+        if self.fatal:   # it died while this one was being queued: nobody else will finish it
+            self.engine.fail_all("error")
         os.write(self._wake_w, b"x")
         return stream
 
