@@ -32,7 +32,8 @@ def cmd_server(a) -> int:
                        node_port=a.node_port, cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
                        step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us, max_batch=a.max_batch,
-                       max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads)
+                       max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
+                       max_body_bytes=a.max_body_bytes)
     if a.insecure:
         logging.getLogger("skynet").warning(
             "--insecure: ports may be exposed without a key. Anyone who can reach them can use them.")
@@ -111,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-step-tokens", type=int, default=512, help="rows per step (prefill chunking)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     s.add_argument("--threads", type=int, default=1, help="BLAS threads of the server")
+    s.add_argument("--max-body-bytes", type=int, default=0,
+                   help="HTTP request body cap, 413 beyond it (default: from the context length)")
     s.set_defaults(fn=cmd_server)
 
     n = sub.add_parser("node", help="join a server and compute a slice of every MLP")

@@ -58,6 +58,7 @@ class ServerConfig:
     max_step_tokens: int = 512
     max_queue: int = 256
     threads: int = 1                 # BLAS threads for the server's own matmuls
+    max_body_bytes: int = 0          # HTTP request body cap; 0 = from the model's context length
 
     def __post_init__(self):
         self.cluster_key = self.cluster_key or os.environ.get("SKYNET_CLUSTER_KEY") or None
@@ -68,6 +69,7 @@ class ServerConfig:
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
         _positive("--reweight-s", self.reweight_s)
+        _positive("--max-body-bytes", self.max_body_bytes, zero_ok=True)
         for name in ("max_batch", "max_step_tokens", "max_queue", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")

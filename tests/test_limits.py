@@ -1,0 +1,154 @@
+"""Big request bodies against a real server process on 127.0.0.1: refused before they are read.
+
+A 50 MB prompt used to be read, parsed and tokenized on the event loop before the answer (a 400)
+came, and /health stalled for minutes meanwhile. Bodies are sent here over a raw socket, so the
+test controls exactly what the server has received when it answers.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from skynet.launch import LocalCluster
+
+ENV = {"SKYNET_NO_PROGRESS": "1", "SKYNET_CLUSTER_KEY": "", "SKYNET_API_KEY": ""}
+KEY = "sekret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BIG = 50 * 1024 * 1024
+PIECE = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model, tmp_path_factory):
+    """Server on the tiny model (context 512), no nodes, an API key, the default body cap."""
+    with LocalCluster(str(tiny_model("llama")), 0, server_args=["--api-key", KEY], env=ENV,
+                      log_dir=str(tmp_path_factory.mktemp("keyed"))) as lc:
+        yield lc
+
+
+@pytest.fixture(scope="module")
+def capped(tiny_model, tmp_path_factory):
+    """Server on the tiny model, no key, --max-body-bytes 100000."""
+    with LocalCluster(str(tiny_model("llama")), 0, server_args=["--max-body-bytes", "100000"], env=ENV,
+                      log_dir=str(tmp_path_factory.mktemp("capped"))) as lc:
+        yield lc
+
+
+class BigPost(threading.Thread):
+    """POST /v1/completions with a `total`-byte JSON body, sent in pieces over a raw socket while
+    another thread reads the answer; sending stops once the answer came or the server hung up."""
+
+    def __init__(self, port: int, total: int, headers: dict, chunked: bool = False):
+        super().__init__(daemon=True)
+        self.port, self.total, self.headers, self.chunked = port, total, headers, chunked
+        self.sent, self.answer, self.answered = 0, b"", threading.Event()
+
+    def body_piece(self, i: int) -> bytes:
+        if i == 0:
+            return b'{"prompt": "'
+        if self.sent + PIECE + 2 >= self.total:
+            return b"a" * max(0, self.total - self.sent - 2) + b'"}'
+        return b"a" * PIECE
+
+    def run(self) -> None:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        reader = threading.Thread(target=self._read, args=(s,), daemon=True)
+        head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+        head += "Transfer-Encoding: chunked\r\n\r\n" if self.chunked else f"Content-Length: {self.total}\r\n\r\n"
+        try:
+            s.sendall(head.encode())
+            reader.start()
+            i = 0
+            while self.sent < self.total and not self.answered.is_set():
+                piece = self.body_piece(i)
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if self.chunked else piece)
+                self.sent += len(piece)
+                i += 1
+            if self.chunked and not self.answered.is_set():
+                s.sendall(b"0\r\n\r\n")
+        except OSError:   # the server answered and closed the connection mid-body: expected
+            pass
+        reader.join(timeout=120)
+        s.close()
+
+    def _read(self, s: socket.socket) -> None:
+        try:
+            while b"\r\n\r\n" not in self.answer or len(self.answer.split(b"\r\n\r\n", 1)[1]) < 20:
+                data = s.recv(65536)
+                if not data:
+                    break
+                self.answer += data
+        except OSError:
+            pass
+        self.answered.set()
+
+    def status(self) -> int:
+        return int(self.answer.split(b" ", 2)[1]) if self.answer.startswith(b"HTTP/1.1 ") else 0
+
+    def error(self) -> dict:
+        return json.loads(self.answer.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+def refused_while_health_answers(lc, post: BigPost) -> BigPost:
+    post.start()
+    polls = 0
+    while not post.answered.wait(0.05) or polls == 0:
+        t0 = time.monotonic()
+        r = httpx.get(lc.url + "/health", timeout=10)
+        assert r.status_code == 200 and time.monotonic() - t0 < 1.0, (time.monotonic() - t0, r.text)
+        polls += 1
+        assert polls < 200, "no answer to the big body"
+    post.join(timeout=60)
+    assert post.sent < post.total, "the whole body was sent before the server answered"
+    return post
+
+
+def test_health_answers_while_a_50mb_body_is_refused(keyed):
+    post = refused_while_health_answers(keyed, BigPost(keyed.port, BIG, AUTH))
+    assert post.status() == 413, post.answer[:300]
+    assert "exceeds" in post.error()["message"] or "large" in post.error()["message"].lower()
+    # the server is unharmed
+    r = httpx.post(keyed.url + "/v1/completions", headers=AUTH, timeout=60,
+                   json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_chunked_body_is_refused_once_it_passes_the_cap(keyed):
+    post = refused_while_health_answers(keyed, BigPost(keyed.port, BIG, AUTH, chunked=True))
+    assert post.status() == 413, post.answer[:300]
+
+
+def test_unauthenticated_big_body_is_refused_before_it_is_read(keyed):
+    post = refused_while_health_answers(keyed, BigPost(keyed.port, BIG, {}))
+    assert post.status() == 401, post.answer[:300]
+    assert post.error()["code"] == "invalid_api_key"
+
+
+def test_default_cap_follows_the_context(keyed):
+    from skynet.api import body_limit
+
+    limit = body_limit(0, 512)   # the tiny model's context
+    assert limit >= 128 * 512
+    pad = lambda n: json.dumps({"prompt": "Hello", "max_tokens": 2, "temperature": 0}).ljust(n).encode()
+    r = httpx.post(keyed.url + "/v1/completions", headers={**AUTH, "content-type": "application/json"},
+                   content=pad(limit), timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(keyed.url + "/v1/completions", headers={**AUTH, "content-type": "application/json"},
+                   content=pad(limit + 1), timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["message"], r.text
+
+
+def test_max_body_bytes_flag(capped):
+    pad = lambda n: json.dumps({"prompt": "Hello", "max_tokens": 2, "temperature": 0}).ljust(n).encode()
+    ok = httpx.post(capped.url + "/v1/completions", content=pad(100_000), timeout=60,
+                    headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text
+    big = httpx.post(capped.url + "/v1/chat/completions", content=pad(100_001), timeout=60,
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and set(big.json()) == {"error"}, big.text
