@@ -92,7 +92,8 @@ def test_open_paths_without_api_key():
 
     from skynet.api import create_app
 
-    rt = SimpleNamespace(cfg=SimpleNamespace(api_key="sekrit"), metrics=Metrics())
+    rt = SimpleNamespace(cfg=SimpleNamespace(api_key="sekrit", max_body_bytes=0),
+                         arch=SimpleNamespace(max_context=512), metrics=Metrics())
     client = TestClient(create_app(rt))
     for path in ("/", "/static/app.js", "/static/style.css", "/metrics"):
         assert client.get(path).status_code == 200, path
