@@ -192,3 +192,60 @@ def test_an_engine_that_cannot_go_on_says_so(runtime, http):
     assert h.status_code == 503 and "injected failure" in h.json()["error"], h.text
     r = httpx.post(url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+
+
+# ---------------------------------------------------------------------------- the event loop
+def test_tokenization_runs_off_the_event_loop(runtime, http):
+    """Chat templates and the tokenizer take a while on long text: a request's are never run in
+    the thread of the event loop that serves every other client."""
+    import asyncio
+
+    rt = runtime()
+    url = http(rt)
+    rt.start()
+    real, calls = rt.tokenizer, []
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    class Spy:
+        def __call__(self, *args, **kw):
+            calls.append(("tokenize", on_loop()))
+            return real(*args, **kw)
+
+        def apply_chat_template(self, *args, **kw):
+            calls.append(("template", on_loop()))
+            return real.apply_chat_template(*args, **kw)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    rt.tokenizer = Spy()
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Hello there", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert sorted(calls) == [("template", False), ("tokenize", False), ("tokenize", False)]
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenizing(runtime):
+    """No token is longer than the vocabulary's longest string: text longer than that many
+    characters per context position is refused without calling the tokenizer."""
+    from skynet.engine import RequestError
+
+    rt = runtime()
+    limit = rt.arch.max_context * rt.max_token_chars
+    real, calls = rt.tokenizer, []
+    rt.tokenizer = type("Spy", (), {"__call__": lambda self, *a, **k: calls.append(1) or real(*a, **k),
+                                    "__getattr__": lambda self, n: getattr(real, n)})()
+    with pytest.raises(RequestError, match="context"):
+        rt.encode_prompt("a" * (limit + 1))
+    with pytest.raises(RequestError, match="context"):
+        rt.encode_chat([{"role": "user", "content": "a" * (limit + 1)}])
+    assert calls == []
+    assert len(rt.encode_prompt("a" * 1000)) > 0 and calls == [1]

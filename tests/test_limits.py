@@ -152,3 +152,52 @@ def test_max_body_bytes_flag(capped):
     big = httpx.post(capped.url + "/v1/chat/completions", content=pad(100_001), timeout=60,
                      headers={"content-type": "application/json"})
     assert big.status_code == 413 and set(big.json()) == {"error"}, big.text
+
+
+# ---------------------------------------------------------------------------- long prompts vs streams
+@pytest.fixture(scope="module")
+def long_context(tiny_model, tmp_path_factory):
+    """Server on a tiny model with an 8,192-token context (so 300,000 characters pass the
+    length bound and must be tokenized), no nodes."""
+    model = tiny_model("llama", max_position_embeddings=8192)
+    with LocalCluster(str(model), 0, env=ENV, log_dir=str(tmp_path_factory.mktemp("long"))) as lc:
+        yield lc
+
+
+def test_a_long_prompt_does_not_stall_running_streams(long_context):
+    """8 streams run; meanwhile three 300,000-character chat prompts arrive (templated and
+    tokenized, ~0.6 s each here, then refused for the context). Tokenization used to run on the
+    event loop and froze every stream meanwhile; now the streams' chunks keep coming."""
+    lc = long_context
+    arrivals: list[list[float]] = [[] for _ in range(8)]
+    body = {"prompt": "Hello", "max_tokens": 600, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    def read(i: int) -> None:
+        with httpx.stream("POST", lc.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    arrivals[i].append(time.monotonic())
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(8)]
+    for t in readers:
+        t.start()
+    deadline = time.monotonic() + 60
+    while min(len(a) for a in arrivals) < 20:
+        assert time.monotonic() < deadline, "the streams did not start"
+        time.sleep(0.02)
+    big = "The quick brown fox jumps over the lazy dog. " * 6700   # 301,500 characters
+    t0 = time.monotonic()
+    for _ in range(3):
+        r = httpx.post(lc.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": big}], "max_tokens": 8})
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+    t1 = time.monotonic()
+    for t in readers:
+        t.join(timeout=120)
+    streaming = [a for a in arrivals if a[-1] > t1]
+    assert len(streaming) == 8, ("a stream ended before the long prompts were refused",
+                                 t1 - t0, [a[-1] - t0 for a in arrivals], [len(a) for a in arrivals])
+    before = sorted(b - a for s in arrivals for a, b in zip(s, s[1:]) if b < t0)
+    step = before[len(before) // 2]
+    during = max(b - a for s in arrivals for a, b in zip(s, s[1:]) if t0 <= b <= t1 + 0.1)
+    assert during < max(0.25, 10 * step), (during, step, t1 - t0)

@@ -112,16 +112,17 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        try:
-            prompt = rt.encode_prompt(req.prompt_value())
+        try:   # tokenizing long text takes a while: never on the event loop
+            prompt = await asyncio.to_thread(rt.encode_prompt, req.prompt_value())
         except RequestError as e:
             return error(400, str(e), param="prompt")
         return await _run(rt, req, prompt, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        try:
-            prompt = rt.encode_chat([m.model_dump(exclude_none=True) for m in req.messages])
+        try:   # the template and the tokenizer take a while on long text: never on the event loop
+            prompt = await asyncio.to_thread(rt.encode_chat, [m.model_dump(exclude_none=True)
+                                                              for m in req.messages])
         except RequestError as e:
             return error(400, str(e), param="messages")
         except Exception as e:  # template errors (e.g. roles the template rejects)

@@ -61,6 +61,8 @@ class Runtime:
         self.arch = arch_from_config(self.hf_config)
         self.model = Model(self.arch, loader.read_weights(self.model_dir))
         self.tokenizer = load_tokenizer(self.model_dir)
+        # no token covers more characters than its longest string: a bound checked before tokenizing
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
         self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6)
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
@@ -72,6 +74,7 @@ class Runtime:
         self.metrics = Metrics().bind(self.cluster, self.engine)
         self.mlp.on_latency = self.metrics.node_reply
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)   # a full pipe is a wake-up already pending
         self._stop = threading.Event()
         self.fatal: str | None = None   # why the engine stopped for good, if it did
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -86,7 +89,7 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
-        os.write(self._wake_w, b"x")
+        self._wake()
         self.thread.join(timeout=5)
         self.cluster.close()
 
@@ -177,21 +180,39 @@ class Runtime:
         self.engine.submit(seq)
         if self.fatal:   # it died while this one was being queued: nobody else will finish it
             self.engine.fail_all("error")
-        os.write(self._wake_w, b"x")
+        self._wake()
         return stream
 
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:   # the engine has not drained earlier wake-ups: it will wake
+            pass
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Text or token ids -> token ids (slow for long text: call it off the event loop)."""
         if isinstance(prompt, list):
             if not all(isinstance(t, int) and 0 <= t < self.arch.vocab for t in prompt):
                 raise RequestError(f"prompt token ids must be integers in [0, {self.arch.vocab})")
             return prompt
+        self._check_chars(len(prompt))
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat messages -> token ids (slow for long text: call it off the event loop)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template; use /v1/completions")
+        self._check_chars(sum(len(str(m.get("content") or "")) for m in messages))
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_chars(self, chars: int) -> None:
+        """Refuse, before tokenizing it, text that cannot fit: every token covers at most
+        max_token_chars characters, so it has at least chars / max_token_chars tokens."""
+        ctx = self.arch.max_context
+        if chars > ctx * self.max_token_chars:
+            raise RequestError(f"prompt of {chars} characters exceeds the model's context of {ctx} "
+                               f"tokens (no token is longer than {self.max_token_chars} characters)")
 
     # ------------------------------------------------------------------ views
     def _local_ranges(self) -> list[list[int]]:
