@@ -249,3 +249,32 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing(runtime):
         rt.encode_chat([{"role": "user", "content": "a" * (limit + 1)}])
     assert calls == []
     assert len(rt.encode_prompt("a" * 1000)) > 0 and calls == [1]
+
+
+def test_lying_node_fails_no_request_over_http(tiny_model, tmp_path):
+    """The issue's reproduction: a node whose replies carry twice the rows made every request in
+    flight answer HTTP 500. Now 4 concurrent requests answer exactly what the server alone
+    answers, and the liar is planned out."""
+    from skynet.launch import LocalCluster
+
+    env = {"SKYNET_NO_PROGRESS": "1", "SKYNET_CLUSTER_KEY": "", "SKYNET_API_KEY": ""}
+    prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hello"]
+    with LocalCluster(str(tiny_model("llama")), 0, node_args=["--gflops", "1"], env=env,
+                      log_dir=str(tmp_path)) as lc:
+        def complete(p):
+            r = httpx.post(lc.url + "/v1/completions", timeout=120,
+                           json={"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+            return r.status_code, r.json()
+        want = [complete(p) for p in prompts]
+        assert all(code == 200 for code, _ in want)
+        lc.add_node("honest")
+        lc.env = {**lc.env, faults.ENV: "rows"}
+        lc.add_node("liar")
+        lc.wait_active(2, 60)
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            got = list(ex.map(complete, prompts))
+        assert [c for c, _ in got] == [200] * len(prompts), got
+        assert [b["choices"][0]["text"] for _, b in got] == [b["choices"][0]["text"] for _, b in want]
+        log = (tmp_path / "server.log").read_text()
+        assert "'liar' lost: too many bad messages" in log, lc.log_tail("server")
+        assert "'honest' lost" not in log and "from node 'honest'" not in log
