@@ -95,6 +95,11 @@ class BigPost(threading.Thread):
         return json.loads(self.answer.split(b"\r\n\r\n", 1)[1])["error"]
 
 
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+
 def refused_while_health_answers(lc, post: BigPost) -> BigPost:
     post.start()
     polls = 0
@@ -110,8 +115,10 @@ def refused_while_health_answers(lc, post: BigPost) -> BigPost:
 
 
 def test_health_answers_while_a_50mb_body_is_refused(keyed):
+    before = rss(keyed.server.pid)
     post = refused_while_health_answers(keyed, BigPost(keyed.port, BIG, AUTH))
     assert post.status() == 413, post.answer[:300]
+    assert rss(keyed.server.pid) - before < 32 << 20   # the body was never held in memory
     assert "exceeds" in post.error()["message"] or "large" in post.error()["message"].lower()
     # the server is unharmed
     r = httpx.post(keyed.url + "/v1/completions", headers=AUTH, timeout=60,
