@@ -183,7 +183,7 @@ class NodeCluster:
 
 
 def spawn_node(server_port: int, name: str, log_dir: Path, weight: float | None = None,
-               extra: list[str] = ()) -> subprocess.Popen:
+               extra: list[str] = (), env: dict | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "skynet.cli", "node", "--server", f"127.0.0.1:{server_port}",
             "--name", name, "--gflops", "1", *extra]
     if weight is not None:
@@ -191,17 +191,18 @@ def spawn_node(server_port: int, name: str, log_dir: Path, weight: float | None 
     log = open(log_dir / f"{name}.log", "ab")
     try:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(), cwd=REPO)
+                                env=child_env(**(env or {})), cwd=REPO)
     finally:
         log.close()
 
 
 @contextlib.contextmanager
 def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float = 0.0,
-                 deadline_s: float = 10.0, timeout: float = 90.0, **engine_kw):
+                 deadline_s: float = 10.0, timeout: float = 90.0, envs=None, **engine_kw):
     """An in-process Cluster + ClusterMLP + Engine over `model`, with n real node processes.
 
-    Yields once the plan gives every node a range and no epoch is pending. The step deadline is
+    Yields once the plan gives every node a range and no epoch is pending. `envs[k]` adds
+    environment variables to node k (e.g. a test-only fault). The step deadline is
     generous so that a loaded machine does not push a node's range back to the server: tests
     assert that the nodes did the work (no fallbacks)."""
     from skynet.cluster import Cluster
@@ -220,7 +221,8 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
         for k in range(n):
             nc.names.append(f"n{k}")
             procs.append(spawn_node(cfg.node_port, f"n{k}", log_dir,
-                                    None if weights is None else weights[k]))
+                                    None if weights is None else weights[k],
+                                    env=None if envs is None else envs[k]))
         deadline = time.monotonic() + timeout
         while not (len(cluster.plan.ranges) == n and cluster.pending is None
                    and all(s.state == "active" for s in cluster.nodes.values())):

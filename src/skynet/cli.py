@@ -33,7 +33,7 @@ def cmd_server(a) -> int:
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
                        step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
-                       precision=a.precision)
+                       precision=a.precision, max_body_bytes=a.max_body_bytes)
     if a.insecure:
         logging.getLogger("skynet").warning(
             "--insecure: ports may be exposed without a key. Anyone who can reach them can use them.")
@@ -115,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto",
                    help="fast: quantized blocks + 8-bit activations; exact: float32 (default: fast for "
                         "quantized files, exact for float checkpoints)")
+    s.add_argument("--max-body-bytes", type=int, default=0,
+                   help="HTTP request body cap, 413 beyond it (default: from the context length)")
     s.set_defaults(fn=cmd_server)
 
     n = sub.add_parser("node", help="join a server and compute a slice of every MLP")

@@ -8,6 +8,7 @@ freed with it. The engine knows nothing of HTTP; callers get tokens through `on_
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from .model import Model, Segment
 from .sampling import Sampler, SamplingParams
 
 _ids = itertools.count(1)
+log = logging.getLogger("skynet.engine")
 
 
 class RequestError(ValueError):
@@ -102,16 +104,23 @@ class Engine:
             segments.append(Segment(seq.cache, len(tokens), n, seq.cached))
             tokens.extend(toks[seq.cached:seq.cached + n])
             sampled.append(seq.cached + n == len(toks))  # this chunk ends with the newest token
-        begin = getattr(self.mlp, "begin_step", None)
-        if begin:
-            begin()
         t0 = time.perf_counter()
-        logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp)  # (S, V)
+        try:
+            begin = getattr(self.mlp, "begin_step", None)
+            if begin:
+                begin()
+            logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp)  # (S, V)
+        except Exception:   # their KV caches are half written: this step's requests fail, no others
+            log.exception("step failed; failing its %d request(s)", len(batch))
+            for seq, _ in batch:
+                seq.finish("error")
+            self._reap()
+            return 0
         t1 = time.perf_counter()
         for i, (seq, n) in enumerate(batch):
             seq.cached += n
             if sampled[i] and not seq.done:
-                self._emit(seq, seq.sampler(logits[i]))
+                self._sample(seq, logits[i])
         st = self.stats
         st["steps"] += 1
         st["rows"] += len(tokens)
@@ -147,6 +156,14 @@ class Engine:
                 budget -= n
         return batch
 
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Sample and emit one token; whatever goes wrong here fails this request only."""
+        try:
+            self._emit(seq, seq.sampler(logits))
+        except Exception:
+            log.exception("request %d failed while sampling or emitting a token", seq.id)
+            seq.finish("error")
+
     def _emit(self, seq: Sequence, tok: int) -> None:
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
@@ -170,12 +187,24 @@ class Engine:
     def _finished(self, seq: Sequence) -> None:
         seq.cache = None  # frees the KV cache
         if seq.on_finish:
-            seq.on_finish(seq)
+            try:
+                seq.on_finish(seq)
+            except Exception:   # the request is over either way; the others must not notice
+                log.exception("request %d: finish callback failed", seq.id)
 
-    def cancel_all(self, reason: str) -> None:
+    def fail_running(self, reason: str = "error") -> None:
+        """Finish every running request with `reason` now (waiting ones keep their place)."""
+        for seq in self.running:
+            seq.finish(reason)
+        self._reap()
+
+    def fail_all(self, reason: str = "error") -> None:
+        """Finish every running and waiting request with `reason` now: the engine stops."""
         with self.lock:
-            for seq in [*self.running, *self.waiting]:
-                seq.finish(reason)
+            seqs, self.running, self.waiting = [*self.running, *self.waiting], [], deque()
+        for seq in seqs:
+            seq.finish(reason)
+            self._finished(seq)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),

@@ -9,7 +9,8 @@ several runtimes can live in one process). Hooks, and the thread each runs in:
     sample()                 engine thread, every loop iteration (records at most once a second)
     render(), history()      HTTP thread
 
-prometheus_client metrics are thread-safe; the history ring buffer has its own lock.
+prometheus_client metrics are thread-safe; the history ring buffer has its own lock. The per-node
+round-trip series are removed once their node is no longer registered (at each sample and scrape).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Metrics:
         self._last_token: dict[int, float] = {}   # seq id -> time of its previous token
         self._tokens = 0                           # generated tokens, for the tokens/s samples
         self._seen_epoch = 0                       # newest epoch counted in `rebalances`
+        self._node_names: set[str] = set()         # nodes with a node_rtt series
         self.interval_s = interval_s
         self._samples: deque[dict] = deque(maxlen=max(1, int(history_s / interval_s)))
         self._t_sample = time.monotonic()
@@ -86,7 +88,23 @@ class Metrics:
         self._last_token.pop(seq.id, None)
 
     def node_reply(self, node, seconds: float) -> None:
+        with self._lock:
+            self._node_names.add(node.name)
         self.node_rtt.labels(node.name).observe(seconds)
+
+    def _drop_gone_nodes(self) -> None:
+        """Remove the node_rtt series of nodes that are no longer registered: default names carry
+        the PID, so keeping them would grow the series with every churn."""
+        if not self._node_names or self._cluster is None:
+            return
+        present = {n.name for n in list(self._cluster.nodes.values())}
+        with self._lock:
+            gone, self._node_names = self._node_names - present, self._node_names & present
+        for name in gone:
+            try:
+                self.node_rtt.remove(name)
+            except KeyError:
+                pass
 
     # ------------------------------------------------------------------ history (dashboard chart)
     def sample(self, now: float | None = None) -> None:
@@ -103,6 +121,7 @@ class Metrics:
         with self._lock:
             self._samples.append(point)
         self._count_rebalances()
+        self._drop_gone_nodes()
 
     def history(self, since: float = 0.0) -> list[dict]:
         with self._lock:
@@ -121,4 +140,5 @@ class Metrics:
 
     def render(self) -> bytes:
         self._count_rebalances()
+        self._drop_gone_nodes()
         return generate_latest(self.registry)
