@@ -173,6 +173,7 @@ class NodeCluster:
     procs: list
     log_dir: Path
     names: list = field(default_factory=list)
+    epoch0: int = 0    # the plan's epoch when the cluster was handed to the test
 
     def ranges(self) -> dict[str, tuple[int, int]]:
         c = self.cluster
@@ -232,6 +233,7 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
             if dead:
                 raise RuntimeError(f"node process exited early: {dead}\n{nc.logs()}")
             cluster.poll(50)
+        nc.epoch0 = cluster.epoch
         yield nc
     finally:
         try:

@@ -52,11 +52,15 @@ def check_vs_hf(hf, prompt: list[int], out: list[int], logits: np.ndarray, label
 
 
 def assert_nodes_did_the_work(nc, steps: int) -> None:
+    """Every started node answered every MLP call of every step, under one unchanged plan."""
     st, layers = nc.mlp.stats, nc.engine.model.arch.layers
     assert st["fallbacks"] == 0, f"some ranges were computed by the server instead: {st}\n{nc.logs()}"
     assert st["calls"] == steps * layers
-    for n in nc.cluster.nodes.values():
-        assert n.state == "active" and n.latency_ema is not None, f"node {n.name} never replied"
+    assert nc.cluster.epoch == nc.epoch0, "the plan changed during the run"
+    planned = {nc.cluster.nodes[i].name for i in nc.cluster.plan.ranges}
+    assert planned == set(nc.names), f"planned {planned}, started {nc.names}"
+    for name in nc.names:
+        assert st["replies"].get(name, 0) == steps * layers, f"node {name}: {st['replies']}\n{nc.logs()}"
 
 
 # ---------------------------------------------------------------------------- zero nodes
@@ -209,3 +213,22 @@ def test_rope_scaling(tiny_model, rope):
     assert model.arch.rope_type == rope["rope_type"]
     out, logits = run_greedy(Engine(model, LocalMLP(model.mlp_weights)), PROMPT, 32)
     check_vs_hf(_hf(d), PROMPT, out, logits, f"tiny llama, rope {rope['rope_type']}")
+
+
+def test_ranges_computed_here_are_counted_with_their_reason(tiny_model, nodes):
+    """A planned node the server skips (here: one still loading rows) is a counted fallback, with
+    its reason in the stats and in /metrics, and its range is still computed exactly."""
+    from skynet.metrics import Metrics
+    d = tiny_model("llama")
+    model = _ours(d)
+    with nodes(model, 2) as nc:
+        metrics = Metrics().bind(nc.cluster, nc.engine)
+        busy = next(iter(nc.cluster.nodes.values()))
+        busy.load_epoch = busy.ready_epoch + 1          # as if assembling the next epoch
+        out, logits = run_greedy(nc.engine, PROMPT, 4)
+        st = nc.mlp.stats
+        assert st["fallbacks"] == st["fallback_reasons"]["loading rows"] == 4 * model.arch.layers
+        assert st["replies"].get(busy.name, 0) == 0
+        text = metrics.render().decode()
+        assert f'skynet_mlp_fallbacks_total{{reason="loading rows"}} {4.0 * model.arch.layers}' in text
+    check_vs_hf(_hf(d), PROMPT, out, logits, "tiny llama, one node's range computed by the server")

@@ -43,8 +43,9 @@ class ClusterMLP:
         self._bad_at_send: dict[int, int] = {}          # node id -> its bad-message count then
         self.parts: list[tuple[int, np.ndarray]] = []
         self.key = (0, 0, 0)
+        # fallbacks: ranges of planned nodes computed here instead, by reason; replies: per node name
         self.stats = {"calls": 0, "wait_s": 0.0, "local_s": 0.0, "bytes_out": 0, "bytes_in": 0,
-                      "fallbacks": 0}
+                      "fallbacks": 0, "fallback_reasons": {}, "replies": {}}
         cluster.on_mlp_out = self._on_reply
 
     def begin_step(self) -> None:
@@ -70,6 +71,8 @@ class ClusterMLP:
                     self.waiting[nid], self._bad_at_send[nid] = rng, n.bad
                     self.stats["bytes_out"] += len(frames[0]) + x.nbytes
                 else:
+                    self._count("not serving" if n is None else "loading rows" if n.loading_rows
+                                else "send failed")
                     local.append(rng)
         t0 = time.perf_counter()
         for s, e in local:
@@ -101,7 +104,7 @@ class ClusterMLP:
             self._receive()
         for nid in list(self.waiting):
             n = self.c.nodes.get(nid)
-            self._fallback(nid, "missed the step deadline")
+            self._fallback(nid, "missed deadline")
             if n is None:
                 continue
             n.misses += 1   # one hiccup is not a failure: evicting means reloading every row
@@ -118,22 +121,23 @@ class ClusterMLP:
         for nid in list(self.waiting):
             n = self.c.serving(nid)
             if n is None:
-                self._fallback(nid, "lost during the step")
+                self._fallback(nid, "lost during step")
             elif n.bad > self._bad_at_send.get(nid, n.bad):
-                self._fallback(nid, "sent a malformed message during the step")
+                self._fallback(nid, "bad message")
 
     def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
         if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
             return False
         why = _malformed(m.y, self._x.shape, self.out_dtype)
         if why:   # a broken peer: compute its range here instead, and count it as a bad message
-            self._fallback(n.id, why)
+            self._fallback(n.id, "bad reply", why)
             self.c._bad(n, n.ident, f"mlp_out {why}")
             return True
         rng = self.waiting.pop(n.id)
         n.misses = 0
         self.parts.append((rng[0], m.y.reshape(-1, m.y.shape[-1])))
         self.stats["bytes_in"] += m.y.nbytes
+        self.stats["replies"][n.name] = self.stats["replies"].get(n.name, 0) + 1
         lat = time.perf_counter() - self._t_sent
         if self.on_latency is not None:
             self.on_latency(n, lat)
@@ -142,12 +146,18 @@ class ClusterMLP:
         n.samples += 1
         return True
 
-    def _fallback(self, nid: int, why: str) -> None:
+    def _fallback(self, nid: int, reason: str, detail: str = "") -> None:
         s, e = self.waiting.pop(nid)
         layer = self.key[2]
-        log.debug("computing [%d, %d) of layer %d here: node %d %s", s, e, layer, nid, why)
-        self.stats["fallbacks"] += 1
+        log.debug("computing [%d, %d) of layer %d here: node %d %s %s", s, e, layer, nid, reason, detail)
+        self._count(reason)
         self.parts.append((s, self._local(layer, s, e)(self._x)))
+
+    def _count(self, reason: str) -> None:
+        """A planned node's range computed here: counted, with why, in stats and /metrics."""
+        self.stats["fallbacks"] += 1
+        reasons = self.stats["fallback_reasons"]
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     def _deadline(self, rows: int) -> float:
         emas = [self.c.nodes[i].latency_ema for i in self.waiting if i in self.c.nodes

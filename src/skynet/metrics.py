@@ -42,6 +42,9 @@ class Metrics:
         self.node_rtt = Histogram("skynet_node_mlp_round_trip_seconds",
                                   "Send of an MLP call to a node's reply", ["node"],
                                   buckets=RTT_BUCKETS, registry=r)
+        self.fallbacks = Counter("skynet_mlp_fallbacks", "Node ranges the server computed itself, by reason",
+                                 ["reason"], registry=r)
+        self._fallbacks_seen: dict[str, int] = {}
         self.active_nodes = Gauge("skynet_active_nodes", "Nodes serving the current plan", registry=r)
         self.epoch = Gauge("skynet_epoch", "Current plan epoch", registry=r)
         self.queued = Gauge("skynet_queued_requests", "Requests waiting for a batch slot", registry=r)
@@ -67,6 +70,14 @@ class Metrics:
         self.queued.set_function(lambda: len(engine.waiting))
         self.running.set_function(lambda: len(engine.running))
         return self
+
+    def _count_fallbacks(self) -> None:
+        mlp = getattr(self._engine, "mlp", None)
+        reasons = dict(getattr(mlp, "stats", {}).get("fallback_reasons", {}))
+        for reason, n in reasons.items():
+            if n > self._fallbacks_seen.get(reason, 0):
+                self.fallbacks.labels(reason).inc(n - self._fallbacks_seen.get(reason, 0))
+                self._fallbacks_seen[reason] = n
 
     # ------------------------------------------------------------------ hooks
     def request(self, prompt_tokens: int) -> None:
@@ -140,5 +151,6 @@ class Metrics:
 
     def render(self) -> bytes:
         self._count_rebalances()
+        self._count_fallbacks()
         self._drop_gone_nodes()
         return generate_latest(self.registry)
