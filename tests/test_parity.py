@@ -184,7 +184,10 @@ def test_chunked_prefill_and_packed_sequences(tiny_model):
     widths = []
     while any(not s.done for s in seqs):
         widths.append(eng.step())
-    assert max(widths) == 4 and len(widths) > 12   # chunked and budgeted, several sequences per step
+    assert max(widths) == 4 and len(widths) > 12   # chunked and budgeted
+    # several sequences shared steps: all three in one step, and more than half the steps packed
+    print(f"\n[packing] {eng.stats['packed_steps']} of {eng.stats['steps']} steps packed")
+    assert eng.stats["max_seqs"] == 3 and 2 * eng.stats["packed_steps"] > eng.stats["steps"], eng.stats
     for p, seq, rec in zip(prompts, seqs, seen):
         check_vs_hf(hf, p, seq.out, np.stack(rec), f"tiny llama, chunked+packed prompt of {len(p)}")
 
