@@ -201,6 +201,8 @@ class Cluster:
             self.send(node, wire.Pong(msg.ts))
         elif isinstance(msg, wire.Bye):
             self.leave(node)
+        elif not isinstance(msg, wire.Pong):   # a pong only says the node is alive
+            self._bad(node, ident, f"{msg.TYPE} is not a message a node sends")
 
     def _bad(self, node: NodeState | None, ident: bytes, why: str) -> None:
         """Drop and count; a registered node is disconnected after MAX_BAD_MESSAGES, an unknown
