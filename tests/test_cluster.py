@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, child_env, load_model, log_tail, stop_procs
 from skynet.engine import Engine
-from skynet.launch import LocalCluster, free_port
+from skynet.launch import LocalCluster
 from skynet.mlp import LocalMLP
 
 # "What is the capital of France?" is a near-tie for this 135M model with 8-bit activations (the
@@ -217,9 +217,8 @@ def test_seed_usage_server_skynode_client(tmp_path, tiny_model, default_tokenize
     out, want, _ = ref.greedy(prompt, 10)
     assert len(out) == 10 and want.strip()
 
-    port, node_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
     procs: dict[str, subprocess.Popen] = {}
+    ports = tmp_path / "ports.json"
 
     def spawn(name: str, *args: str) -> None:
         with open(tmp_path / f"{name}.log", "ab") as log:
@@ -230,7 +229,11 @@ def test_seed_usage_server_skynode_client(tmp_path, tiny_model, default_tokenize
         return (tmp_path / f"{name}.log").read_text(errors="replace")
 
     try:
-        spawn("server", "server.py", "--model", str(model_dir), "--port", str(port), "--node-port", str(node_port))
+        spawn("server", "server.py", "--model", str(model_dir), "--port", "0", "--node-port", "0",
+              "--port-file", str(ports))
+        wait_for(ports.exists, 120, "the server to bind its ports", procs.values())
+        bound = json.loads(ports.read_text())
+        url, node_port = f"http://127.0.0.1:{bound['port']}", bound["node_port"]
         wait_for(lambda: get(url + "/health") is not None, 120, "the server", procs.values())
 
         # zero nodes: the server computes every neuron and still answers exactly
