@@ -216,7 +216,7 @@ class TestSharedCluster:
             assert "bad" not in active(lc.cluster()), "a node with the wrong key became active"
             time.sleep(0.1)
         assert bad.poll() is not None, f"the node with the wrong key kept running\n{logs(lc)}"
-        assert bad.returncode != 0
+        assert bad.returncode == 2, logs(lc)   # refused: the documented exit code
         assert "refused" in lc.log_tail("bad").lower(), lc.log_tail("bad")
         lc.add_node("good")   # the right key (k1, from node_args)
         view = wait_for(lc, lambda: settled(lc, before | {"good"}), 30, "the node with the right key to serve")
