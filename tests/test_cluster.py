@@ -59,7 +59,7 @@ def lc(default_model_dir, tmp_path_factory):
 
     The step deadline is raised from its 300 ms default so that a busy shared machine does not
     push the nodes' ranges back to the server: the tests check the nodes did the work."""
-    c = LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000"], node_args=["--gflops", "1"],
+    c = LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000"], node_args=["--gflops", "1", "--weight", "1"],
                      env=child_env(), log_dir=str(tmp_path_factory.mktemp("localcluster")))
     try:
         c.start(timeout=180)
@@ -176,13 +176,20 @@ def test_health_and_cluster_view(lc, default_model):
 
 
 def test_nodes_did_the_work(lc, ref):
-    before = lc.cluster()["mlp"]
+    """Each of the 2 nodes answered every MLP call of every step, under one unchanged plan."""
+    view0 = lc.cluster()
+    before = view0["mlp"]
     post(lc.url, "/v1/completions", {"prompt": STORY, "temperature": 0, "max_tokens": 4})
     view = lc.cluster()
     after = view["mlp"]
-    assert after["calls"] - before["calls"] == 4 * ref.model.arch.layers   # 1 prefill + 3 decode steps
+    calls = 4 * ref.model.arch.layers   # 1 prefill + 3 decode steps
+    assert after["calls"] - before["calls"] == calls
     assert after["bytes_in"] > before["bytes_in"]
     assert after["fallbacks"] == 0, f"the server computed node ranges itself: {after}"
+    assert view["epoch"] == view0["epoch"] and view["pending_epoch"] is None
+    for name in ("node0", "node1"):
+        got = after["replies"].get(name, 0) - before["replies"].get(name, 0)
+        assert got == calls, f"{name} answered {got} of {calls} MLP calls: {after['replies']}"
     assert all(n["latency_ms"] is not None for n in view["nodes"])
 
 
