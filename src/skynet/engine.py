@@ -67,7 +67,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.lock = threading.Lock()
-        self.stats = {"steps": 0, "rows": 0, "forward_s": 0.0, "head_s": 0.0, "sample_s": 0.0}
+        # packed_steps: steps that carried rows of two or more sequences; max_seqs: the most in one
+        self.stats = {"steps": 0, "rows": 0, "packed_steps": 0, "max_seqs": 0,
+                      "forward_s": 0.0, "head_s": 0.0, "sample_s": 0.0}
 
     # ------------------------------------------------------------------ admission
     def check(self, prompt: list[int], max_tokens: int) -> None:
@@ -124,6 +126,8 @@ class Engine:
         st = self.stats
         st["steps"] += 1
         st["rows"] += len(tokens)
+        st["packed_steps"] += len(batch) > 1
+        st["max_seqs"] = max(st["max_seqs"], len(batch))
         st["forward_s"] += t1 - t0
         st["head_s"] += self.model.last_head_s
         st["sample_s"] += time.perf_counter() - t1
