@@ -85,7 +85,7 @@ class Model:
     """Weights for everything but the MLP neurons' placement, and the forward pass."""
 
     def __init__(self, arch: Arch, tensors: dict[str, np.ndarray], threads: int = 1):
-        """`threads`: OpenMP threads of the fast kernels (rows split; results do not depend on it)."""
+        """`threads`: threads of the fast kernels (rows split; results do not depend on it)."""
         a, self.arch, self.threads = arch, arch, threads
         p = "model."
         self.embed = tensors[p + "embed_tokens.weight"]                          # (V, H)
