@@ -86,13 +86,13 @@ def default_tokenizer(default_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, default_model_dir):
-    """Factory: tiny_model("llama" | "qwen2", layers=3, **config overrides) -> checkpoint dir.
+    """Factory: tiny_model("llama" | "qwen2" | "mistral", layers=3, **config overrides) -> checkpoint dir.
 
     Random weights (seeded) at a larger scale than HF's default init so that every part of the
     network (norm weights, biases, a single MLP neuron) moves the logits far above the parity
     tolerance; the default model's tokenizer is copied in so a server can serve it."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     from skynet import loader
 
@@ -104,11 +104,13 @@ def tiny_model(tmp_path_factory, default_model_dir):
         key = (family, layers, seed, repr(sorted(overrides.items())))
         if key in built:
             return built[key]
-        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
         kw = dict(hidden_size=64, intermediate_size=TINY_NEURONS, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                   max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                   tie_word_embeddings=False, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+        if family == "mistral":   # a window below max_position_embeddings: it bounds the context
+            kw["sliding_window"] = 64
         kw.update(overrides)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cls(**kw), dtype=torch.float32)
@@ -173,6 +175,7 @@ class NodeCluster:
     procs: list
     log_dir: Path
     names: list = field(default_factory=list)
+    epoch0: int = 0    # the plan's epoch when the cluster was handed to the test
 
     def ranges(self) -> dict[str, tuple[int, int]]:
         c = self.cluster
@@ -183,7 +186,7 @@ class NodeCluster:
 
 
 def spawn_node(server_port: int, name: str, log_dir: Path, weight: float | None = None,
-               extra: list[str] = ()) -> subprocess.Popen:
+               extra: list[str] = (), env: dict | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "skynet.cli", "node", "--server", f"127.0.0.1:{server_port}",
             "--name", name, "--gflops", "1", *extra]
     if weight is not None:
@@ -191,17 +194,19 @@ def spawn_node(server_port: int, name: str, log_dir: Path, weight: float | None 
     log = open(log_dir / f"{name}.log", "ab")
     try:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(), cwd=REPO)
+                                env=child_env(**(env or {})), cwd=REPO)
     finally:
         log.close()
 
 
 @contextlib.contextmanager
 def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float = 0.0,
-                 deadline_s: float = 10.0, timeout: float = 90.0, **engine_kw):
+                 deadline_s: float = 10.0, timeout: float = 90.0, envs=None, **engine_kw):
     """An in-process Cluster + ClusterMLP + Engine over `model`, with n real node processes.
 
-    Yields once the plan gives every node a range and no epoch is pending. The step deadline is
+    Yields once the plan gives every node a range and no epoch is pending. Node weights are fixed
+    (`--weight`, 1 unless `weights` says otherwise), so latency never re-plans a test. `envs[k]` adds
+    environment variables to node k (e.g. a test-only fault). The step deadline is
     generous so that a loaded machine does not push a node's range back to the server: tests
     assert that the nodes did the work (no fallbacks)."""
     from skynet.cluster import Cluster
@@ -220,7 +225,8 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
         for k in range(n):
             nc.names.append(f"n{k}")
             procs.append(spawn_node(cfg.node_port, f"n{k}", log_dir,
-                                    None if weights is None else weights[k]))
+                                    1.0 if weights is None else weights[k],   # fixed: no re-weighting
+                                    env=None if envs is None else envs[k]))
         deadline = time.monotonic() + timeout
         while not (len(cluster.plan.ranges) == n and cluster.pending is None
                    and all(s.state == "active" for s in cluster.nodes.values())):
@@ -230,6 +236,7 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
             if dead:
                 raise RuntimeError(f"node process exited early: {dead}\n{nc.logs()}")
             cluster.poll(50)
+        nc.epoch0 = cluster.epoch
         yield nc
     finally:
         try:

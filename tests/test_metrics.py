@@ -92,7 +92,8 @@ def test_open_paths_without_api_key():
 
     from skynet.api import create_app
 
-    rt = SimpleNamespace(cfg=SimpleNamespace(api_key="sekrit"), metrics=Metrics())
+    rt = SimpleNamespace(cfg=SimpleNamespace(api_key="sekrit", max_body_bytes=0),
+                         arch=SimpleNamespace(max_context=512), metrics=Metrics())
     client = TestClient(create_app(rt))
     for path in ("/", "/static/app.js", "/static/style.css", "/metrics"):
         assert client.get(path).status_code == 200, path
@@ -129,3 +130,41 @@ def test_rebalance_counter_and_history_unit():
     m.sample(now=time.monotonic() + 20)
     points = m.history()
     assert len(points) == 2 and points[0]["tokens_per_s"] == 0 and points[1]["tokens_per_s"] > 0
+
+
+def test_node_series_removed_when_the_node_is_gone():
+    """node_rtt keeps one label set per node name: a node that is lost (or released) loses its
+    series, so names with PIDs in them do not pile up with churn; a registered node keeps its."""
+    import numpy as np
+
+    from skynet import wire
+    from skynet.cluster import Cluster
+    from skynet.config import ServerConfig
+    from skynet.mlp import MLPWeights
+
+    rng = np.random.default_rng(0)
+    mats = [[rng.standard_normal((12, 8), dtype=np.float32) for _ in range(2)] for _ in range(3)]
+    cluster = Cluster(ServerConfig(node_port=0), MLPWeights(*mats), "m")
+    try:
+        m = Metrics().bind(cluster, SimpleNamespace(running=[], waiting=[]))
+        for i, name in enumerate(("host-101", "host-102")):
+            cluster.handle([b"peer%d" % i, *wire.encode(wire.Hello(name, 2, 1 << 30, 1.0, 0.0, b"\0" * 16))])
+        a, b = sorted(cluster.nodes.values(), key=lambda n: n.name)
+        for n in (a, b):
+            m.node_reply(n, 0.002)
+
+        def series():
+            fams = text_string_to_metric_families(m.render().decode())
+            return {s.labels["node"] for f in fams for s in f.samples
+                    if s.name.startswith("skynet_node_mlp_round_trip_seconds")}
+
+        assert series() == {"host-101", "host-102"}
+        cluster.lose(a, "test")
+        assert series() == {"host-102"}
+        m.node_reply(b, 0.003)
+        m.sample(now=time.monotonic() + 10)   # the engine thread's periodic call prunes too
+        cluster.lose(b, "test")
+        m.sample(now=time.monotonic() + 20)
+        assert m.node_rtt.collect()[0].samples == [] and series() == set()
+    finally:
+        cluster.close()

@@ -27,7 +27,8 @@ KEY = "sekret"
 
 @pytest.fixture(scope="module")
 def lc():
-    with LocalCluster(model=None, nodes=2, env=ENV) as c:
+    # fixed node weights: no micro-benchmark decides the split of runs compared as exact text
+    with LocalCluster(model=None, nodes=2, node_args=["--weight", "1"], env=ENV) as c:
         yield c
 
 
@@ -178,19 +179,32 @@ def test_stop_not_hit_streams_everything(client, story):
 
 
 # ---------------------------------------------------------------------------------- sampling
-def test_seed_and_sampling_params(client):
-    def sample(**kw):
-        r = client.completions.create(model="m", prompt=STORY, max_tokens=8, **kw)
-        return r.choices[0].text
+def _sample(client, **kw) -> str:
+    return client.completions.create(model="m", prompt=STORY, max_tokens=12, **kw).choices[0].text
 
-    a = sample(temperature=0.8, seed=1234)
-    assert a and sample(temperature=0.8, seed=1234) == a
-    assert sample(temperature=0.8, presence_penalty=1.5, frequency_penalty=1.0, seed=1)
-    assert sample(temperature=0.7, top_p=0.9, extra_body={"top_k": 5}, seed=2)
-    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=4, temperature=0.9, seed=3, presence_penalty=-1,
-                                       frequency_penalty=2, extra_body={"top_k": 1})
-    assert r.choices[0].message.content is not None
+
+def test_top_k_1_and_temperature_0_are_greedy(client, story):
+    assert _sample(client, temperature=1.5, seed=1, extra_body={"top_k": 1}) == story
+    assert _sample(client, temperature=0, seed=2) == story   # a seed changes nothing when greedy
+    chat = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=6)
+    greedy = client.chat.completions.create(**chat, temperature=0).choices[0].message.content
+    top1 = client.chat.completions.create(**chat, temperature=0.9, seed=3, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == greedy
+
+
+def test_seeds_repeat_and_differ(client, story):
+    a = _sample(client, temperature=1.5, seed=1234)
+    assert _sample(client, temperature=1.5, seed=1234) == a
+    others = {_sample(client, temperature=1.5, seed=s) for s in (1, 2, 3)}
+    assert len(others | {a}) >= 3, others   # 12 tokens at temperature 1.5: seeds give other texts
+    assert story not in others | {a}
+
+
+def test_penalties_reach_the_sampler(client, story):
+    """Greedy with a strong negative frequency penalty repeats itself; a positive one does not."""
+    loop = _sample(client, temperature=0, frequency_penalty=-2.0)
+    assert loop != story and len(set(loop.split())) < len(set(story.split())), (loop, story)
+    assert _sample(client, temperature=0, presence_penalty=2.0, frequency_penalty=2.0) != loop
 
 
 def test_concurrent_equals_alone(lc, client):
@@ -202,9 +216,13 @@ def test_concurrent_equals_alone(lc, client):
         return client.completions.create(model="m", prompt=p, max_tokens=8, temperature=0).choices[0].text
 
     alone = [run(p) for p in prompts]
+    before = lc.cluster()["engine"]
     with ThreadPoolExecutor(len(prompts)) as ex:
         together = list(ex.map(run, prompts))
+    after = lc.cluster()["engine"]
     assert together == alone
+    # they really were batched: steps carried rows of several of these requests at once
+    assert after["packed_steps"] - before["packed_steps"] >= 8 and after["max_seqs"] >= 4, (before, after)
 
 
 # ---------------------------------------------------------------------------------- bad input

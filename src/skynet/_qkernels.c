@@ -23,7 +23,19 @@
  * The terms are added in float64 in block order, and float32 output is (float) of that sum: one
  * canonical result per (weight row, activation row), the same in every kernel (generic, AVX2,
  * AVX-512 VNNI), whatever N, the tiling, or the thread count. SIMD kernels keep one pair per
- * float64 lane and run exactly the scalar operations in that lane.
+ * float64 lane and compute that lane's term. Where a product is exact in double the kernels may
+ * regroup it, which gives the same double: d*dx (11 x 24 bits), Q4_1's (d*dx)*isum (|isum| < 2^16)
+ * and (m*dx)*s (|s| < 2^12), the K-quants' (dmin*dx)*(m_j*s) = (dmin*m_j)*(dx*s) (53 bits) and
+ * sc_j*isum; an FMA a*b+c whose a*b is exact rounds once, like the add. (Non-finite scales aside:
+ * which NaN payload survives may then differ.) Everything else runs the formula as written.
+ *
+ * Paths: generic C (any CPU), AVX2 and AVX-512 VNNI (x86-64, chosen at run time). All formats have
+ * SIMD kernels: decode kernels for 1..3 activation rows (lane = weight row) and tile kernels that
+ * re-lay out the activations (lane = activation row; see struct tact).
+ *
+ * threads > 1: POSIX threads started for the call take activation units and then chunks of weight
+ * rows from atomic counters and wait on a condition variable (never spin); small calls stay on the
+ * calling thread. No thread pool is left behind to compete with other processes for the cores.
  *
  * Build with -ffp-contract=off: neither the reference dequantizers nor the terms may fuse a*b+c.
  */
@@ -33,8 +45,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#define SK_THREADS 1
+#include <pthread.h>
 #endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SK_X86 1
@@ -191,6 +204,8 @@ static void quant_act_rows_generic(const float *x, int n0, int n1, int K, int8_t
 }
 
 /* ------------------------------------------------------------------ matmul arguments */
+typedef struct tact tact;
+
 typedef struct {
     int type, rows, K, N, f64;
     size_t row_bytes;
@@ -199,9 +214,10 @@ typedef struct {
     const float *dx;      /* (N, K/32) */
     const int32_t *sx;    /* (N, K/32) */
     void *out;            /* (N, rows) float32 or float64 */
+    const tact *act;      /* activation rows [act->n0, N) re-laid out for the tile kernels, or NULL */
 } mm_args;
 
-typedef void (*mm_fn)(const mm_args *a, int r0, int r1);
+typedef int (*mm_fn)(const mm_args *a, int r0, int r1);   /* 0, or -1 when out of memory */
 typedef void (*qa_fn)(const float *x, int n0, int n1, int K, int8_t *q, float *d, int32_t *s);
 
 static inline void store(const mm_args *a, int n, int r, double v)
@@ -210,6 +226,59 @@ static inline void store(const mm_args *a, int n, int r, double v)
     else ((float *)a->out)[(size_t)n * a->rows + r] = (float)v;
 }
 
+/* Activations re-laid out for the tile kernels: activation rows [n0, N) in tiles of L (8 or 16)
+ * rows; 4L-byte vector t of block b of a tile holds bytes 4t..4t+3 of its L rows' blocks (lane j =
+ * row n0 + L g + j), so one broadcast of 4 weight bytes times that vector adds into one int32 lane
+ * per (weight row, activation row): no horizontal sums. Rows past N are zero lanes, never stored. */
+struct tact {
+    int L, n0, nt, nb;
+    uint8_t *qT;          /* [nt][nb][8][4L] */
+    float *dx;            /* [nt][nb][L] */
+    int32_t *s, *sa;      /* [nt][nb][L]: block sums and sums of the first 16 values (Q6_K) */
+    double *dxs;          /* [nt][nb][L]: dx * s, exact (Q4_1) */
+    void *mem;
+};
+
+static int tact_alloc(tact *A, int L, int n0, int N, int nb)
+{
+    A->L = L;
+    A->n0 = n0;
+    A->nt = (N - n0 + L - 1) / L;
+    A->nb = nb;
+    size_t e = (size_t)A->nt * nb * L;
+    char *mem = calloc(1, e * (32 + 8 + 12) + 64);
+    if (!mem) return 0;
+    A->mem = mem;
+    A->dxs = (double *)mem;
+    A->dx = (float *)(A->dxs + e);
+    A->s = (int32_t *)(A->dx + e);
+    A->sa = A->s + e;
+    A->qT = (uint8_t *)(A->sa + e);
+    return 1;
+}
+
+/* Fills tile rows [i0, i1) (activation rows n0 + i0 ...) from a->q, a->dx, a->sx. */
+static void tact_fill(tact *A, const mm_args *a, int i0, int i1)
+{
+    int L = A->L, nb = A->nb, K = a->K;
+    for (int i = i0; i < i1; i++) {
+        int n = A->n0 + i, g = i / L, j = i % L;
+        const int8_t *q = a->q + (size_t)n * K;
+        for (int b = 0; b < nb; b++) {
+            size_t tb = (size_t)g * nb + b, e = tb * L + j;
+            uint8_t *dst = A->qT + tb * 32 * L + 4 * j;
+            for (int t = 0; t < 8; t++) memcpy(dst + (size_t)t * 4 * L, q + 32 * b + 4 * t, 4);
+            int sa = 0;
+            for (int k = 0; k < 16; k++) sa += q[32 * b + k];
+            float dx = a->dx[(size_t)n * nb + b];
+            int32_t s = a->sx[(size_t)n * nb + b];
+            A->dx[e] = dx;
+            A->s[e] = s;
+            A->sa[e] = sa;
+            A->dxs[e] = (double)dx * (double)s;
+        }
+    }
+}
 /* ------------------------------------------------------------------ generic kernel
  * Each weight row is unpacked once into int8 values and per-block scales, then dotted with every
  * activation row. Plain C that the compiler vectorizes on any target. */
@@ -306,11 +375,11 @@ static inline int32_t dot16(const int8_t *a, const int8_t *b)
     return s;
 }
 
-static void mm_generic(const mm_args *a, int r0, int r1)
+static int mm_generic(const mm_args *a, int r0, int r1)
 {
     int t = a->type, K = a->K, nb = K / 32;
     void *mem = malloc((size_t)K + (size_t)nb * 20);
-    if (!mem) return;   /* the caller checked sizes; K is small */
+    if (!mem) return -1;
     urow u = {(int8_t *)mem, (float *)((char *)mem + K), NULL, NULL, NULL, NULL};
     u.dm = u.da + nb;
     u.c0 = (int32_t *)(u.dm + nb);
@@ -337,6 +406,7 @@ static void mm_generic(const mm_args *a, int r0, int r1)
         }
     }
     free(mem);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ AVX2 kernels */
@@ -354,47 +424,24 @@ AVX2I int32_t hsum_i32(__m256i v)
     return _mm_cvtsi128_si32(s);
 }
 
-/* Simple formats (Q4_0, Q4_1, Q8_0: one fp16 d, Q4_1 also m, per 32-block), canonical arithmetic.
- * The integer sums of several (weight row, activation row) pairs are reduced into the lanes of one
- * vector, and each lane then forms its pair's float64 term and adds it in block order exactly as
- * mm_generic does (the lanes are independent: no lane ever sees another's values). Decode tiles
- * are 8 weight rows x 1 activation row (lane k = row r + k); prefill tiles are 2 weight rows x 4
- * activation rows (lane 4L + i = row r + L, activation row n + i), each weight block unpacked once
- * for the 4 activation rows. Integer sums use maddubs (u8 x s8): Q4_0 as sum(n q) - 8 s, Q8_0 with
- * the sign trick (|w| x sign(q, w)), both exact. */
+/* Decode tiles (activation rows before act->n0, at most 3; Q4_0, Q4_1, Q8_0): 8 weight rows x 1
+ * activation row, lane k = row r + k; the integer sums of the 8 pairs are reduced into the lanes
+ * of one vector, and each lane forms its pair's float64 term and adds it in block order exactly as
+ * mm_generic does. Integer sums use maddubs (u8 x s8): Q4_0 as sum(n q) - 8 s, Q8_0 with the sign
+ * trick (|w| x sign(q, w)), both exact. */
 typedef struct {
     const mm_args *a;
     int T, nb, bb, qoff;  /* qoff: byte offset of the quants in a block */
-    int N4;               /* activation rows in prefill tiles (a multiple of 4) */
-    float *wd, *wm;       /* prefill: the tile's weight scales, per row [rows_per_tile][nb] */
-    float *dxT;           /* prefill: activation scales transposed, [nb][N4] */
-    int32_t *sT;          /* prefill: activation block sums transposed, [nb][N4] */
-    double *wl;           /* prefill (AVX-512): the tile's weight scales in lane order, [nb][64] */
-    void *mem;
 } lk_ctx;
 
 AVX2I uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-static void lk_transpose_act(lk_ctx *c)
+/* Writes lane k of the results v[] to out[n][r + k] (r + k < rend). */
+static void lk_store(const mm_args *a, const double *v, int lanes, int r, int rend, int n)
 {
-    const mm_args *a = c->a;
-    int nb = c->nb;
-    for (int n = 0; n < c->N4; n++)
-        for (int b = 0; b < nb; b++) {
-            c->dxT[(size_t)b * c->N4 + n] = a->dx[(size_t)n * nb + b];
-            c->sT[(size_t)b * c->N4 + n] = a->sx[(size_t)n * nb + b];
-        }
+    for (int k = 0; k < lanes; k++)
+        if (r + k < rend) store(a, n, r + k, v[k]);
 }
-
-/* Writes lane k of the 8 (f32 or f64) results v[] to out[n][r + k] or, prefill, out[n + k % 4][r + k / 4]. */
-static void lk_store(const mm_args *a, const double *v, int lanes, int r, int rend, int n, int prefill)
-{
-    for (int k = 0; k < lanes; k++) {
-        int rr = prefill ? r + k / 4 : r + k, nn = prefill ? n + k % 4 : n;
-        if (rr < rend) store(a, nn, rr, v[k]);
-    }
-}
-
 AVX2I __m256i a2_pair(const uint8_t *p0, const uint8_t *p1)
 {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p0)),
@@ -494,90 +541,411 @@ AVX2I void a2_decode(const lk_ctx *c, int r, int rend, int n)
         double v[8];
         _mm256_storeu_pd(v, acc0);
         _mm256_storeu_pd(v + 4, acc1);
-        lk_store(a, v, 8, r, rend, n, 0);
+        lk_store(a, v, 8, r, rend, n);
     }
 }
 
-/* Prefill tile: rows r, r + 1 (clamped) x activation rows n..n+3 (all < N4); c->wd, c->wm hold the
- * two rows' scales. */
-AVX2I void a2_prefill(const lk_ctx *c, int r, int rend, int n)
+/* Tile kernels (every format): TR weight rows x L activation rows (the re-laid-out tact). Each
+ * weight row is unpacked once per call to u8 values and per-block scales (wrow); per block, one
+ * broadcast of 4 weight bytes times a vector of 4 bytes of L activation rows adds into one int32
+ * lane per pair (AVX2: maddubs summed in int16 while that cannot overflow, then madd; AVX-512:
+ * vpdpbusd). The lanes' integer sums are exact; the unsigned offsets are undone exactly (Q4_0:
+ * - 8 s; Q8_0 on AVX-512: - 128 s; Q6_K: - 32 s per 16-half) and each lane forms the canonical
+ * float64 term of its pair. Q4_1 uses that its products are exact (|isum| < 2^16, |s| < 2^12:
+ * d dx isum and m dx s fit in 53 bits), so d * (dx isum) + m * (dx s) in one FMA is the same
+ * double as the header's formula, with fewer operations (for finite scales). */
+#define TR 8           /* most weight rows per tile */
+
+typedef struct {
+    uint8_t *u;           /* (K,) values as u8: n (Q4_0, Q4_1, K-quants), w (Q8_0 AVX2) or w + 128 (Q8_0 AVX-512) */
+    double *d, *m;        /* (nb,) d (fp16, exact in double); Q4_1: m */
+    double *ksc, *km;     /* (nb,) Q4_K, Q5_K: sc_j and dmin * m_j (exact) */
+    int32_t *c0, *c1, *cm;/* (nb,) Q6_K: the scales of the two 16-halves (cm unused) */
+    int st;               /* scale b is at [b * st] */
+} wrow;
+
+static void *wrows_alloc(wrow *W, int K, int rows)
 {
-    const mm_args *a = c->a;
-    int T = c->T, nb = c->nb, qoff = c->qoff, N4 = c->N4, K = a->K;
-    size_t bb = (size_t)c->bb;
-    const uint8_t *w0 = a->w + (size_t)r * a->row_bytes, *w1 = r + 1 < rend ? w0 + a->row_bytes : w0;
-    const int8_t *q = a->q + (size_t)n * K;
-    const float *wd0 = c->wd, *wd1 = c->wd + nb, *wm0 = c->wm, *wm1 = c->wm + nb;
-    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    int nb = K / 32;
+    size_t per = (size_t)nb * 44 + (((size_t)K + 7) & ~(size_t)7);
+    char *mem = malloc((size_t)rows * per + 64);
+    if (!mem) return NULL;
+    char *p = mem;
+    for (int k = 0; k < rows; k++) {
+        W[k].d = (double *)p;
+        W[k].m = W[k].d + nb;
+        W[k].ksc = W[k].m + nb;
+        W[k].km = W[k].ksc + nb;
+        W[k].c0 = (int32_t *)(W[k].km + nb);
+        W[k].c1 = W[k].c0 + nb;
+        W[k].cm = W[k].c1 + nb;
+        W[k].u = (uint8_t *)(W[k].cm + nb);
+        W[k].st = 1;
+        p += per;
+    }
+    return mem;
+}
+
+/* One weight row into W (flip8: Q8_0 as w + 128). */
+AVX2I void w_unpack(int T, int flip8, const uint8_t *w, int nb, wrow *W)
+{
+    const __m256i m4 = _mm256_set1_epi8(15);
+    if (T <= T_Q8_0) {
+        int bb = block_bytes(T), qoff = T == T_Q4_1 ? 4 : 2;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *p = w + (size_t)b * bb;
+            W->d[(size_t)(b) * W->st] = h2f(rd16(p));
+            W->m[(size_t)(b) * W->st] = T == T_Q4_1 ? h2f(rd16(p + 2)) : 0.0f;
+            if (T == T_Q8_0) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(p + 2));
+                if (flip8) v = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+                _mm256_storeu_si256((__m256i *)(W->u + 32 * b), v);
+            } else {
+                __m128i v = _mm_loadu_si128((const __m128i *)(p + qoff)), m = _mm_set1_epi8(15);
+                _mm_storeu_si128((__m128i *)(W->u + 32 * b), _mm_and_si128(v, m));
+                _mm_storeu_si128((__m128i *)(W->u + 32 * b + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+            }
+        }
+        return;
+    }
+    for (int sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *p = w + (size_t)sb * block_bytes(T);
+        uint8_t *u = W->u + 256 * sb;
+        int b0 = 8 * sb;
+        if (T == T_Q6_K) {
+            const int8_t *sc = (const int8_t *)(p + 192);
+            float d = h2f(rd16(p + 208));
+            for (int j = 0; j < 8; j++) {
+                W->d[(size_t)(b0 + j) * W->st] = d;
+                W->c0[(size_t)(b0 + j) * W->st] = sc[2 * j];
+                W->c1[(size_t)(b0 + j) * W->st] = sc[2 * j + 1];
+            }
+            for (int h = 0; h < 2; h++) {
+                __m256i L0 = _mm256_loadu_si256((const __m256i *)(p + 64 * h));
+                __m256i L1 = _mm256_loadu_si256((const __m256i *)(p + 64 * h + 32));
+                __m256i H = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+                __m256i m30 = _mm256_set1_epi8(0x30);
+                __m256i v0 = _mm256_or_si256(_mm256_and_si256(L0, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30));
+                __m256i v1 = _mm256_or_si256(_mm256_and_si256(L1, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30));
+                __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L0, 4), m4), _mm256_and_si256(H, m30));
+                __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), m4),
+                                             _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
+                _mm256_storeu_si256((__m256i *)(u + 128 * h), v0);
+                _mm256_storeu_si256((__m256i *)(u + 128 * h + 32), v1);
+                _mm256_storeu_si256((__m256i *)(u + 128 * h + 64), v2);
+                _mm256_storeu_si256((__m256i *)(u + 128 * h + 96), v3);
+            }
+        } else {
+            float d = h2f(rd16(p)), dmin = h2f(rd16(p + 2));
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                kscale(p + 4, j, &sc, &m);
+                W->d[(size_t)(b0 + j) * W->st] = d;
+                W->ksc[(size_t)(b0 + j) * W->st] = sc;
+                W->km[(size_t)(b0 + j) * W->st] = (double)dmin * m;
+            }
+            const uint8_t *qs = p + (T == T_Q5_K ? 48 : 16);
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 16)), x10 = _mm256_set1_epi8(0x10);
+            for (int i = 0; i < 4; i++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (T == T_Q5_K) {
+                    __m256i bl = _mm256_set1_epi8((char)(1 << (2 * i))), bh = _mm256_set1_epi8((char)(2 << (2 * i)));
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), x10));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), x10));
+                }
+                _mm256_storeu_si256((__m256i *)(u + 64 * i), lo);
+                _mm256_storeu_si256((__m256i *)(u + 64 * i + 32), hi);
+            }
+        }
+    }
+}
+
+/* Row blocks: RB weight rows are unpacked at a time and each activation tile runs against all of
+ * them before the next, its results gathered in ob[L][OBS] (activation row j, weight row) and then
+ * written out in contiguous runs. */
+#define RB 64
+#define OBS (RB + TR)
+
+/* Writes ob's activation rows j (n + j < N) for weight rows [r, rend). */
+static void tile_flush(const mm_args *a, const double *ob, int L, int n, int r, int rend)
+{
+    int nn = a->N - n < L ? a->N - n : L, w = rend - r;
+    for (int j = 0; j < nn; j++) {
+        const double *v = ob + (size_t)j * OBS;
+        if (a->f64) {
+            memcpy((double *)a->out + (size_t)(n + j) * a->rows + r, v, sizeof(double) * w);
+        } else {
+            float *o = (float *)a->out + (size_t)(n + j) * a->rows + r;
+            for (int i = 0; i < w; i++) o[i] = (float)v[i];
+        }
+    }
+}
+
+/* AVX2 tile: TR weight rows x 8 activation rows (tile g). */
+AVX2I void t8_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob)
+{
+    int nb = A->nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256d F[TR][2];
+    for (int k = 0; k < R; k++) F[k][0] = F[k][1] = _mm256_setzero_pd();
     for (int b = 0; b < nb; b++) {
-        __m256i lo, hi;
-        a2_w(T, qoff, w0 + b * bb, w1 + b * bb, &lo, &hi);
-        const int8_t *qb = q + 32 * b;
-        __m256i u = a2_red4(a2_dot(T, lo, hi, qb), a2_dot(T, lo, hi, qb + K), a2_dot(T, lo, hi, qb + 2 * K),
-                            a2_dot(T, lo, hi, qb + 3 * K));
-        __m128i s4 = _mm_loadu_si128((const __m128i *)(c->sT + (size_t)b * N4 + n));
-        if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_broadcastsi128_si256(_mm_slli_epi32(s4, 3)));
-        __m256d dxd = _mm256_cvtps_pd(_mm_loadu_ps(c->dxT + (size_t)b * N4 + n)), sd = _mm256_cvtepi32_pd(s4);
-        acc0 = _mm256_add_pd(acc0, a2_term(T, _mm256_set1_pd((double)wd0[b]), _mm256_set1_pd((double)wm0[b]), dxd,
-                                           _mm256_cvtepi32_pd(_mm256_castsi256_si128(u)), sd));
-        acc1 = _mm256_add_pd(acc1, a2_term(T, _mm256_set1_pd((double)wd1[b]), _mm256_set1_pd((double)wm1[b]), dxd,
-                                           _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1)), sd));
+        size_t tb = (size_t)g * nb + b;
+        const uint8_t *Q = A->qT + tb * 256;
+        __m256i I[TR], J[TR];   /* int32 sums (Q6_K: I of values 0..15, J of 16..31) */
+        for (int k = 0; k < R; k++) I[k] = J[k] = _mm256_setzero_si256();
+        if (T == T_Q8_0) {
+            for (int t = 0; t < 8; t++) {
+                __m256i qv = _mm256_loadu_si256((const __m256i *)(Q + 32 * t));
+                for (int k = 0; k < R; k++) {
+                    __m256i wb = _mm256_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t));
+                    I[k] = _mm256_add_epi32(I[k], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wb),
+                                                                                         _mm256_sign_epi8(qv, wb)), ones));
+                }
+            }
+        } else {
+            /* int16 lanes sum 2 products per group of 4 values: |n q| <= 15 * 127 (8 groups),
+             * 31 * 127 (Q5_K, 4 groups), 63 * 127 (Q6_K, 2 groups) stay below 2^15 */
+            const int G = T == T_Q6_K ? 2 : T == T_Q5_K ? 4 : 8;
+            for (int t0 = 0; t0 < 8; t0 += G) {
+                __m256i H[TR];
+                for (int k = 0; k < R; k++) H[k] = _mm256_setzero_si256();
+                for (int t = t0; t < t0 + G; t++) {
+                    __m256i qv = _mm256_loadu_si256((const __m256i *)(Q + 32 * t));
+                    for (int k = 0; k < R; k++)
+                        H[k] = _mm256_add_epi16(H[k], _mm256_maddubs_epi16(
+                                                          _mm256_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t)), qv));
+                }
+                for (int k = 0; k < R; k++) {
+                    if (T == T_Q6_K && t0 >= 4) J[k] = _mm256_add_epi32(J[k], _mm256_madd_epi16(H[k], ones));
+                    else I[k] = _mm256_add_epi32(I[k], _mm256_madd_epi16(H[k], ones));
+                }
+            }
+        }
+        __m256 dx8 = _mm256_loadu_ps(A->dx + tb * 8);
+        __m256d dx0 = _mm256_cvtps_pd(_mm256_castps256_ps128(dx8)), dx1 = _mm256_cvtps_pd(_mm256_extractf128_ps(dx8, 1));
+        __m256i s8 = _mm256_loadu_si256((const __m256i *)(A->s + tb * 8));
+        for (int k = 0; k < R; k++) {
+            __m256d d = _mm256_set1_pd(W[k].d[b]), t0, t1;
+            if (T == T_Q4_1) {
+                __m256d m = _mm256_set1_pd(W[k].m[b]);
+                const double *dxs = A->dxs + tb * 8;
+                t0 = _mm256_fmadd_pd(d, _mm256_mul_pd(dx0, _mm256_cvtepi32_pd(_mm256_castsi256_si128(I[k]))),
+                                     _mm256_mul_pd(m, _mm256_loadu_pd(dxs)));
+                t1 = _mm256_fmadd_pd(d, _mm256_mul_pd(dx1, _mm256_cvtepi32_pd(_mm256_extracti128_si256(I[k], 1))),
+                                     _mm256_mul_pd(m, _mm256_loadu_pd(dxs + 4)));
+            } else {
+                __m256i u = I[k];
+                if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 3));
+
+                if (T == T_Q6_K) {
+                    __m256i sa = _mm256_loadu_si256((const __m256i *)(A->sa + tb * 8));
+                    __m256i ia = _mm256_sub_epi32(u, _mm256_slli_epi32(sa, 5));
+                    __m256i ib = _mm256_sub_epi32(J[k], _mm256_slli_epi32(_mm256_sub_epi32(s8, sa), 5));
+                    u = _mm256_add_epi32(_mm256_mullo_epi32(ia, _mm256_set1_epi32(W[k].c0[b])),
+                                         _mm256_mullo_epi32(ib, _mm256_set1_epi32(W[k].c1[b])));
+                }
+                __m256d i0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(u)), i1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1));
+                if (T == T_Q4_K || T == T_Q5_K) {   /* sc isum exact in double */
+                    __m256d sc = _mm256_set1_pd(W[k].ksc[b]);
+                    i0 = _mm256_mul_pd(i0, sc);
+                    i1 = _mm256_mul_pd(i1, sc);
+                }
+                t0 = _mm256_mul_pd(_mm256_mul_pd(d, dx0), i0);
+                t1 = _mm256_mul_pd(_mm256_mul_pd(d, dx1), i1);
+                if (T == T_Q4_K || T == T_Q5_K) {   /* (dmin dx) (m s) = (dmin m) (dx s): exact (53 bits) */
+                    __m256d km = _mm256_set1_pd(W[k].km[b]);
+                    const double *dxs = A->dxs + tb * 8;
+                    t0 = _mm256_sub_pd(t0, _mm256_mul_pd(km, _mm256_loadu_pd(dxs)));
+                    t1 = _mm256_sub_pd(t1, _mm256_mul_pd(km, _mm256_loadu_pd(dxs + 4)));
+                }
+            }
+            F[k][0] = _mm256_add_pd(F[k][0], t0);
+            F[k][1] = _mm256_add_pd(F[k][1], t1);
+        }
     }
-    double v[8];
-    _mm256_storeu_pd(v, acc0);
-    _mm256_storeu_pd(v + 4, acc1);
-    lk_store(a, v, 8, r, rend, n, 1);
+    for (int k = 0; k < R; k++) {
+        double v[8];
+        _mm256_storeu_pd(v, F[k][0]);
+        _mm256_storeu_pd(v + 4, F[k][1]);
+        for (int j = 0; j < 8; j++) ob[j * OBS + k] = v[j];
+    }
 }
 
-/* A row's fp16 d (and m) per block as float. */
-static void lk_row_scales(int T, const uint8_t *w, int nb, int bb, float *wd, float *wm)
+/* Rows [r0, r1) against the tiled activation rows, AVX2 tiles. */
+AVX2I int t8_run(const mm_args *a, int T, int r0, int r1)
 {
-    for (int b = 0; b < nb; b++) {
-        wd[b] = h2f(rd16(w + (size_t)b * bb));
-        wm[b] = T == T_Q4_1 ? h2f(rd16(w + (size_t)b * bb + 2)) : 0.0f;
+    const tact *A = a->act;
+    wrow W[RB];
+    void *mem = wrows_alloc(W, a->K, RB);
+    if (!mem) return -1;
+    const int R = 4;
+    double ob[8 * OBS];
+    for (int rb = r0; rb < r1; rb += RB) {
+        int re = rb + RB < r1 ? rb + RB : r1;
+        for (int i = 0; rb + i < re; i++)
+            w_unpack(T, 0, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
+        wrow Wt[RB];   /* a partial tile repeats the last row */
+        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
+        for (int g = 0; g < A->nt; g++) {
+            for (int r = rb; r < re; r += R) t8_tile(A, Wt + (r - rb), T, R, g, ob + (r - rb));
+            tile_flush(a, ob, 8, A->n0 + 8 * g, rb, re);
+        }
     }
+    free(mem);
+    return 0;
 }
 
-/* Sets up c and its prefill buffers; 0 on allocation failure. */
-static int lk_init(lk_ctx *c, const mm_args *a, int T)
+/* K-quant decode (activation rows < 4): the roles swap, lanes are 8 weight rows. Their unpacked
+ * values are re-laid out like the activation tiles (vector t of block b = bytes 4t..4t+3 of the 8
+ * rows' blocks) and their scales put in lane order; one broadcast of 4 activation bytes times that
+ * vector adds into one lane per weight row. Same integer sums, same float64 term per lane. */
+typedef struct {
+    uint8_t *wT;                  /* [nb][8][32] */
+    double *d, *m, *ksc, *km;     /* [nb][8] */
+    int32_t *c0, *c1, *cm;        /* [nb][8] */
+    void *mem;
+} kdec;
+
+static int kdec_alloc(kdec *D, int nb)
 {
-    int nb = a->K / 32, N4 = a->N >= 4 ? a->N & ~3 : 0;
-    *c = (lk_ctx){a, T, nb, block_bytes(T), T == T_Q4_1 ? 4 : 2, N4, NULL, NULL, NULL, NULL, NULL, NULL};
-    if (!N4) return 1;
-    double *mem = malloc(sizeof(double) * ((size_t)64 * nb + (size_t)nb * N4) + sizeof(float) * (size_t)4 * nb);
+    char *mem = malloc((size_t)nb * (256 + 8 * 32 + 8 * 12) + 64);
     if (!mem) return 0;
-    c->mem = mem;
-    c->wl = mem;
-    c->dxT = (float *)(mem + (size_t)64 * nb);
-    c->sT = (int32_t *)(c->dxT + (size_t)nb * N4);
-    c->wd = (float *)(c->sT + (size_t)nb * N4);
-    c->wm = c->wd + 2 * nb;
-    lk_transpose_act(c);
+    D->mem = mem;
+    D->d = (double *)mem;
+    D->m = D->d + 8 * (size_t)nb;
+    D->ksc = D->m + 8 * (size_t)nb;
+    D->km = D->ksc + 8 * (size_t)nb;
+    D->c0 = (int32_t *)(D->km + 8 * (size_t)nb);
+    D->c1 = D->c0 + 8 * (size_t)nb;
+    D->cm = D->c1 + 8 * (size_t)nb;
+    D->wT = (uint8_t *)(D->cm + 8 * (size_t)nb);
     return 1;
 }
 
-static void lk_free(lk_ctx *c) { free(c->mem); }
-
-AVX2I void simple_avx2(const mm_args *a, int T, int r0, int r1)
+/* Lane k's scales go straight into D (stride 8); values to u[k], transposed by kdec_fill. */
+static void kdec_rows(kdec *D, wrow *W, uint8_t *u, int K)
 {
-    lk_ctx c;
-    if (!lk_init(&c, a, T)) return;
-    for (int r = r0; r < r1; r += 2) {
-        if (!c.N4) break;
-        for (int k = 0; k < 2; k++)
-            lk_row_scales(T, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, c.nb, c.bb, c.wd + k * c.nb,
-                          c.wm + k * c.nb);
-        for (int n = 0; n < c.N4; n += 4) a2_prefill(&c, r, r1, n);
-    }
-    for (int n = c.N4; n < a->N; n++)
-        for (int r = r0; r < r1; r += 8) a2_decode(&c, r, r1, n);
-    lk_free(&c);
+    for (int k = 0; k < 8; k++)
+        W[k] = (wrow){u + (size_t)k * K, D->d + k, D->m + k, D->ksc + k, D->km + k, D->c0 + k, D->c1 + k, D->cm + k, 8};
 }
 
-AVX2 static void mm_avx2_q4_0(const mm_args *a, int r0, int r1) { simple_avx2(a, T_Q4_0, r0, r1); }
-AVX2 static void mm_avx2_q4_1(const mm_args *a, int r0, int r1) { simple_avx2(a, T_Q4_1, r0, r1); }
-AVX2 static void mm_avx2_q8_0(const mm_args *a, int r0, int r1) { simple_avx2(a, T_Q8_0, r0, r1); }
+/* 8 rows' u8 values [8][K] -> wT: per block an 8 x 8 transpose of 4-byte groups. */
+AVX2I void kdec_fill(kdec *D, const uint8_t *u, int K)
+{
+    for (int b = 0; b < K / 32; b++) {
+        __m256i r[8], t[8], v[8];
+        for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_si256((const __m256i *)(u + (size_t)k * K + 32 * b));
+        for (int k = 0; k < 8; k += 2) {
+            t[k] = _mm256_unpacklo_epi32(r[k], r[k + 1]);
+            t[k + 1] = _mm256_unpackhi_epi32(r[k], r[k + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+            v[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);       /* groups 0 | 4 of rows h..h+3 */
+            v[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);   /* 1 | 5 */
+            v[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]); /* 2 | 6 */
+            v[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]); /* 3 | 7 */
+        }
+        uint8_t *o = D->wT + (size_t)b * 256;
+        for (int g = 0; g < 4; g++) {
+            _mm256_storeu_si256((__m256i *)(o + 32 * g), _mm256_permute2x128_si256(v[g], v[g + 4], 0x20));
+            _mm256_storeu_si256((__m256i *)(o + 32 * (g + 4)), _mm256_permute2x128_si256(v[g], v[g + 4], 0x31));
+        }
+    }
+}
 
+/* Rows r..r+7 (D) x activation row n; lanes past rend are not stored. */
+AVX2I void kdec_row(const mm_args *a, const kdec *D, int T, int r, int rend, int n)
+{
+    int nb = a->K / 32;
+    const int8_t *q = a->q + (size_t)n * a->K;
+    const float *dxr = a->dx + (size_t)n * nb;
+    const int32_t *sr = a->sx + (size_t)n * nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int G = T == T_Q6_K ? 2 : T == T_Q5_K ? 4 : 8;
+    __m256d F0 = _mm256_setzero_pd(), F1 = _mm256_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *Wv = D->wT + (size_t)b * 256;
+        __m256i I = _mm256_setzero_si256(), J = _mm256_setzero_si256();
+        for (int t0 = 0; t0 < 8; t0 += G) {
+            __m256i H = _mm256_setzero_si256();
+            for (int t = t0; t < t0 + G; t++)
+                H = _mm256_add_epi16(H, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(Wv + 32 * t)),
+                                                             _mm256_set1_epi32((int)rd32((const uint8_t *)q + 32 * b + 4 * t))));
+            if (T == T_Q6_K && t0 >= 4) J = _mm256_add_epi32(J, _mm256_madd_epi16(H, ones));
+            else I = _mm256_add_epi32(I, _mm256_madd_epi16(H, ones));
+        }
+        size_t e = (size_t)b * 8;
+        float dxf = dxr[b];
+        int32_t s = sr[b];
+        __m256d dx = _mm256_set1_pd((double)dxf);
+        __m256d d0 = _mm256_loadu_pd(D->d + e), d1 = _mm256_loadu_pd(D->d + e + 4), i0, i1, t0, t1;
+        if (T == T_Q6_K) {
+            int sa = 0;
+            for (int k = 0; k < 16; k++) sa += q[32 * b + k];
+            __m256i ia = _mm256_sub_epi32(I, _mm256_set1_epi32(32 * sa)), ib = _mm256_sub_epi32(J, _mm256_set1_epi32(32 * (s - sa)));
+            __m256i u = _mm256_add_epi32(_mm256_mullo_epi32(ia, _mm256_loadu_si256((const __m256i *)(D->c0 + e))),
+                                         _mm256_mullo_epi32(ib, _mm256_loadu_si256((const __m256i *)(D->c1 + e))));
+            i0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(u));
+            i1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1));
+        } else {
+            i0 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(I)), _mm256_loadu_pd(D->ksc + e));
+            i1 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(I, 1)), _mm256_loadu_pd(D->ksc + e + 4));
+        }
+        t0 = _mm256_mul_pd(_mm256_mul_pd(d0, dx), i0);
+        t1 = _mm256_mul_pd(_mm256_mul_pd(d1, dx), i1);
+        if (T != T_Q6_K) {   /* (dmin m) (dx s), exact */
+            __m256d dxs = _mm256_set1_pd((double)dxf * (double)s);
+            t0 = _mm256_sub_pd(t0, _mm256_mul_pd(_mm256_loadu_pd(D->km + e), dxs));
+            t1 = _mm256_sub_pd(t1, _mm256_mul_pd(_mm256_loadu_pd(D->km + e + 4), dxs));
+        }
+        F0 = _mm256_add_pd(F0, t0);
+        F1 = _mm256_add_pd(F1, t1);
+    }
+    double v[8];
+    _mm256_storeu_pd(v, F0);
+    _mm256_storeu_pd(v + 4, F1);
+    lk_store(a, v, 8, r, rend, n);
+}
+
+AVX2I int kdec_run(const mm_args *a, int T, int r0, int r1)
+{
+    int nb = a->K / 32;
+    kdec D;
+    wrow W[8];
+    uint8_t *u = malloc((size_t)8 * a->K + 64);
+    if (!u) return -1;
+    if (!kdec_alloc(&D, nb)) {
+        free(u);
+        return -1;
+    }
+    kdec_rows(&D, W, u, a->K);
+    for (int r = r0; r < r1; r += 8) {
+        for (int k = 0; k < 8; k++)
+            w_unpack(T, 0, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, nb, &W[k]);
+        kdec_fill(&D, u, a->K);
+        for (int n = 0; n < a->N; n++) kdec_row(a, &D, T, r, r1, n);
+    }
+    free(D.mem);
+    free(u);
+    return 0;
+}
+
+AVX2I int simple_avx2(const mm_args *a, int T, int r0, int r1)
+{
+    lk_ctx c = {a, T, a->K / 32, block_bytes(T), T == T_Q4_1 ? 4 : 2};
+    int n0 = a->act ? a->act->n0 : a->N;
+    for (int n = 0; n < n0; n++)
+        for (int r = r0; r < r1; r += 8) a2_decode(&c, r, r1, n);
+    return a->act ? t8_run(a, T, r0, r1) : 0;
+}
+
+AVX2 static int mm_avx2_q4_0(const mm_args *a, int r0, int r1) { return simple_avx2(a, T_Q4_0, r0, r1); }
+AVX2 static int mm_avx2_q4_1(const mm_args *a, int r0, int r1) { return simple_avx2(a, T_Q4_1, r0, r1); }
+AVX2 static int mm_avx2_q8_0(const mm_args *a, int r0, int r1) { return simple_avx2(a, T_Q8_0, r0, r1); }
+AVX2 static int mm_avx2_q4_k(const mm_args *a, int r0, int r1) { return a->act ? t8_run(a, T_Q4_K, r0, r1) : kdec_run(a, T_Q4_K, r0, r1); }
+AVX2 static int mm_avx2_q5_k(const mm_args *a, int r0, int r1) { return a->act ? t8_run(a, T_Q5_K, r0, r1) : kdec_run(a, T_Q5_K, r0, r1); }
+AVX2 static int mm_avx2_q6_k(const mm_args *a, int r0, int r1) { return a->act ? t8_run(a, T_Q6_K, r0, r1) : kdec_run(a, T_Q6_K, r0, r1); }
 AVX2 static void quant_act_rows_avx2(const float *x, int n0, int n1, int K, int8_t *q, float *d, int32_t *s)
 {
     int nb = K / 32;
@@ -621,9 +989,9 @@ static int have_avx2(void)
 
 /* ------------------------------------------------------------------ AVX-512 VNNI kernels
  * The AVX2 scheme on 512-bit vectors with vpdpbusd (u8 x s8 -> int32, no 16-bit saturation):
- * decode tiles are 16 weight rows x 1 activation row (lane k = row r + k), prefill tiles 4 weight
- * rows x 4 activation rows (lane 4L + i = row r + L, activation row n + i). Signed weights become
- * unsigned with an exact correction: Q4_0 sum(n q) - 8 s, Q8_0 sum((w + 128) q) - 128 s. */
+ * decode tiles are 16 weight rows x 1 activation row (lane k = row r + k), tiles 8 weight rows (4
+ * for Q6_K) x 16 activation rows. Signed weights become unsigned with an exact correction: Q4_0
+ * sum(n q) - 8 s, Q8_0 sum((w + 128) q) - 128 s. K-quant decode uses the AVX2 kernel. */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define AVX512I static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
@@ -685,13 +1053,13 @@ AVX512I __m512d a5_hi_pd(__m512 f)
     return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
 }
 
-AVX512I void a5_store(const mm_args *a, __m512d acc0, __m512d acc1, int r, int rend, int n, int prefill)
+AVX512I void a5_store(const mm_args *a, __m512d acc0, __m512d acc1, int r, int rend, int n)
 {
-    if (!prefill && r + 16 <= rend && a->f64) {
+    if (r + 16 <= rend && a->f64) {
         double *o = (double *)a->out + (size_t)n * a->rows + r;
         _mm512_storeu_pd(o, acc0);
         _mm512_storeu_pd(o + 8, acc1);
-    } else if (!prefill && r + 16 <= rend) {
+    } else if (r + 16 <= rend) {
         float *o = (float *)a->out + (size_t)n * a->rows + r;
         _mm256_storeu_ps(o, _mm512_cvtpd_ps(acc0));
         _mm256_storeu_ps(o + 8, _mm512_cvtpd_ps(acc1));
@@ -699,10 +1067,7 @@ AVX512I void a5_store(const mm_args *a, __m512d acc0, __m512d acc1, int r, int r
         double v[16];
         _mm512_storeu_pd(v, acc0);
         _mm512_storeu_pd(v + 8, acc1);
-        for (int k = 0; k < 16; k++) {
-            int rr = prefill ? r + k / 4 : r + k, nn = prefill ? n + k % 4 : n;
-            if (rr < rend) store(a, nn, rr, v[k]);
-        }
+        lk_store(a, v, 16, r, rend, n);
     }
 }
 
@@ -740,196 +1105,119 @@ AVX512I void a5_decode(const lk_ctx *c, int r, int rend, int n)
         acc1 = _mm512_add_pd(acc1, a5_term(T, a5_hi_pd(dw), a5_hi_pd(dm), dxd,
                                            _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)), sd));
     }
-    a5_store(a, acc0, acc1, r, rend, n, 0);
+    a5_store(a, acc0, acc1, r, rend, n);
 }
 
-/* Prefill tile: rows r..r+7 (clamped) x activation rows n..n+3 (< N4), as two quads of 4 rows
- * sharing each activation block; c->wl holds the rows' d and m per block in lane order, [nb][64]
- * doubles (per quad 16 d, then 16 m). */
-AVX512I void a5_prefill(const lk_ctx *c, int r, int rend, int n)
+/* AVX-512 tile: TR weight rows x 16 activation rows (tile g), vpdpbusd into int32 lanes. */
+AVX512I void t16_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob)
 {
-    const mm_args *a = c->a;
-    int T = c->T, nb = c->nb, qoff = c->qoff, N4 = c->N4, K = a->K;
-    size_t bb = (size_t)c->bb, rb = a->row_bytes;
-    const uint8_t *w[8];
-    for (int k = 0; k < 8; k++) w[k] = a->w + (size_t)(r + k < rend ? r + k : rend - 1) * rb;
-    const int8_t *q = a->q + (size_t)n * K;
-    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
-    for (int b = 0; b < nb; b++) {
-        size_t o = (size_t)b * bb;
-        const int8_t *qb = q + 32 * b;
-        __m128i s4 = _mm_loadu_si128((const __m128i *)(c->sT + (size_t)b * N4 + n));
-        __m512i s16 = _mm512_broadcast_i32x4(s4);
-        __m512d dxd = _mm512_broadcast_f64x4(_mm256_cvtps_pd(_mm_loadu_ps(c->dxT + (size_t)b * N4 + n)));
-        __m512d sd = _mm512_broadcast_f64x4(_mm256_cvtepi32_pd(s4));
-        const double *wl = c->wl + (size_t)b * 64;
-        for (int g = 0; g < 2; g++) {
-            __m512i lo, hi;
-            a5_w(T, qoff, w[4 * g] + o, w[4 * g + 1] + o, w[4 * g + 2] + o, w[4 * g + 3] + o, &lo, &hi);
-            __m512i u = a5_fix(T, a5_red4(a5_dot(lo, hi, qb), a5_dot(lo, hi, qb + K), a5_dot(lo, hi, qb + 2 * K),
-                                          a5_dot(lo, hi, qb + 3 * K)), s16);
-            const double *wg = wl + 32 * g;
-            acc[2 * g] = _mm512_add_pd(acc[2 * g], a5_term(T, _mm512_loadu_pd(wg), _mm512_loadu_pd(wg + 16), dxd,
-                                                           _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)), sd));
-            acc[2 * g + 1] = _mm512_add_pd(acc[2 * g + 1],
-                                           a5_term(T, _mm512_loadu_pd(wg + 8), _mm512_loadu_pd(wg + 24), dxd,
-                                                   _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)), sd));
-        }
-    }
-    a5_store(a, acc[0], acc[1], r, rend, n, 1);
-    if (r + 4 < rend) a5_store(a, acc[2], acc[3], r + 4, rend, n, 1);
-}
-
-/* Prefill, 16 activation rows per tile: the activation quants are transposed once per call so that
- * 64-byte vector t of block b holds bytes 4t..4t+3 of the 16 rows' blocks (lane j = row n0 + j),
- * and each weight row is unpacked once to u8 values. One vpdpbusd per 4 values then adds into one
- * int32 lane per (weight row, activation row): no horizontal reduction. Tiles are 4 weight rows x
- * 16 activation rows; missing activation rows are zero lanes that are never stored. */
-typedef struct {
-    int nt;               /* tiles of 16 activation rows */
-    uint8_t *qT;          /* [nt][nb][8][64] */
-    float *dxT;           /* [nt][nb][16] */
-    int32_t *sT;          /* [nt][nb][16] */
-    uint8_t *wu;          /* [4][K] unpacked u8 weights of the current rows */
-    float *wd, *wm;       /* [4][nb] */
-    void *mem;
-} p16_ctx;
-
-static int p16_init(p16_ctx *p, const mm_args *a, int n0)
-{
-    int K = a->K, nb = K / 32, N = a->N - n0, nt = (N + 15) / 16;
-    size_t qn = (size_t)nt * nb * 512, fn = (size_t)nt * nb * 16;
-    char *mem = malloc(qn + 8 * fn + 4 * (size_t)K + 32 * (size_t)nb + 64);
-    if (!mem) return 0;
-    p->nt = nt;
-    p->mem = mem;
-    p->qT = (uint8_t *)mem;
-    p->dxT = (float *)(mem + qn);
-    p->sT = (int32_t *)(p->dxT + fn);
-    p->wu = (uint8_t *)(p->sT + fn);
-    p->wd = (float *)(p->wu + 4 * (size_t)K);
-    p->wm = p->wd + 4 * (size_t)nb;
-    memset(mem, 0, qn + 8 * fn);
-    for (int n = 0; n < N; n++) {
-        int g = n / 16, j = n % 16;
-        const int8_t *q = a->q + (size_t)(n0 + n) * K;
-        for (int b = 0; b < nb; b++) {
-            size_t tb = (size_t)g * nb + b;
-            for (int t = 0; t < 8; t++) memcpy(p->qT + (tb * 8 + t) * 64 + 4 * j, q + 32 * b + 4 * t, 4);
-            p->dxT[tb * 16 + j] = a->dx[(size_t)(n0 + n) * nb + b];
-            p->sT[tb * 16 + j] = a->sx[(size_t)(n0 + n) * nb + b];
-        }
-    }
-    return 1;
-}
-
-/* Row w's values as u8 (Q4_0, Q4_1: n; Q8_0: w + 128) and its d, m per block. */
-AVX512I void p16_unpack(int T, const uint8_t *w, int nb, int bb, uint8_t *u, float *wd, float *wm)
-{
-    int qoff = T == T_Q4_1 ? 4 : 2;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *p = w + (size_t)b * bb;
-        wd[b] = h2f(rd16(p));
-        wm[b] = T == T_Q4_1 ? h2f(rd16(p + 2)) : 0.0f;
-        if (T == T_Q8_0) {
-            _mm256_storeu_si256((__m256i *)(u + 32 * b),
-                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_epi8((char)0x80)));
-        } else {
-            __m128i v = _mm_loadu_si128((const __m128i *)(p + qoff)), m = _mm_set1_epi8(15);
-            _mm_storeu_si128((__m128i *)(u + 32 * b), _mm_and_si128(v, m));
-            _mm_storeu_si128((__m128i *)(u + 32 * b + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m));
-        }
-    }
-}
-
-AVX512I void p16_tile(const mm_args *a, const p16_ctx *p, int T, int r, int rend, int n0, int g)
-{
-    int nb = a->K / 32, K = a->K;
-    __m512d A[4][2];
-    for (int k = 0; k < 4; k++) A[k][0] = A[k][1] = _mm512_setzero_pd();
+    int nb = A->nb;
+    __m512d F[TR][2];
+    for (int k = 0; k < R; k++) F[k][0] = F[k][1] = _mm512_setzero_pd();
     for (int b = 0; b < nb; b++) {
         size_t tb = (size_t)g * nb + b;
-        const uint8_t *Q = p->qT + tb * 512;
-        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        const uint8_t *Q = A->qT + tb * 512;
+        __m512i I[TR], J[TR];   /* int32 sums (Q6_K: I of values 0..15, J of 16..31) */
+        for (int k = 0; k < R; k++) I[k] = J[k] = _mm512_setzero_si512();
         for (int t = 0; t < 8; t++) {
             __m512i qv = _mm512_loadu_si512((const void *)(Q + 64 * t));
-            for (int k = 0; k < 4; k++)
-                acc[k] = _mm512_dpbusd_epi32(acc[k], _mm512_set1_epi32((int)rd32(p->wu + (size_t)k * K + 32 * b + 4 * t)), qv);
-        }
-        __m512i s16 = _mm512_loadu_si512((const void *)(p->sT + tb * 16));
-        __m512 dx16 = _mm512_loadu_ps(p->dxT + tb * 16);
-        __m512d dxl = a5_lo_pd(dx16), dxh = a5_hi_pd(dx16);
-        __m512d sl = _mm512_cvtepi32_pd(_mm512_castsi512_si256(s16)), sh = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s16, 1));
-        for (int k = 0; k < 4; k++) {
-            __m512i u = a5_fix(T, acc[k], s16);
-            __m512d dw = _mm512_set1_pd((double)p->wd[k * nb + b]), dm = _mm512_set1_pd((double)p->wm[k * nb + b]);
-            A[k][0] = _mm512_add_pd(A[k][0], a5_term(T, dw, dm, dxl, _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)), sl));
-            A[k][1] = _mm512_add_pd(A[k][1], a5_term(T, dw, dm, dxh, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)), sh));
-        }
-    }
-    int nn = a->N - (n0 + 16 * g);
-    if (nn > 16) nn = 16;
-    for (int k = 0; k < 4 && r + k < rend; k++) {
-        double v[16];
-        _mm512_storeu_pd(v, A[k][0]);
-        _mm512_storeu_pd(v + 8, A[k][1]);
-        for (int j = 0; j < nn; j++) store(a, n0 + 16 * g + j, r + k, v[j]);
-    }
-}
-
-/* Activation rows [n0, N) against rows [r0, r1). */
-AVX512I int p16_run(const mm_args *a, int T, int r0, int r1, int n0)
-{
-    p16_ctx p;
-    if (!p16_init(&p, a, n0)) return 0;
-    int nb = a->K / 32, bb = block_bytes(T);
-    for (int r = r0; r < r1; r += 4) {
-        for (int k = 0; k < 4; k++)
-            p16_unpack(T, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, nb, bb, p.wu + (size_t)k * a->K,
-                       p.wd + (size_t)k * nb, p.wm + (size_t)k * nb);
-        for (int g = 0; g < p.nt; g++) p16_tile(a, &p, T, r, r1, n0, g);
-    }
-    free(p.mem);
-    return 1;
-}
-
-AVX512I void simple_avx512(const mm_args *a, int T, int r0, int r1)
-{
-    /* 16-row tiles for all activation rows but a remainder of 1..3 (decode tiles); the 4-row
-     * prefill tiles are the fallback when memory is short */
-    int n16 = a->N >= 4 ? (a->N % 16 < 4 ? a->N & ~15 : a->N) : 0;
-    if (n16 && p16_run(a, T, r0, r1, a->N - n16)) {   /* rows [N - n16, N) */
-        lk_ctx d = {a, T, a->K / 32, block_bytes(T), T == T_Q4_1 ? 4 : 2, 0, NULL, NULL, NULL, NULL, NULL, NULL};
-        for (int n = 0; n < a->N - n16; n++)
-            for (int r = r0; r < r1; r += 16) a5_decode(&d, r, r1, n);
-        return;
-    }
-    lk_ctx c;
-    if (!lk_init(&c, a, T)) return;
-    for (int r = r0; r < r1 && c.N4; r += 8) {
-        for (int k = 0; k < 8; k++) {
-            const uint8_t *w = a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes;
-            double *wl = c.wl + 32 * (k / 4) + 4 * (k % 4);
-            for (int b = 0; b < c.nb; b++) {
-                double d = (double)h2f(rd16(w + (size_t)b * c.bb));
-                double m = T == T_Q4_1 ? (double)h2f(rd16(w + (size_t)b * c.bb + 2)) : 0.0;
-                for (int i = 0; i < 4; i++) {
-                    wl[(size_t)b * 64 + i] = d;
-                    wl[(size_t)b * 64 + 16 + i] = m;
-                }
+            for (int k = 0; k < R; k++) {
+                __m512i wb = _mm512_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t));
+                if (T == T_Q6_K && t >= 4) J[k] = _mm512_dpbusd_epi32(J[k], wb, qv);
+                else I[k] = _mm512_dpbusd_epi32(I[k], wb, qv);
             }
         }
-        for (int n = 0; n < c.N4; n += 4) a5_prefill(&c, r, r1, n);
+        __m512 dx16 = _mm512_loadu_ps(A->dx + tb * 16);
+        __m512d dx0 = a5_lo_pd(dx16), dx1 = a5_hi_pd(dx16);
+        __m512i s16 = _mm512_loadu_si512((const void *)(A->s + tb * 16));
+        for (int k = 0; k < R; k++) {
+            __m512d d = _mm512_set1_pd(W[k].d[b]), t0, t1;
+            if (T == T_Q4_1) {
+                __m512d m = _mm512_set1_pd(W[k].m[b]);
+                const double *dxs = A->dxs + tb * 16;
+                t0 = _mm512_fmadd_pd(d, _mm512_mul_pd(dx0, _mm512_cvtepi32_pd(_mm512_castsi512_si256(I[k]))),
+                                     _mm512_mul_pd(m, _mm512_loadu_pd(dxs)));
+                t1 = _mm512_fmadd_pd(d, _mm512_mul_pd(dx1, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(I[k], 1))),
+                                     _mm512_mul_pd(m, _mm512_loadu_pd(dxs + 8)));
+            } else {
+                __m512i u = I[k];
+                if (T == T_Q4_0) u = _mm512_sub_epi32(u, _mm512_slli_epi32(s16, 3));
+                if (T == T_Q8_0) u = _mm512_sub_epi32(u, _mm512_slli_epi32(s16, 7));
+
+                if (T == T_Q6_K) {
+                    __m512i sa = _mm512_loadu_si512((const void *)(A->sa + tb * 16));
+                    __m512i ia = _mm512_sub_epi32(u, _mm512_slli_epi32(sa, 5));
+                    __m512i ib = _mm512_sub_epi32(J[k], _mm512_slli_epi32(_mm512_sub_epi32(s16, sa), 5));
+                    u = _mm512_add_epi32(_mm512_mullo_epi32(ia, _mm512_set1_epi32(W[k].c0[b])),
+                                         _mm512_mullo_epi32(ib, _mm512_set1_epi32(W[k].c1[b])));
+                }
+                __m512d i0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)), i1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1));
+                if (T == T_Q4_K || T == T_Q5_K) {   /* sc isum exact in double */
+                    __m512d sc = _mm512_set1_pd(W[k].ksc[b]);
+                    i0 = _mm512_mul_pd(i0, sc);
+                    i1 = _mm512_mul_pd(i1, sc);
+                }
+                t0 = _mm512_mul_pd(_mm512_mul_pd(d, dx0), i0);
+                t1 = _mm512_mul_pd(_mm512_mul_pd(d, dx1), i1);
+                if (T == T_Q4_K || T == T_Q5_K) {   /* (dmin dx) (m s) = (dmin m) (dx s): exact (53 bits) */
+                    __m512d km = _mm512_set1_pd(W[k].km[b]);
+                    const double *dxs = A->dxs + tb * 16;
+                    t0 = _mm512_sub_pd(t0, _mm512_mul_pd(km, _mm512_loadu_pd(dxs)));
+                    t1 = _mm512_sub_pd(t1, _mm512_mul_pd(km, _mm512_loadu_pd(dxs + 8)));
+                }
+            }
+            F[k][0] = _mm512_add_pd(F[k][0], t0);
+            F[k][1] = _mm512_add_pd(F[k][1], t1);
+        }
     }
-    for (int n = c.N4; n < a->N; n++)
-        for (int r = r0; r < r1; r += 16) a5_decode(&c, r, r1, n);
-    lk_free(&c);
+    for (int k = 0; k < R; k++) {
+        double v[16];
+        _mm512_storeu_pd(v, F[k][0]);
+        _mm512_storeu_pd(v + 8, F[k][1]);
+        for (int j = 0; j < 16; j++) ob[j * OBS + k] = v[j];
+    }
 }
 
-AVX512 static void mm_avx512_q4_0(const mm_args *a, int r0, int r1) { simple_avx512(a, T_Q4_0, r0, r1); }
-AVX512 static void mm_avx512_q4_1(const mm_args *a, int r0, int r1) { simple_avx512(a, T_Q4_1, r0, r1); }
-AVX512 static void mm_avx512_q8_0(const mm_args *a, int r0, int r1) { simple_avx512(a, T_Q8_0, r0, r1); }
+/* Rows [r0, r1) against the tiled activation rows: 16-row tiles, or the AVX2 8-row ones. */
+AVX512I int t16_run(const mm_args *a, int T, int r0, int r1)
+{
+    const tact *A = a->act;
+    if (A->L == 8) return t8_run(a, T, r0, r1);
+    wrow W[RB];
+    void *mem = wrows_alloc(W, a->K, RB);
+    if (!mem) return -1;
+    const int R = T == T_Q6_K ? 4 : 8;   /* Q6_K keeps two int accumulators per row: 4 rows fit the registers */
+    double ob[16 * OBS];
+    for (int rb = r0; rb < r1; rb += RB) {
+        int re = rb + RB < r1 ? rb + RB : r1;
+        for (int i = 0; rb + i < re; i++)
+            w_unpack(T, 1, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
+        wrow Wt[RB];   /* a partial tile repeats the last row */
+        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
+        for (int g = 0; g < A->nt; g++) {
+            for (int r = rb; r < re; r += R) t16_tile(A, Wt + (r - rb), T, R, g, ob + (r - rb));
+            tile_flush(a, ob, 16, A->n0 + 16 * g, rb, re);
+        }
+    }
+    free(mem);
+    return 0;
+}
 
+AVX512I int simple_avx512(const mm_args *a, int T, int r0, int r1)
+{
+    lk_ctx c = {a, T, a->K / 32, block_bytes(T), T == T_Q4_1 ? 4 : 2};
+    int n0 = a->act ? a->act->n0 : a->N;
+    for (int n = 0; n < n0; n++)
+        for (int r = r0; r < r1; r += 16) a5_decode(&c, r, r1, n);
+    return a->act ? t16_run(a, T, r0, r1) : 0;
+}
+
+AVX512 static int mm_avx512_q4_0(const mm_args *a, int r0, int r1) { return simple_avx512(a, T_Q4_0, r0, r1); }
+AVX512 static int mm_avx512_q4_1(const mm_args *a, int r0, int r1) { return simple_avx512(a, T_Q4_1, r0, r1); }
+AVX512 static int mm_avx512_q8_0(const mm_args *a, int r0, int r1) { return simple_avx512(a, T_Q8_0, r0, r1); }
+AVX512 static int mm_avx512_q4_k(const mm_args *a, int r0, int r1) { return a->act ? t16_run(a, T_Q4_K, r0, r1) : kdec_run(a, T_Q4_K, r0, r1); }
+AVX512 static int mm_avx512_q5_k(const mm_args *a, int r0, int r1) { return a->act ? t16_run(a, T_Q5_K, r0, r1) : kdec_run(a, T_Q5_K, r0, r1); }
+AVX512 static int mm_avx512_q6_k(const mm_args *a, int r0, int r1) { return a->act ? t16_run(a, T_Q6_K, r0, r1) : kdec_run(a, T_Q6_K, r0, r1); }
 static int have_avx512(void)
 {
     __builtin_cpu_init();
@@ -941,29 +1229,39 @@ static int have_avx512(void)
 /* ------------------------------------------------------------------ dispatch */
 static struct {
     const char *name;
+    int level;            /* 0 generic, 1 AVX2, 2 AVX-512 VNNI */
     mm_fn mm[T_MAX];
     qa_fn qa;
-} K_ = {"generic", {0}, quant_act_rows_generic};
+} K_ = {"generic", 0, {0}, quant_act_rows_generic};
 
 /* level: 0 generic, 1 AVX2 at most, 2 AVX-512 VNNI at most (what the CPU has). */
 static void select_kernels(int level)
 {
     static const int types[] = {T_Q4_0, T_Q4_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K};
     K_.name = "generic";
+    K_.level = 0;
     K_.qa = quant_act_rows_generic;
     for (int i = 0; i < 6; i++) K_.mm[types[i]] = mm_generic;
 #ifdef SK_X86
     if (level >= 1 && have_avx2()) {
         K_.name = "avx2";
+        K_.level = 1;
         K_.qa = quant_act_rows_avx2;
         K_.mm[T_Q4_0] = mm_avx2_q4_0;
         K_.mm[T_Q4_1] = mm_avx2_q4_1;
         K_.mm[T_Q8_0] = mm_avx2_q8_0;
+        K_.mm[T_Q4_K] = mm_avx2_q4_k;
+        K_.mm[T_Q5_K] = mm_avx2_q5_k;
+        K_.mm[T_Q6_K] = mm_avx2_q6_k;
         if (level >= 2 && have_avx512()) {
             K_.name = "avx512";
+            K_.level = 2;
             K_.mm[T_Q4_0] = mm_avx512_q4_0;
             K_.mm[T_Q4_1] = mm_avx512_q4_1;
             K_.mm[T_Q8_0] = mm_avx512_q8_0;
+            K_.mm[T_Q4_K] = mm_avx512_q4_k;
+            K_.mm[T_Q5_K] = mm_avx512_q5_k;
+            K_.mm[T_Q6_K] = mm_avx512_q6_k;
         }
     }
 #else
@@ -971,40 +1269,145 @@ static void select_kernels(int level)
 #endif
 }
 
-/* Rows [r0, r1) of the split of `rows` into `parts` nearly equal chunks. */
-static void chunk(int rows, int parts, int i, int *r0, int *r1)
+/* Which activation rows go to the tile kernels: rows [*n0, N) in tiles of *L (0: none). Q4_0, Q4_1
+ * and Q8_0 leave a remainder of 1..3 rows (and N < 4) to their decode tiles; the K-quants tile
+ * every row when N >= 4 (8-row tiles below 12 rows on AVX-512), else run their decode kernel. */
+static void tile_plan(int T, int N, int *L, int *n0)
 {
-    *r0 = (int)((long long)rows * i / parts);
-    *r1 = (int)((long long)rows * (i + 1) / parts);
-}
-
-/* Quantize x (if given) into a->q/dx/sx, then run the kernel, on `threads` threads. */
-static void run_matmul(mm_args *a, const float *x, int threads)
-{
-    mm_fn fn = K_.mm[a->type];
-    qa_fn qa = K_.qa;
-#ifdef _OPENMP
-    if (threads > 1) {
-        if (threads > a->rows) threads = a->rows > 0 ? a->rows : 1;
-#pragma omp parallel num_threads(threads)
-        {
-            int nt = omp_get_num_threads(), i = omp_get_thread_num(), r0, r1;
-            if (x) {
-                chunk(a->N, nt, i, &r0, &r1);
-                qa(x, r0, r1, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
-#pragma omp barrier
-            }
-            chunk(a->rows, nt, i, &r0, &r1);
-            fn(a, r0, r1);
-        }
-        return;
+    *L = 0;
+    *n0 = N;
+    if (!K_.level) return;
+    if (T <= T_Q8_0) {
+        int l = K_.level == 2 ? 16 : 8;
+        if (N < 4) return;
+        *L = l;
+        *n0 = N % l < 4 ? N % l : 0;
+    } else if (N >= 4) {
+        *L = K_.level == 2 && N >= 12 ? 16 : 8;
+        *n0 = 0;
     }
-#endif
-    (void)threads;
-    if (x) qa(x, 0, a->N, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
-    fn(a, 0, a->rows);
 }
 
+/* One matmul call's work: phase 1 quantizes activation rows (if x) and lays out the tiles, in
+ * units; phase 2, once every unit is done, runs the kernel over chunks of weight rows. Threads
+ * take units and chunks from atomic counters (no fixed split: a thread the OS descheduled holds
+ * nothing up), and wait on a condition variable, never spinning. */
+typedef struct {
+    mm_args *a;
+    tact *act;
+    const float *x;
+    mm_fn fn;
+    qa_fn qa;
+    int units, unit_rows, chunks, chunk_rows;
+    int next_unit, next_chunk, units_done, err;
+#ifdef SK_THREADS
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+#endif
+} job_t;
+
+static void job_unit(job_t *j, int u)
+{
+    mm_args *a = j->a;
+    int n0 = j->act ? j->act->n0 : a->N, s, e;
+    if (u == 0) {
+        s = 0;
+        e = n0;
+    } else {
+        s = n0 + (u - 1) * j->unit_rows;
+        e = s + j->unit_rows < a->N ? s + j->unit_rows : a->N;
+    }
+    if (j->x && e > s) j->qa(j->x, s, e, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
+    if (j->act && e > s && u > 0) tact_fill(j->act, a, s - n0, e - n0);
+}
+
+static void job_chunks(job_t *j)
+{
+    for (;;) {
+        int c = __atomic_fetch_add(&j->next_chunk, 1, __ATOMIC_RELAXED);
+        if (c >= j->chunks) break;
+        int r0 = c * j->chunk_rows, r1 = r0 + j->chunk_rows < j->a->rows ? r0 + j->chunk_rows : j->a->rows;
+        if (j->fn(j->a, r0, r1)) __atomic_store_n(&j->err, 1, __ATOMIC_RELAXED);
+    }
+}
+
+#ifdef SK_THREADS
+static void *job_worker(void *p)
+{
+    job_t *j = p;
+    for (;;) {
+        int u = __atomic_fetch_add(&j->next_unit, 1, __ATOMIC_RELAXED);
+        if (u >= j->units) break;
+        job_unit(j, u);
+        pthread_mutex_lock(&j->mu);
+        if (++j->units_done == j->units) pthread_cond_broadcast(&j->cv);
+        pthread_mutex_unlock(&j->mu);
+    }
+    pthread_mutex_lock(&j->mu);
+    while (j->units_done < j->units) pthread_cond_wait(&j->cv, &j->mu);
+    pthread_mutex_unlock(&j->mu);
+    job_chunks(j);
+    return NULL;
+}
+#endif
+
+#ifndef RB
+#define RB 64
+#endif
+
+/* Below this many multiply-adds a call stays on the calling thread: starting threads costs more. */
+#define MIN_THREAD_WORK (2u << 20)
+#define MAX_THREADS 64
+
+/* Quantize x (if given) into a->q/dx/sx, then run the kernel, on up to `threads` threads (each
+ * output is computed by one thread in the canonical way: the split does not change any bit).
+ * 0, or -1 when out of memory. */
+static int run_matmul(mm_args *a, const float *x, int threads)
+{
+    int L, n0;
+    tact act;
+    tile_plan(a->type, a->N, &L, &n0);
+    a->act = NULL;
+    if (L) {
+        if (!tact_alloc(&act, L, n0, a->N, a->K / 32)) return -1;
+        a->act = &act;
+    }
+    job_t j = {.a = a, .act = L ? &act : NULL, .x = x, .fn = K_.mm[a->type], .qa = K_.qa};
+    if ((double)a->rows * a->K * (a->N ? a->N : 1) < MIN_THREAD_WORK || a->rows < 32) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads <= 1) {
+        if (x) K_.qa(x, 0, a->N, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
+        if (L) tact_fill(&act, a, 0, a->N - n0);
+        j.err = j.fn(a, 0, a->rows);
+    } else {
+#ifdef SK_THREADS
+        j.unit_rows = L ? L : 16;
+        j.units = 1 + (a->N - n0 + j.unit_rows - 1) / j.unit_rows;
+        /* tile kernels: one row block per chunk; else about 8 chunks per thread, multiples of 16 rows */
+        j.chunk_rows = L ? RB : (a->rows / (8 * threads) + 15) & ~15;
+        if (j.chunk_rows < 16) j.chunk_rows = 16;
+        j.chunks = (a->rows + j.chunk_rows - 1) / j.chunk_rows;
+        pthread_mutex_init(&j.mu, NULL);
+        pthread_cond_init(&j.cv, NULL);
+        pthread_t tid[MAX_THREADS];
+        int started = 0;
+        for (int i = 1; i < threads; i++) {
+            if (pthread_create(&tid[started], NULL, job_worker, &j)) break;   /* fewer threads: still correct */
+            started++;
+        }
+        job_worker(&j);
+        for (int i = 0; i < started; i++) pthread_join(tid[i], NULL);
+        pthread_cond_destroy(&j.cv);
+        pthread_mutex_destroy(&j.mu);
+#else
+        if (x) K_.qa(x, 0, a->N, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
+        if (L) tact_fill(&act, a, 0, a->N - n0);
+        j.err = j.fn(a, 0, a->rows);
+#endif
+    }
+    if (L) free(act.mem);
+    return j.err ? -1 : 0;
+}
 /* ------------------------------------------------------------------ Python glue */
 static int get_buf(PyObject *o, Py_buffer *v, int writable, Py_ssize_t need, const char *what)
 {
@@ -1061,7 +1464,7 @@ static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     mm_args a = {(int)v[0], (int)rows, (int)K, (int)N, (int)v[5], (size_t)(K / block_values((int)v[0]) * block_bytes((int)v[0])),
-                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), NULL, NULL, NULL, ob.buf};
+                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), NULL, NULL, NULL, ob.buf, NULL};
     size_t need = ACT_BYTES(N, K);
     _Alignas(64) char stack[STACK_SCRATCH];
     char *scratch = need <= sizeof stack ? stack : malloc(need);
@@ -1073,12 +1476,14 @@ static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     a.dx = (const float *)scratch;
     a.sx = (const int32_t *)(scratch + (size_t)N * (K / 32) * 4);
     a.q = (const int8_t *)(scratch + (size_t)N * (K / 32) * 8);
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    run_matmul(&a, (const float *)xb.buf, (int)v[6]);
+    rc = run_matmul(&a, (const float *)xb.buf, (int)v[6]);
     Py_END_ALLOW_THREADS
     if (scratch != stack) free(scratch);
     PyBuffer_Release(&xb);
     PyBuffer_Release(&ob);
+    if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -1095,14 +1500,16 @@ static PyObject *py_mmq(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (get_buf(args[6], &sb, 0, (Py_ssize_t)(N * (K / 32) * 4), "s") < 0) goto e2;
     if (get_buf(args[7], &ob, 1, (Py_ssize_t)(N * rows * (v[5] ? 8 : 4)), "out") < 0) goto e3;
     mm_args a = {(int)v[0], (int)rows, (int)K, (int)N, (int)v[5], (size_t)(K / block_values((int)v[0]) * block_bytes((int)v[0])),
-                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), qb.buf, db.buf, sb.buf, ob.buf};
+                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), qb.buf, db.buf, sb.buf, ob.buf, NULL};
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    run_matmul(&a, NULL, (int)v[6]);
+    rc = run_matmul(&a, NULL, (int)v[6]);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&ob);
     PyBuffer_Release(&sb);
     PyBuffer_Release(&db);
     PyBuffer_Release(&qb);
+    if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 e3:
     PyBuffer_Release(&sb);
@@ -1252,3 +1659,4 @@ PyMODINIT_FUNC PyInit__qkernels(void)
     select_kernels(level < 0 ? 2 : level);
     return PyModule_Create(&module);
 }
+

@@ -16,22 +16,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .bodylimit import BodyLimit
 from .engine import RequestError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .runtime import Busy, Runtime, Stream
 from .responses import chat_logprobs, legacy_logprobs
+from .runtime import Busy, Runtime, Stream, Unavailable
 from .sampling import TokenLogprob
 from .schema import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}   # served as /static/<name>
+BODY_BYTES_PER_CONTEXT_TOKEN = 128   # room for long tokens, \uXXXX escapes, token-id lists
+BODY_SLACK_BYTES = 64 * 1024         # sampling fields, chat roles, whitespace
 OPEN_PATHS = {"/health", "/", "/metrics", "/docs", "/openapi.json", *(f"/static/{f}" for f in STATIC_FILES)}
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-          code: str | None = None) -> JSONResponse:
+          code: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
+
+
+def body_limit(max_body_bytes: int, max_context: int) -> int:
+    """The request body cap: as configured, or room for a prompt that fills the context."""
+    return max_body_bytes or BODY_BYTES_PER_CONTEXT_TOKEN * max_context + BODY_SLACK_BYTES
 
 
 def create_app(rt: Runtime) -> FastAPI:
@@ -50,7 +58,11 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error(exc.status_code, str(exc.detail), kind)
+        return error(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+    # added before _auth, so _auth runs first: an unauthenticated body is never read at all
+    app.add_middleware(BodyLimit, limit=body_limit(rt.cfg.max_body_bytes, rt.arch.max_context),
+                       refuse=lambda exc: error(413, exc.detail, headers=exc.headers))
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -58,11 +70,15 @@ def create_app(rt: Runtime) -> FastAPI:
         if key and request.url.path not in OPEN_PATHS:
             if request.headers.get("authorization", "") != f"Bearer {key}":
                 return error(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                             "authentication_error", code="invalid_api_key")
+                             "authentication_error", code="invalid_api_key",
+                             headers={"Connection": "close"})   # its body is never read
         return await call_next(request)
 
     @app.get("/health")
     async def health():
+        down = rt.health()
+        if down:
+            return JSONResponse({"status": "error", "error": down, "model": rt.model_name}, status_code=503)
         return {"status": "ok", "model": rt.model_name, "nodes": len(rt.cluster.plan.ranges),
                 "epoch": rt.cluster.epoch, "uptime_s": round(time.time() - rt.started, 1)}
 
@@ -98,8 +114,8 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        try:
-            prompts = [rt.encode_prompt(p) for p in req.prompt_values()]
+        try:   # tokenizing long text takes a while: never on the event loop
+            prompts = [await asyncio.to_thread(rt.encode_prompt, p) for p in req.prompt_values()]
         except RequestError as e:
             return error(400, str(e), param="prompt")
         echoes = [p if isinstance(p, str) else rt.tokenizer.decode(p) for p in req.prompt_values()]
@@ -107,8 +123,9 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        try:
-            prompt = rt.encode_chat([m.model_dump(exclude_none=True) for m in req.messages])
+        try:   # the template and the tokenizer take a while on long text: never on the event loop
+            prompt = await asyncio.to_thread(rt.encode_chat, [m.model_dump(exclude_none=True)
+                                                              for m in req.messages])
         except RequestError as e:
             return error(400, str(e), param="messages")
         except Exception as e:  # template errors (e.g. roles the template rejects)
@@ -117,14 +134,15 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        try:
+        try:   # off the event loop, as for completions
             if req.messages is not None:
-                ids = rt.encode_chat([m.model_dump(exclude_none=True) for m in req.messages],
-                                     req.add_generation_prompt)
+                ids = await asyncio.to_thread(rt.encode_chat, [m.model_dump(exclude_none=True)
+                                                               for m in req.messages],
+                                              req.add_generation_prompt)
             else:
-                ids = rt.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+                ids = await asyncio.to_thread(rt.encode_prompt, req.prompt, req.add_special_tokens)
         except RequestError as e:
-            return error(400, str(e), param="messages")
+            return error(400, str(e), param="prompt" if req.messages is None else "messages")
         except Exception as e:  # template errors
             return error(400, f"chat template failed: {e}", param="messages")
         body = {"count": len(ids), "max_model_len": rt.arch.max_context, "tokens": ids}
@@ -162,6 +180,8 @@ async def _run(rt: Runtime, req, prompts: list[list[int]], request: Request, cha
         return error(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt")
     except Busy as e:
         return error(429, f"server busy: {e}", "rate_limit_error")
+    except Unavailable as e:
+        return error(503, f"server unavailable: {e}", "server_error")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     out = _Out(rt, streams, chat, k is not None, echoes, req.n,
                {"id": rid, "created": int(time.time()), "model": rt.model_name})

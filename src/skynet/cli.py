@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 
 from .config import ConfigError, NodeConfig, ServerConfig
@@ -33,7 +34,7 @@ def cmd_server(a) -> int:
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
                        step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
-                       precision=a.precision)
+                       precision=a.precision, max_body_bytes=a.max_body_bytes)
     if a.insecure:
         logging.getLogger("skynet").warning(
             "--insecure: ports may be exposed without a key. Anyone who can reach them can use them.")
@@ -48,10 +49,33 @@ def cmd_server(a) -> int:
     # the process before `finally` runs, and the nodes never hear "server shutting down".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        uvicorn.run(create_app(rt), host=cfg.host, port=cfg.port, log_level="warning")
+        sock = listen(cfg.host, cfg.port)   # --port 0: the kernel picks a free port, no race
+        port = sock.getsockname()[1]
+        logging.getLogger("skynet.server").info("API on http://%s:%d", cfg.host, port)
+        if a.port_file:
+            write_ports(a.port_file, port, cfg.node_port)
+        uvicorn.Server(uvicorn.Config(create_app(rt), log_level="warning")).run(sockets=[sock])
     finally:
         rt.close()
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0 = any free port), for uvicorn to serve on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def write_ports(path: str, port: int, node_port: int) -> None:
+    """The bound ports as JSON, written whole (rename) so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"port": port, "node_port": node_port}, f)
+    os.replace(tmp, path)
 
 
 def cmd_node(a) -> int:
@@ -97,7 +121,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="load the model and serve the API; nodes connect to it")
     s.add_argument("--model", help="local HF dir, .gguf file or cached hub id (default: SmolLM2-135M-Instruct)")
     s.add_argument("--host", default="127.0.0.1", help="API address")
-    s.add_argument("--port", type=int, default=8000, help="API port")
+    s.add_argument("--port", type=int, default=8000, help="API port (0 = any free)")
+    s.add_argument("--port-file", default=None,
+                   help="once both ports are bound, write them here as JSON {\"port\", \"node_port\"}")
     s.add_argument("--node-host", default="127.0.0.1", help="address nodes connect to")
     s.add_argument("--node-port", type=int, default=7000, help="port nodes connect to (0 = any free)")
     s.add_argument("--cluster-key", default=None, help="shared secret nodes must prove (env SKYNET_CLUSTER_KEY)")
@@ -115,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto",
                    help="fast: quantized blocks + 8-bit activations; exact: float32 (default: fast for "
                         "quantized files, exact for float checkpoints)")
+    s.add_argument("--max-body-bytes", type=int, default=0,
+                   help="HTTP request body cap, 413 beyond it (default: from the context length)")
     s.set_defaults(fn=cmd_server)
 
     n = sub.add_parser("node", help="join a server and compute a slice of every MLP")
@@ -123,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--weight", type=float, default=0.0, help="planning weight (default: measured GFLOP/s)")
     n.add_argument("--max-memory", type=int, default=0, help="bytes offered for weights (default: free memory)")
     n.add_argument("--cluster-key", default=None, help="shared secret (env SKYNET_CLUSTER_KEY)")
-    n.add_argument("--threads", type=int, default=1, help="BLAS threads of the node")
+    n.add_argument("--threads", type=int, default=1, help="BLAS and kernel threads of the node")
     n.add_argument("--spin-us", type=float, default=0.0, help="spin this long for the next request before blocking")
     n.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow node
     n.add_argument("--gflops", type=float, default=0.0, help=argparse.SUPPRESS)

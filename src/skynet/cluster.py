@@ -17,13 +17,12 @@ from . import wire
 from .auth import Keyring
 from .config import ServerConfig
 from .mlp import MLPWeights
-from .plan import Member, Plan, PlanError, plan
+from .plan import Member, Plan, PlanError, plan, reweigh
 
 log = logging.getLogger("skynet.cluster")
 LOAD_FRAME_BYTES = 16 << 20
 MAX_BAD_MESSAGES = 20
 REWEIGHT_MIN_SAMPLES = 60     # MLP replies since the last switch before latency counts
-REWEIGHT_MIN_MOVE = 0.10      # fraction of neurons a re-weighting must move to be worth it
 
 
 @dataclass
@@ -121,35 +120,24 @@ class Cluster:
             self.reweight()
 
     def reweight(self) -> None:
-        """Re-estimate node weights from observed latency (neurons served per second).
-
-        Only when every serving node has enough samples, and only if the resulting plan moves
-        more than REWEIGHT_MIN_MOVE of the neurons in two checks in a row: noise never changes
-        the plan."""
+        """Re-estimate node weights from observed latency (neurons served per second), once every
+        serving node has enough samples; `plan.reweigh` decides whether that is worth a re-plan."""
         if self.pending or len(self.plan.ranges) < 2:
             return
         nodes = [self.serving(i) for i in self.plan.ranges]
         if any(n is None or n.weight_override or n.samples < REWEIGHT_MIN_SAMPLES or not n.latency_ema
                for n in nodes):
             return
-        measured = {n.id: (self.plan.ranges[n.id][1] - self.plan.ranges[n.id][0]) / n.latency_ema
-                    for n in nodes}
-        members = [Member(m.id, measured.get(m.id, m.weight), m.cap) for m in self.members()]
         try:
-            proposal = self._plan(members)
+            verdict = reweigh(self.plan, {n.id: n.latency_ema for n in nodes}, self.members(),
+                              self.reweight_streak, self.cfg.local_weight, self.weights.granule)
         except PlanError:
             return
-        moved = sum(abs((proposal.ranges[i][1] - proposal.ranges[i][0]) - (r[1] - r[0]))
-                    for i, r in self.plan.ranges.items() if i in proposal.ranges) // 2
-        if moved <= REWEIGHT_MIN_MOVE * self.weights.neurons:
-            self.reweight_streak = 0
+        self.reweight_streak = verdict.streak
+        if verdict.adopt is None:
             return
-        self.reweight_streak += 1
-        if self.reweight_streak < 2:   # the same verdict twice in a row, or it was noise
-            return
-        self.reweight_streak = 0
         for n in nodes:
-            n.observed = measured[n.id]
+            n.observed = verdict.measured[n.id]
         self.replan("re-weighted from observed latency: " + ", ".join(
             f"{n.name} {n.latency_ema * 1e3:.2f} ms" for n in nodes))
 
@@ -201,6 +189,8 @@ class Cluster:
             self.send(node, wire.Pong(msg.ts))
         elif isinstance(msg, wire.Bye):
             self.leave(node)
+        elif not isinstance(msg, wire.Pong):   # a pong only says the node is alive
+            self._bad(node, ident, f"{msg.TYPE} is not a message a node sends")
 
     def _bad(self, node: NodeState | None, ident: bytes, why: str) -> None:
         """Drop and count; a registered node is disconnected after MAX_BAD_MESSAGES, an unknown

@@ -59,6 +59,7 @@ class ServerConfig:
     max_queue: int = 256
     threads: int = 1                 # BLAS threads for the server's own matmuls
     precision: str = "auto"          # exact | fast | auto (fast for quantized files, else exact)
+    max_body_bytes: int = 0          # HTTP request body cap; 0 = from the model's context length
 
     def __post_init__(self):
         self.cluster_key = self.cluster_key or os.environ.get("SKYNET_CLUSTER_KEY") or None
@@ -69,6 +70,7 @@ class ServerConfig:
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
         _positive("--reweight-s", self.reweight_s)
+        _positive("--max-body-bytes", self.max_body_bytes, zero_ok=True)
         for name in ("max_batch", "max_step_tokens", "max_queue", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")

@@ -8,8 +8,9 @@ Each node gets one `Mlp(step, epoch, layer, x)` per layer and returns its partia
 computes its own ranges while it waits, then sums the partials in range order (so the result
 does not depend on which reply came first). In the fast precision partials are float64 (see
 mlp.py) and their sum is rounded to float32 once. A node that misses the step's deadline or whose
-connection is gone has its range computed here for this step; a lost connection, or
-MAX_MISSES missed deadlines in a row, plan it out. Replies
+connection is gone, or whose reply is malformed (wrong rows, width or dtype, NaN), has its range
+computed here for this step; a lost connection, MAX_MISSES missed deadlines in a row, or too many
+bad messages (cluster.MAX_BAD_MESSAGES), plan it out. Replies
 carry (step, epoch, layer): a late one is dropped, never summed into another step.
 """
 from __future__ import annotations
@@ -39,10 +40,12 @@ class ClusterMLP:
         self.local_cache: dict[tuple[int, int, int], object] = {}
         self._epoch = cluster.epoch
         self.waiting: dict[int, tuple[int, int]] = {}   # node id -> range, for the current call
+        self._bad_at_send: dict[int, int] = {}          # node id -> its bad-message count then
         self.parts: list[tuple[int, np.ndarray]] = []
         self.key = (0, 0, 0)
+        # fallbacks: ranges of planned nodes computed here instead, by reason; replies: per node name
         self.stats = {"calls": 0, "wait_s": 0.0, "local_s": 0.0, "bytes_out": 0, "bytes_in": 0,
-                      "fallbacks": 0}
+                      "fallbacks": 0, "fallback_reasons": {}, "replies": {}}
         cluster.on_mlp_out = self._on_reply
 
     def begin_step(self) -> None:
@@ -56,7 +59,7 @@ class ClusterMLP:
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """x (N, H) -> sum of all ranges' partials (N, H)."""
         c, plan = self.c, self.c.plan
-        self.key, self.parts, self.waiting = (self.step, c.epoch, layer), [], {}
+        self.key, self.parts, self.waiting, self._bad_at_send = (self.step, c.epoch, layer), [], {}, {}
         self._x, self._t_sent = x, time.perf_counter()
         local = list(plan.local)
         if plan.ranges:
@@ -65,9 +68,11 @@ class ClusterMLP:
                 n = c.serving(nid)
                 # a node still receiving rows for the next epoch would answer late: compute here
                 if n is not None and not n.loading_rows and c.send_frames(n, frames):
-                    self.waiting[nid] = rng
+                    self.waiting[nid], self._bad_at_send[nid] = rng, n.bad
                     self.stats["bytes_out"] += len(frames[0]) + x.nbytes
                 else:
+                    self._count("not serving" if n is None else "loading rows" if n.loading_rows
+                                else "send failed")
                     local.append(rng)
         t0 = time.perf_counter()
         for s, e in local:
@@ -99,7 +104,7 @@ class ClusterMLP:
             self._receive()
         for nid in list(self.waiting):
             n = self.c.nodes.get(nid)
-            self._fallback(nid, "missed the step deadline")
+            self._fallback(nid, "missed deadline")
             if n is None:
                 continue
             n.misses += 1   # one hiccup is not a failure: evicting means reloading every row
@@ -110,22 +115,29 @@ class ClusterMLP:
                 log.warning("node %r %s (%d in a row); its range was computed here", n.name, why, n.misses)
 
     def _receive(self) -> None:
-        """Handle one message; a node lost meanwhile (disconnect, bad messages) is computed here."""
+        """Handle one message; a node lost meanwhile (disconnect, bad messages) or that sent a
+        message the wire layer rejected (its reply may have been that one) is computed here."""
         self.c.handle(self.c.sock.recv_multipart(copy=False))
-        for nid in [i for i in self.waiting if self.c.serving(i) is None]:
-            self._fallback(nid, "lost during the step")
+        for nid in list(self.waiting):
+            n = self.c.serving(nid)
+            if n is None:
+                self._fallback(nid, "lost during step")
+            elif n.bad > self._bad_at_send.get(nid, n.bad):
+                self._fallback(nid, "bad message")
 
     def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
         if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
             return False
-        if m.y.shape != self._x.shape or m.y.dtype != self.out_dtype:   # a broken peer: compute here
-            self._fallback(n.id, "bad reply shape")
-            self.c._bad(n, n.ident, f"mlp_out {m.y.dtype} {m.y.shape}, expected {self.out_dtype} {self._x.shape}")
+        why = _malformed(m.y, self._x.shape, self.out_dtype)
+        if why:   # a broken peer: compute its range here instead, and count it as a bad message
+            self._fallback(n.id, "bad reply", why)
+            self.c._bad(n, n.ident, f"mlp_out {why}")
             return True
         rng = self.waiting.pop(n.id)
         n.misses = 0
         self.parts.append((rng[0], m.y.reshape(-1, m.y.shape[-1])))
         self.stats["bytes_in"] += m.y.nbytes
+        self.stats["replies"][n.name] = self.stats["replies"].get(n.name, 0) + 1
         lat = time.perf_counter() - self._t_sent
         if self.on_latency is not None:
             self.on_latency(n, lat)
@@ -134,12 +146,18 @@ class ClusterMLP:
         n.samples += 1
         return True
 
-    def _fallback(self, nid: int, why: str) -> None:
+    def _fallback(self, nid: int, reason: str, detail: str = "") -> None:
         s, e = self.waiting.pop(nid)
         layer = self.key[2]
-        log.debug("computing [%d, %d) of layer %d here: node %d %s", s, e, layer, nid, why)
-        self.stats["fallbacks"] += 1
+        log.debug("computing [%d, %d) of layer %d here: node %d %s %s", s, e, layer, nid, reason, detail)
+        self._count(reason)
         self.parts.append((s, self._local(layer, s, e)(self._x)))
+
+    def _count(self, reason: str) -> None:
+        """A planned node's range computed here: counted, with why, in stats and /metrics."""
+        self.stats["fallbacks"] += 1
+        reasons = self.stats["fallback_reasons"]
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     def _deadline(self, rows: int) -> float:
         emas = [self.c.nodes[i].latency_ema for i in self.waiting if i in self.c.nodes
@@ -155,6 +173,19 @@ class ClusterMLP:
                 self.local_cache.clear()
             sl = self.local_cache[key] = self.c.weights.slice(layer, s, e)
         return sl
+
+
+def _malformed(y: np.ndarray, shape: tuple, dtype: np.dtype) -> str:
+    """Why a node's partial cannot be summed ('' if it can): the wire layer has checked the width;
+    the row count, the dtype of this precision and finiteness depend on the call (a NaN would
+    poison every token)."""
+    if y.shape != shape:
+        return f"shape {y.shape}, expected {shape}"
+    if y.dtype != dtype:
+        return f"dtype {y.dtype}, expected {dtype}"
+    if not np.isfinite(y).all():
+        return "holds NaN or inf"
+    return ""
 
 
 def _row_scale(rows: int) -> float:

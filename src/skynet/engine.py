@@ -12,6 +12,7 @@ echo and scoring). Only asking sequences make the head compute more than their l
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from .model import Model, Segment
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 
 _ids = itertools.count(1)
+log = logging.getLogger("skynet.engine")
 
 
 class RequestError(ValueError):
@@ -74,7 +76,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.lock = threading.Lock()
-        self.stats = {"steps": 0, "rows": 0, "forward_s": 0.0, "head_s": 0.0, "sample_s": 0.0}
+        # packed_steps: steps that carried rows of two or more sequences; max_seqs: the most in one
+        self.stats = {"steps": 0, "rows": 0, "packed_steps": 0, "max_seqs": 0,
+                      "forward_s": 0.0, "head_s": 0.0, "sample_s": 0.0}
 
     # ------------------------------------------------------------------ admission
     def check(self, prompt: list[int], max_tokens: int) -> None:
@@ -116,13 +120,20 @@ class Engine:
             if m < n:
                 rows.append(len(tokens) + n - 1)
             tokens.extend(toks[seq.cached:seq.cached + n])
-        begin = getattr(self.mlp, "begin_step", None)
-        if begin:
-            begin()
         t0 = time.perf_counter()
         every = len(rows) > len(batch)   # somebody wants prompt logprobs: more than the last rows
-        logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp,
-                                    rows=rows if every else None)              # (len(rows), V)
+        try:
+            begin = getattr(self.mlp, "begin_step", None)
+            if begin:
+                begin()
+            logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp,
+                                        rows=rows if every else None)          # (len(rows), V)
+        except Exception:   # their KV caches are half written: this step's requests fail, no others
+            log.exception("step failed; failing its %d request(s)", len(batch))
+            for seq, _ in batch:
+                seq.finish("error")
+            self._reap()
+            return 0
         t1 = time.perf_counter()
         for i, (seq, n) in enumerate(batch):
             first, m = scored[i]
@@ -134,10 +145,12 @@ class Engine:
                 if len(seq.out) >= seq.max_tokens:   # max_tokens 0: the prompt is scored, no token
                     seq.finish("length")
                 else:
-                    self._emit(seq, seq.sampler(logits[first + m]), logits[first + m])
+                    self._sample(seq, logits[first + m])
         st = self.stats
         st["steps"] += 1
         st["rows"] += len(tokens)
+        st["packed_steps"] += len(batch) > 1
+        st["max_seqs"] = max(st["max_seqs"], len(batch))
         st["forward_s"] += t1 - t0
         st["head_s"] += self.model.last_head_s
         st["sample_s"] += time.perf_counter() - t1
@@ -177,6 +190,14 @@ class Engine:
             return 0
         return max(0, min(seq.cached + n, len(seq.prompt) - 1) - seq.cached)
 
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Sample and emit one token; whatever goes wrong here fails this request only."""
+        try:
+            self._emit(seq, seq.sampler(logits), logits)
+        except Exception:
+            log.exception("request %d failed while sampling or emitting a token", seq.id)
+            seq.finish("error")
+
     def _emit(self, seq: Sequence, tok: int, logits: np.ndarray) -> None:
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
@@ -202,12 +223,24 @@ class Engine:
     def _finished(self, seq: Sequence) -> None:
         seq.cache = None  # frees the KV cache
         if seq.on_finish:
-            seq.on_finish(seq)
+            try:
+                seq.on_finish(seq)
+            except Exception:   # the request is over either way; the others must not notice
+                log.exception("request %d: finish callback failed", seq.id)
 
-    def cancel_all(self, reason: str) -> None:
+    def fail_running(self, reason: str = "error") -> None:
+        """Finish every running request with `reason` now (waiting ones keep their place)."""
+        for seq in self.running:
+            seq.finish(reason)
+        self._reap()
+
+    def fail_all(self, reason: str = "error") -> None:
+        """Finish every running and waiting request with `reason` now: the engine stops."""
         with self.lock:
-            for seq in [*self.running, *self.waiting]:
-                seq.finish(reason)
+            seqs, self.running, self.waiting = [*self.running, *self.waiting], [], deque()
+        for seq in seqs:
+            seq.finish(reason)
+            self._finished(seq)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),

@@ -27,26 +27,27 @@ class Dense:
 
 
 class QLinear:
-    __slots__ = ("parts", "out", "nbytes")
+    __slots__ = ("parts", "out", "nbytes", "threads")
 
-    def __init__(self, *parts: QMatrix):
+    def __init__(self, *parts: QMatrix, threads: int = 1):
         if len({p.cols for p in parts}) != 1:
             raise ValueError(f"fused matrices disagree on input size: {[p.cols for p in parts]}")
         self.parts = parts
         self.out = sum(p.rows for p in parts)
         self.nbytes = sum(p.nbytes for p in parts)
+        self.threads = threads
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if len(self.parts) == 1:
-            return self.parts[0](x)
+            return self.parts[0](x, threads=self.threads)
         xq = quant.quantize_act(x)
-        return np.concatenate([p(xq) for p in self.parts], axis=1)      # (N, out)
+        return np.concatenate([p(xq, threads=self.threads) for p in self.parts], axis=1)   # (N, out)
 
 
-def linear(*ws) -> Dense | QLinear:
+def linear(*ws, threads: int = 1) -> Dense | QLinear:
     """The layer type that fits the tensors: all QMatrix -> QLinear, all arrays -> Dense."""
     if all(isinstance(w, QMatrix) for w in ws):
         if len(ws) > 1 and len({(w.qtype, w.cols) for w in ws}) == 1:
             ws = (QMatrix(ws[0].qtype, np.concatenate([w.data for w in ws]), ws[0].cols),)
-        return QLinear(*ws)
+        return QLinear(*ws, threads=threads)
     return Dense(*[w.dequantize() if isinstance(w, QMatrix) else w for w in ws])

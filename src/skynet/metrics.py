@@ -9,7 +9,8 @@ several runtimes can live in one process). Hooks, and the thread each runs in:
     sample()                 engine thread, every loop iteration (records at most once a second)
     render(), history()      HTTP thread
 
-prometheus_client metrics are thread-safe; the history ring buffer has its own lock.
+prometheus_client metrics are thread-safe; the history ring buffer has its own lock. The per-node
+round-trip series are removed once their node is no longer registered (at each sample and scrape).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ class Metrics:
         self.node_rtt = Histogram("skynet_node_mlp_round_trip_seconds",
                                   "Send of an MLP call to a node's reply", ["node"],
                                   buckets=RTT_BUCKETS, registry=r)
+        self.fallbacks = Counter("skynet_mlp_fallbacks", "Node ranges the server computed itself, by reason",
+                                 ["reason"], registry=r)
+        self._fallbacks_seen: dict[str, int] = {}
         self.active_nodes = Gauge("skynet_active_nodes", "Nodes serving the current plan", registry=r)
         self.epoch = Gauge("skynet_epoch", "Current plan epoch", registry=r)
         self.queued = Gauge("skynet_queued_requests", "Requests waiting for a batch slot", registry=r)
@@ -49,6 +53,7 @@ class Metrics:
         self._last_token: dict[int, float] = {}   # seq id -> time of its previous token
         self._tokens = 0                           # generated tokens, for the tokens/s samples
         self._seen_epoch = 0                       # newest epoch counted in `rebalances`
+        self._node_names: set[str] = set()         # nodes with a node_rtt series
         self.interval_s = interval_s
         self._samples: deque[dict] = deque(maxlen=max(1, int(history_s / interval_s)))
         self._t_sample = time.monotonic()
@@ -65,6 +70,14 @@ class Metrics:
         self.queued.set_function(lambda: len(engine.waiting))
         self.running.set_function(lambda: len(engine.running))
         return self
+
+    def _count_fallbacks(self) -> None:
+        mlp = getattr(self._engine, "mlp", None)
+        reasons = dict(getattr(mlp, "stats", {}).get("fallback_reasons", {}))
+        for reason, n in reasons.items():
+            if n > self._fallbacks_seen.get(reason, 0):
+                self.fallbacks.labels(reason).inc(n - self._fallbacks_seen.get(reason, 0))
+                self._fallbacks_seen[reason] = n
 
     # ------------------------------------------------------------------ hooks
     def request(self, prompt_tokens: int) -> None:
@@ -86,7 +99,23 @@ class Metrics:
         self._last_token.pop(seq.id, None)
 
     def node_reply(self, node, seconds: float) -> None:
+        with self._lock:
+            self._node_names.add(node.name)
         self.node_rtt.labels(node.name).observe(seconds)
+
+    def _drop_gone_nodes(self) -> None:
+        """Remove the node_rtt series of nodes that are no longer registered: default names carry
+        the PID, so keeping them would grow the series with every churn."""
+        if not self._node_names or self._cluster is None:
+            return
+        present = {n.name for n in list(self._cluster.nodes.values())}
+        with self._lock:
+            gone, self._node_names = self._node_names - present, self._node_names & present
+        for name in gone:
+            try:
+                self.node_rtt.remove(name)
+            except KeyError:
+                pass
 
     # ------------------------------------------------------------------ history (dashboard chart)
     def sample(self, now: float | None = None) -> None:
@@ -103,6 +132,7 @@ class Metrics:
         with self._lock:
             self._samples.append(point)
         self._count_rebalances()
+        self._drop_gone_nodes()
 
     def history(self, since: float = 0.0) -> list[dict]:
         with self._lock:
@@ -121,4 +151,6 @@ class Metrics:
 
     def render(self) -> bytes:
         self._count_rebalances()
+        self._count_fallbacks()
+        self._drop_gone_nodes()
         return generate_latest(self.registry)

@@ -74,14 +74,15 @@ class SliceLayer:
 class QSliceLayer:
     """Neurons [start, end) of one layer in GGML blocks: gate, up (n rows), down (H rows of n)."""
 
-    __slots__ = ("start", "end", "gate", "up", "down")
+    __slots__ = ("start", "end", "gate", "up", "down", "threads")
 
-    def __init__(self, start: int, end: int, gate: QMatrix, up: QMatrix, down: QMatrix):
+    def __init__(self, start: int, end: int, gate: QMatrix, up: QMatrix, down: QMatrix, threads: int = 1):
         n = end - start
         if not (gate.rows == up.rows == down.cols == n and gate.cols == up.cols == down.rows):
             raise ValueError(f"slice [{start},{end}): gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
                              f"down {down.rows}x{down.cols}")
         self.start, self.end, self.gate, self.up, self.down = start, end, gate, up, down
+        self.threads = threads
 
     @property
     def n(self) -> int:
@@ -89,9 +90,10 @@ class QSliceLayer:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (N, H) float32 -> partial output (N, H) float64."""
-        xq = quant.quantize_act(x)                      # 8-bit blocks, shared by gate and up
-        act = silu_mul2(self.gate(xq), self.up(xq))     # (N, n) float32
-        return self.down(act, dtype=np.float64)         # (N, H) float64
+        t = self.threads
+        xq = quant.quantize_act(x)                                    # 8-bit blocks, shared by gate and up
+        act = silu_mul2(self.gate(xq, threads=t), self.up(xq, threads=t))   # (N, n) float32
+        return self.down(act, dtype=np.float64, threads=t)            # (N, H) float64
 
     def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.gate.data, self.up.data, self.down.data
@@ -133,8 +135,8 @@ class QFormat:
 
     name = "blocks"
 
-    def __init__(self, hidden: int, qtypes: list[tuple[int, int, int]]):
-        self.hidden, self.qtypes = hidden, qtypes
+    def __init__(self, hidden: int, qtypes: list[tuple[int, int, int]], threads: int = 1):
+        self.hidden, self.qtypes, self.threads = hidden, qtypes, threads
         self.granule = max(quant.BLOCKS[quant.QType(d)][0] for _, _, d in qtypes)
 
     def _rb(self, qtype: int, values: int) -> int:
@@ -160,7 +162,8 @@ class QFormat:
     def build(self, layer: int, start: int, end: int, bufs) -> QSliceLayer:
         g, u, d = self.qtypes[layer]
         n, h = end - start, self.hidden
-        return QSliceLayer(start, end, QMatrix(g, bufs[0], h), QMatrix(u, bufs[1], h), QMatrix(d, bufs[2], n))
+        return QSliceLayer(start, end, QMatrix(g, bufs[0], h), QMatrix(u, bufs[1], h), QMatrix(d, bufs[2], n),
+                           self.threads)
 
     def bytes_per_neuron(self, layer: int) -> int:
         g, u, d = self.qtypes[layer]
@@ -171,10 +174,10 @@ class QFormat:
         return bytes(t for layer in self.qtypes for t in layer)
 
     @classmethod
-    def from_bytes(cls, hidden: int, layers: int, b: bytes) -> "QFormat":
+    def from_bytes(cls, hidden: int, layers: int, b: bytes, threads: int = 1) -> "QFormat":
         if len(b) != 3 * layers or any(t not in quant.BLOCKS for t in b):
             raise ValueError(f"bad block types {b!r:.60} for {layers} layers")
-        return cls(hidden, [tuple(b[3 * i:3 * i + 3]) for i in range(layers)])
+        return cls(hidden, [tuple(b[3 * i:3 * i + 3]) for i in range(layers)], threads)
 
 
 # ---------------------------------------------------------------- the server's full MLP
@@ -184,8 +187,8 @@ class MLPWeights:
     exact: gate, up, down_t float32 (I, H) per layer. fast: gate, up QMatrix (I rows of H) and
     down QMatrix (H rows of I) per layer, views into the mapped model file."""
 
-    def __init__(self, gate: list, up: list, down: list):
-        self.gate, self.up, self.down = gate, up, down
+    def __init__(self, gate: list, up: list, down: list, threads: int = 1):
+        self.gate, self.up, self.down, self.threads = gate, up, down, threads
         self.quantized = isinstance(gate[0], QMatrix)
         self.layers = len(gate)
         if self.quantized:
@@ -204,8 +207,9 @@ class MLPWeights:
         if not self.quantized:
             return SliceLayer(start, end, self.gate[layer][start:end], self.up[layer][start:end],
                               self.down[layer][start:end])
-        return QSliceLayer(start, end, self.gate[layer].take_rows(start, end),
-                           self.up[layer].take_rows(start, end), self.down[layer].take_cols(start, end))
+        down = self.down[layer]   # its columns are a copy, unless the slice is the whole layer
+        return QSliceLayer(start, end, self.gate[layer].take_rows(start, end), self.up[layer].take_rows(start, end),
+                           down if (start, end) == (0, self.neurons) else down.take_cols(start, end), self.threads)
 
     def rows(self, layer: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pieces to ship for neurons [start, end), in this format's layout."""

@@ -84,8 +84,9 @@ class Layer:
 class Model:
     """Weights for everything but the MLP neurons' placement, and the forward pass."""
 
-    def __init__(self, arch: Arch, tensors: dict[str, np.ndarray]):
-        a, self.arch = arch, arch
+    def __init__(self, arch: Arch, tensors: dict[str, np.ndarray], threads: int = 1):
+        """`threads`: threads of the fast kernels (rows split; results do not depend on it)."""
+        a, self.arch, self.threads = arch, arch, threads
         p = "model."
         self.embed = tensors[p + "embed_tokens.weight"]                          # (V, H)
         head = tensors.get("lm_head.weight", self.embed if a.tie_embeddings else None)
@@ -104,13 +105,13 @@ class Model:
                  if a.qkv_bias else None)
             self.layers.append(Layer(
                 tensors[q + "input_layernorm.weight"], tensors[q + "post_attention_layernorm.weight"],
-                linear(*[tensors[att + n + "_proj.weight"] for n in "qkv"]), b,
-                linear(tensors[att + "o_proj.weight"])))
+                linear(*[tensors[att + n + "_proj.weight"] for n in "qkv"], threads=threads), b,
+                linear(tensors[att + "o_proj.weight"], threads=threads)))
             gate.append(tensors[q + "mlp.gate_proj.weight"])                           # (I, H)
             up.append(tensors[q + "mlp.up_proj.weight"])                               # (I, H)
             down = tensors[q + "mlp.down_proj.weight"]                                 # (H, I)
             down_t.append(down if self.quantized else np.ascontiguousarray(down.T))   # blocks | (I, H)
-        self.mlp_weights = MLPWeights(gate, up, down_t)
+        self.mlp_weights = MLPWeights(gate, up, down_t, threads)
         inv = rope_inv_freq(a)
         freqs = np.arange(a.max_context, dtype=np.float32)[:, None] * inv[None, :]     # (C, D/2)
         self.cos, self.sin = np.cos(freqs), np.sin(freqs)
@@ -122,7 +123,7 @@ class Model:
         2-core EPYC (1 BLAS thread): one row 4.5 ms as x @ W^T (contiguous), but 2 rows 26 ms
         in one call. So up to HEAD_ROWWISE rows go one by one, more rows as W @ x^T (24 ms at 8)."""
         if self.lm_head_t is None:
-            return self.lm_head(x)
+            return self.lm_head(x, threads=self.threads)
         if x.shape[0] <= HEAD_ROWWISE:
             return np.concatenate([x[i:i + 1] @ self.lm_head_t for i in range(x.shape[0])])
         return (self.lm_head @ x.T).T

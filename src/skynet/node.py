@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from . import wire
+from . import faults, wire
 from .auth import Keyring
 from .config import NodeConfig
 from .mlp import F32Format, QFormat
@@ -56,6 +56,7 @@ class Node:
         self.pending: Pending | None = None
         self.stopping = False
         self.served = 0
+        self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -135,7 +136,8 @@ class Node:
         """The model's shape and the weights' layout, as the server's Welcome states them."""
         self.welcome = w
         self.limits = wire.Limits(hidden=w.hidden, layers=w.layers, qtypes=w.qtypes)
-        self.format = QFormat.from_bytes(w.hidden, w.layers, w.qtypes) if w.qtypes else F32Format(w.hidden)
+        self.format = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
+                       else F32Format(w.hidden))
 
     def _serve(self, sock) -> None:
         quiet_limit = 3 * self.welcome.heartbeat_s + 1.0
@@ -187,7 +189,8 @@ class Node:
                 time.sleep(self.cfg.delay_ms / 1000)
             x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
             y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
-            sock.send_multipart(wire.encode(wire.MlpOut(msg.step, msg.epoch, msg.layer, y)), copy=False)
+            out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y)
+            sock.send_multipart(wire.encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
             self.served += 1
             for old in [e for e in self.slices if e < msg.epoch]:
                 del self.slices[old]   # the server has switched: older rows can go

@@ -34,6 +34,10 @@ class Busy(RuntimeError):
     """The request queue is full (back-pressure): try again later."""
 
 
+class Unavailable(RuntimeError):
+    """The engine has stopped for good; the server cannot generate any more."""
+
+
 @dataclass
 class Stream:
     """One choice's output as it is produced, as events on an asyncio queue (shared by the
@@ -58,8 +62,10 @@ class Runtime:
         self.model_name, self.hf_config = source.name, source.config
         self.precision = source.precision(cfg.precision)
         self.arch = arch_from_config(self.hf_config)
-        self.model = Model(self.arch, source.tensors(self.precision))
+        self.model = Model(self.arch, source.tensors(self.precision), cfg.threads)
         self.tokenizer = source.tokenizer()
+        # no token covers more characters than its longest string: a bound checked before tokenizing
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
         self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6)
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
@@ -72,7 +78,9 @@ class Runtime:
         self.metrics = Metrics().bind(self.cluster, self.engine)
         self.mlp.on_latency = self.metrics.node_reply
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)   # a full pipe is a wake-up already pending
         self._stop = threading.Event()
+        self.fatal: str | None = None   # why the engine stopped for good, if it did
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         log.info("model %s loaded in %.1fs (%s precision): %d layers, hidden %d, %d MLP neurons; "
                  "nodes connect to %s:%d", self.model_name, self.load_s, self.precision, self.arch.layers, self.arch.hidden, self.arch.neurons,
@@ -85,34 +93,59 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
-        os.write(self._wake_w, b"x")
+        self._wake()
         self.thread.join(timeout=5)
         self.cluster.close()
 
+    def health(self) -> str | None:
+        """None while the engine can serve, else why it cannot."""
+        if self.fatal is None and self.thread.ident is not None and not self.thread.is_alive():
+            return "the engine thread is not running"
+        return self.fatal
+
     def _loop(self) -> None:
+        """Never ends silently: a failed iteration fails the running requests and the loop goes
+        on; if even that fails (or anything escapes), the engine stops for good and says so."""
         poller = zmq.Poller()
         poller.register(self.cluster.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while not self._stop.is_set():
-            try:
-                self.metrics.sample()
-                if self.engine.has_work:
-                    self.engine.step()
-                    continue
-                ready = dict(poller.poll(100))
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)
-                self.cluster.poll(0)
-            except Exception:  # one bad step must not kill the server
-                log.exception("engine step failed; failing the running requests")
-                self.engine.cancel_all("error")
-                self.engine.step()
+        why = "the engine thread ended"
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._iterate(poller)
+                except Exception:   # (a failed forward is handled inside the engine)
+                    log.exception("engine loop failed; failing the running requests")
+                    self.engine.fail_running("error")
+                    time.sleep(0.05)   # a fault that repeats must not spin a core
+        except Exception as e:   # even failing the running requests failed
+            log.exception("the engine cannot continue")
+            why = f"the engine failed and cannot continue: {e!r}"
+        finally:
+            if not self._stop.is_set():
+                self._die(why)
+
+    def _iterate(self, poller: zmq.Poller) -> None:
+        self.metrics.sample()
+        if self.engine.has_work:
+            self.engine.step()
+            return
+        ready = dict(poller.poll(100))
+        if self._wake_r in ready:
+            os.read(self._wake_r, 4096)
+        self.cluster.poll(0)
+
+    def _die(self, why: str) -> None:
+        """The engine stops for good: /health reports it and every request gets an error."""
+        self.fatal = why
+        log.critical("%s; failing every request", why)
+        self.engine.fail_all("error")
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams,
                stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None,
                ignore_eos: bool = False) -> Stream:
-        """Queue a request; raises RequestError (bad request) or Busy (queue full)."""
+        """Queue a request; raises RequestError (bad request), Busy (queue full) or Unavailable."""
         return self.submit_batch([prompt], max_tokens, params, stop, loop, ignore_eos)[0]
 
     def submit_batch(self, prompts: list[list[int]], max_tokens: int, params: SamplingParams,
@@ -120,7 +153,9 @@ class Runtime:
                      ignore_eos: bool = False, n: int = 1, logprobs: int | None = None,
                      prompt_logprobs: int | None = None) -> list[Stream]:
         """Queue n choices of each prompt, all or none; choice j of prompt i is stream i * n + j,
-        with its own random stream (j) of the seed. Raises RequestError or Busy."""
+        with its own random stream (j) of the seed. Raises RequestError, Busy or Unavailable."""
+        if self.fatal:
+            raise Unavailable(self.fatal)
         for prompt in prompts:
             self.engine.check(prompt, max_tokens)
         want = len(prompts) * n
@@ -139,7 +174,9 @@ class Runtime:
                 streams.append(self._track(Stream(seq, queue, index=i * n + j), stop, loop))
         for st in streams:
             self.engine.submit(st.seq)
-        os.write(self._wake_w, b"x")
+        if self.fatal:   # it died while these were being queued: nobody else will finish them
+            self.engine.fail_all("error")
+        self._wake()
         return streams
 
     def _track(self, stream: Stream, stop: list[str], loop) -> Stream:
@@ -175,12 +212,20 @@ class Runtime:
         self.metrics.request(len(seq.prompt))
         return stream
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:   # the engine has not drained earlier wake-ups: it will wake
+            pass
+
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Text or token ids -> token ids (slow for long text: call it off the event loop)."""
         if isinstance(prompt, list):
             if not all(isinstance(t, int) and 0 <= t < self.arch.vocab for t in prompt):
                 raise RequestError(f"prompt token ids must be integers in [0, {self.arch.vocab})")
             return prompt
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        self._check_chars(len(prompt))
+        return self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
 
     def token_text(self, token: int) -> str:
         """One token on its own, special tokens included (the `tokens` of logprobs)."""
@@ -190,11 +235,21 @@ class Runtime:
         return text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages -> token ids (slow for long text: call it off the event loop)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template; use /v1/completions")
+        self._check_chars(sum(len(str(m.get("content") or "")) for m in messages))
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_chars(self, chars: int) -> None:
+        """Refuse, before tokenizing it, text that cannot fit: every token covers at most
+        max_token_chars characters, so it has at least chars / max_token_chars tokens."""
+        ctx = self.arch.max_context
+        if chars > ctx * self.max_token_chars:
+            raise RequestError(f"prompt of {chars} characters exceeds the model's context of {ctx} "
+                               f"tokens (no token is longer than {self.max_token_chars} characters)")
 
     # ------------------------------------------------------------------ views
     def _local_ranges(self) -> list[list[int]]:

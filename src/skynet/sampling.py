@@ -32,6 +32,16 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
 
+def penalize(logits: np.ndarray, counts: dict[int, int], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's penalties on logits (V,), as a float64 copy: every token j generated c[j] > 0
+    times so far loses  c[j] * frequency + presence."""
+    out = logits.astype(np.float64)
+    ids = np.fromiter(counts.keys(), np.int64, len(counts))
+    n = np.fromiter(counts.values(), np.float64, len(counts))
+    out[ids] -= presence + frequency * n
+    return out
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """One position: the token there, its logprob (None for a prompt's first token, which
@@ -83,10 +93,7 @@ class Sampler:
         """logits (V,) float32 -> token id."""
         p = self.p
         if (p.presence_penalty or p.frequency_penalty) and self.counts:
-            logits = logits.astype(np.float64)
-            ids = np.fromiter(self.counts.keys(), np.int64)
-            n = np.fromiter(self.counts.values(), np.float64)
-            logits[ids] -= p.presence_penalty + p.frequency_penalty * n
+            logits = penalize(logits, self.counts, p.presence_penalty, p.frequency_penalty)
         if p.temperature == 0.0:
             tok = int(np.argmax(logits))
         else:

@@ -105,6 +105,8 @@ function render(v) {
   $("t-requests").textContent = fmtInt(v.requests);
   $("t-generated").textContent = fmtInt(v.generated_tokens);
   $("t-fallbacks").textContent = `${fmtInt(mlp.fallbacks || 0)} / ${fmtInt(v.dropped_messages)}`;
+  $("t-fallbacks").title = Object.entries(mlp.fallback_reasons || {}).map(([k, n]) => `${k}: ${n}`).join("\n")
+    || "no node range was computed by the server";
   $("scale-max").textContent = fmtInt(N);
   $("plan-sub").textContent = v.pending_epoch != null
     ? `epoch ${v.epoch} serving; epoch ${v.pending_epoch} loading`
