@@ -4,6 +4,10 @@ Each step takes every running sequence's next rows: one token for a sequence tha
 a chunk of its prompt for one that is prefilling (within a per-step token budget). Sequences
 join at step boundaries and leave when they finish or are cancelled; each owns its KV cache,
 freed with it. The engine knows nothing of HTTP; callers get tokens through `on_token`.
+
+Logprobs, when a sequence asks: each sampled token's from the row it was sampled from
+(`Sequence.logprobs`), and each prompt token's from the row before it (`prompt_logprobs`, for
+echo and scoring). Only asking sequences make the head compute more than their last row.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .model import Model, Segment
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 
 _ids = itertools.count(1)
 log = logging.getLogger("skynet.engine")
@@ -44,6 +48,11 @@ class Sequence:
     t_first: float | None = None
     cache: object = None
     sampler: Sampler | None = None
+    stream: int = 0                    # which random stream of the seed (one per choice of a request)
+    logprobs: int | None = None        # None: none; k: each sampled token's logprob and top k
+    prompt_logprobs: int | None = None # None: none; k: the same for prompt tokens 1.. (token 0 has none)
+    out_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -76,15 +85,15 @@ class Engine:
         ctx = self.model.arch.max_context
         if not prompt:
             raise RequestError("the prompt is empty")
-        if max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {max_tokens}")
         if len(prompt) + max_tokens > ctx:
             raise RequestError(f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
                                f"exceeds the model's context of {ctx} tokens")
 
     def submit(self, seq: Sequence) -> Sequence:
         self.check(seq.prompt, seq.max_tokens)
-        seq.sampler = Sampler(seq.params)
+        seq.sampler = Sampler(seq.params, seq.stream)
         with self.lock:
             self.waiting.append(seq)
         return seq
@@ -100,18 +109,25 @@ class Engine:
         batch = self._schedule()
         if not batch:
             return 0
-        tokens, segments, sampled = [], [], []
+        tokens, segments, sampled, rows, scored = [], [], [], [], []
         for seq, n in batch:
             toks = seq.tokens()
             segments.append(Segment(seq.cache, len(tokens), n, seq.cached))
-            tokens.extend(toks[seq.cached:seq.cached + n])
             sampled.append(seq.cached + n == len(toks))  # this chunk ends with the newest token
+            m = self._prompt_rows(seq, n)
+            scored.append((len(rows), m))
+            rows.extend(range(len(tokens), len(tokens) + m))
+            if m < n:
+                rows.append(len(tokens) + n - 1)
+            tokens.extend(toks[seq.cached:seq.cached + n])
         t0 = time.perf_counter()
+        every = len(rows) > len(batch)   # somebody wants prompt logprobs: more than the last rows
         try:
             begin = getattr(self.mlp, "begin_step", None)
             if begin:
                 begin()
-            logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp)  # (S, V)
+            logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp,
+                                        rows=rows if every else None)          # (len(rows), V)
         except Exception:   # their KV caches are half written: this step's requests fail, no others
             log.exception("step failed; failing its %d request(s)", len(batch))
             for seq, _ in batch:
@@ -120,9 +136,16 @@ class Engine:
             return 0
         t1 = time.perf_counter()
         for i, (seq, n) in enumerate(batch):
+            first, m = scored[i]
+            if m:
+                nxt = seq.prompt[seq.cached + 1:seq.cached + 1 + m]
+                seq.prompt_lps.extend(token_logprobs(logits[first:first + m], nxt, seq.prompt_logprobs))
             seq.cached += n
-            if sampled[i] and not seq.done:
-                self._sample(seq, logits[i])
+            if sampled[i] and not seq.done:   # the chunk's last row follows its scored rows
+                if len(seq.out) >= seq.max_tokens:   # max_tokens 0: the prompt is scored, no token
+                    seq.finish("length")
+                else:
+                    self._sample(seq, logits[first + m])
         st = self.stats
         st["steps"] += 1
         st["rows"] += len(tokens)
@@ -160,17 +183,26 @@ class Engine:
                 budget -= n
         return batch
 
+    @staticmethod
+    def _prompt_rows(seq: Sequence, n: int) -> int:
+        """How many of this chunk's n rows score a prompt token (row j predicts token j + 1)."""
+        if seq.prompt_logprobs is None:
+            return 0
+        return max(0, min(seq.cached + n, len(seq.prompt) - 1) - seq.cached)
+
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
         """Sample and emit one token; whatever goes wrong here fails this request only."""
         try:
-            self._emit(seq, seq.sampler(logits))
+            self._emit(seq, seq.sampler(logits), logits)
         except Exception:
             log.exception("request %d failed while sampling or emitting a token", seq.id)
             seq.finish("error")
 
-    def _emit(self, seq: Sequence, tok: int) -> None:
+    def _emit(self, seq: Sequence, tok: int, logits: np.ndarray) -> None:
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
+        if seq.logprobs is not None:
+            seq.out_logprobs.extend(token_logprobs(logits[None], [tok], seq.logprobs))
         seq.out.append(tok)
         if seq.on_token:
             seq.on_token(seq, tok)

@@ -137,9 +137,10 @@ class Model:
         return KVCache(self.arch, capacity)
 
     def forward(self, tokens: np.ndarray, segments: list[Segment], mlp: MLPFn,
-                last_only: bool = True) -> np.ndarray:
+                last_only: bool = True, rows: list[int] | None = None) -> np.ndarray:
         """tokens (N,) packed over segments -> logits (S, V) of each segment's last row
-        (or (N, V) for every row with last_only=False). Appends to each segment's cache."""
+        (or (N, V) for every row with last_only=False, or (len(rows), V) for the packed rows
+        asked). Appends to each segment's cache."""
         a = self.arch
         pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]            # (N, 1, D/2)
@@ -159,7 +160,9 @@ class Model:
             x = x + layer.o(att)                                                   # (N, H)
             x = x + mlp(li, rmsnorm(x, layer.ln2, a.eps))                          # (N, H)
         t0 = time.perf_counter()
-        if last_only:
+        if rows is not None:
+            x = x[rows]                                                            # (R, H)
+        elif last_only:
             x = x[[s.row + s.n - 1 for s in segments]]                             # (S, H)
         logits = self.head(rmsnorm(x, self.norm, a.eps))                          # (S, V)
         self.last_head_s = time.perf_counter() - t0
