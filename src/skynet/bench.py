@@ -239,11 +239,13 @@ def join_figures(lc, nodes: int) -> dict:
 
 
 def kill_figures(lc, prompt: str, victim: str, nodes_after: int) -> dict:
-    """Stream a request, SIGKILL a node after KILL_AFTER tokens; inter-token gaps around it."""
+    """Stream a request, SIGKILL a node after KILL_AFTER tokens; inter-token gaps around it, and
+    whether its text equals the same request's undisturbed answer (taken first)."""
+    undisturbed = complete(lc.url, prompt, KILL_TOKENS)[1]["choices"][0]["text"]
     before = lc.cluster()
     body = {"prompt": prompt, "max_tokens": KILL_TOKENS, "temperature": 0.0, "ignore_eos": True,
             "stream": True}
-    times, fin, usage, killed_at = [], None, {}, None
+    times, fin, usage, killed_at, pieces = [], None, {}, None, []
     with httpx.stream("POST", lc.url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -251,6 +253,7 @@ def kill_figures(lc, prompt: str, victim: str, nodes_after: int) -> dict:
                 continue
             now, chunk = time.perf_counter(), json.loads(line[6:])
             choice = chunk["choices"][0]
+            pieces.append(choice["text"])
             if choice["text"]:
                 times.append(now)
                 if len(times) == KILL_AFTER:
@@ -268,7 +271,8 @@ def kill_figures(lc, prompt: str, victim: str, nodes_after: int) -> dict:
     hist = [h for h in after["rebalances"] if h["epoch"] > before["epoch"]]
     reb = next((h for h in hist if f"{victim} lost" in h["reason"]), None)
     return {"killed": victim, "killed_after_tokens": killed_at, "tokens": usage.get("completion_tokens"),
-            "finish_reason": fin, "max_gap_s": gaps[worst], "median_gap_s": statistics.median(gaps),
+            "finish_reason": fin, "identical_to_undisturbed": "".join(pieces) == undisturbed,
+            "max_gap_s": gaps[worst], "median_gap_s": statistics.median(gaps),
             "extra_latency_s": gaps[worst] - statistics.median(gaps), "max_gap_after_token": worst + 1,
             "fallbacks": after["mlp"]["fallbacks"] - before["mlp"]["fallbacks"],
             "recovery_rebalance_s": reb["seconds"] if reb else None,
@@ -478,12 +482,18 @@ def report(r: dict) -> str:
                        s["plan_changes"]]
                       for k, s in sorted(r["scaling"].items(), key=lambda kv: int(kv[0]))]))
     q = r["quality"]
+    pct = lambda v: None if v is None else f"{100 * v:.1f}%"   # noqa: E731
     out.append(table(f"quality: teacher-forced agreement with HF float32 greedy ({q['prompts']} prompts x "
-                     f"{q['tokens']} tokens)", ["model", "argmax = HF token", "mean |dlogprob|"],
-                     [["SkyNet fast", f"{100 * q['fast']['agreement']:.1f}%", q["fast"]["mean_abs_dlogprob"]],
-                      ["SkyNet exact", f"{100 * q['exact']['agreement']:.1f}%", q["exact"]["mean_abs_dlogprob"]],
-                      ["ideal: HF, nn.Linear inputs Q8_0", f"{100 * q['q8_ref']:.1f}%", None],
-                      ["HF itself (teacher-forced vs generate)", f"{100 * q['hf_self']:.1f}%", None]]))
+                     f"{q['tokens']} tokens), perplexity of that text, and the shipped {q['mc_items']}-item "
+                     f"multiple-choice task (tests/data/lm_eval) scored by loglikelihood",
+                     ["model", "argmax = HF token", "mean |dlogprob|", "perplexity", "MC accuracy",
+                      "MC mean |d loglik|"],
+                     [["SkyNet fast", pct(q["fast"]["agreement"]), q["fast"]["mean_abs_dlogprob"], q["fast"]["ppl"],
+                       pct(q["fast"]["mc_acc"]), q["fast"]["mc_mean_abs_dll"]],
+                      ["SkyNet exact", pct(q["exact"]["agreement"]), q["exact"]["mean_abs_dlogprob"],
+                       q["exact"]["ppl"], pct(q["exact"]["mc_acc"]), q["exact"]["mc_mean_abs_dll"]],
+                      ["HF transformers float32", pct(q["hf_self"]), 0.0, q["hf_ppl"], pct(q["mc_hf_acc"]), 0.0],
+                      ["ideal: HF, nn.Linear inputs Q8_0", pct(q["q8_ref"]), None, None, None, None]]))
     total = sky["breakdown_ms_per_token"]["total (wall)"]
     out.append(table(f"time per generated token, single stream, {m['nodes']} node(s)",
                      ["where", "ms/token", "share"],
@@ -491,7 +501,7 @@ def report(r: dict) -> str:
                       for k, v in sky["breakdown_ms_per_token"].items()]))
     w = sky["wire"]
     out.append(table("wire bytes per token row (server <-> nodes, all layers)", ["", "bytes"],
-                     [["measured (header + payload)", w["bytes_per_token"]],
+                     [["measured (request headers + payloads, reply payloads)", w["bytes_per_token"]],
                       [f"theory nodes*layers*hidden*({w['request_bytes_per_value']}+{w['reply_bytes_per_value']})",
                        w["theory_bytes_per_token"]],
                       ["measured / theory", w["ratio"]]]))
@@ -516,6 +526,7 @@ def report(r: dict) -> str:
                      ["  median gap (ms)", 1000 * e["median_gap_s"]],
                      ["  extra latency (ms)", 1000 * e["extra_latency_s"]],
                      ["  tokens / finish", f"{e['tokens']} / {e['finish_reason']}"],
+                     ["  text identical to the undisturbed run", "yes" if e["identical_to_undisturbed"] else "NO"],
                      ["  fallbacks", e["fallbacks"]],
                      ["  recovery rebalance (s)", e["recovery_rebalance_s"]],
                      ["  rebalances after the kill", len(e["rebalances_after_kill"])]]

@@ -19,7 +19,9 @@ ideal reference.
 from __future__ import annotations
 
 import gc
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -91,10 +93,61 @@ def hf_reference(model, tokenizer, prompts: list[str], n: int, say=print) -> dic
             total += len(target)
             seqs.append(([int(i) for i in out], n0))
     say(f"  HF greedy continuations: {len(prompts)} x {n} tokens ({time.perf_counter() - t0:.0f}s)")
+    mc = mc_requests(tokenizer)
+    mc_hf = [_score_torch(model, ctx, cont) for ctx, cont, _, _ in mc]
     q8 = agreement_hf_q8(model, seqs)
     say(f"  ideal Q8_0-activation reference (HF, nn.Linear inputs in Q8_0 blocks): {100 * q8:.1f}%")
     return {"seqs": seqs, "hf_logprob": logprobs, "hf_self": self_same / total, "q8_ref": q8,
-            "seconds": time.perf_counter() - t0}
+            "hf_ppl": float(np.exp(-np.concatenate(logprobs).mean())), "mc": mc, "mc_hf": mc_hf,
+            "mc_hf_acc": mc_accuracy(mc, mc_hf), "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------- the shipped multiple-choice task
+MC_FILE = Path(__file__).resolve().parents[2] / "tests" / "data" / "lm_eval" / "mc.jsonl"
+
+
+def mc_requests(tokenizer) -> list[tuple[list[int], list[int], int, int]]:
+    """lm-eval's loglikelihood requests for tests/data/lm_eval (the harness task skynet_mc):
+    (context ids, continuation ids, item, choice) for "Question: q\nAnswer:" + " choice"."""
+    if not MC_FILE.is_file():
+        return []
+    out = []
+    for item, line in enumerate(MC_FILE.read_text().splitlines()):
+        doc = json.loads(line)
+        ctx = tokenizer(f"Question: {doc['question']}\nAnswer:", add_special_tokens=True)["input_ids"]
+        for c, choice in enumerate(doc["choices"]):
+            whole = tokenizer(f"Question: {doc['question']}\nAnswer: {choice}", add_special_tokens=True)["input_ids"]
+            out.append((ctx, whole[len(ctx):], item, c if c != doc["answer"] else -1 - c))
+    return out
+
+
+def mc_accuracy(reqs, scores) -> float | None:
+    """Share of items whose highest-loglikelihood choice is the answer (marked by a negative index)."""
+    if not reqs:
+        return None
+    best: dict[int, tuple[float, int]] = {}
+    for (_, _, item, c), sc in zip(reqs, scores):
+        if item not in best or sc > best[item][0]:
+            best[item] = (sc, c)
+    return sum(c < 0 for _, c in best.values()) / len(best)
+
+
+def _score_torch(model, ctx: list[int], cont: list[int]) -> float:
+    import torch
+    ids = torch.tensor([ctx + cont[:-1]], dtype=torch.long)
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(ids).logits[0, len(ctx) - 1:].double(), -1)
+    return float(lp.gather(-1, torch.tensor(cont)[:, None]).sum())
+
+
+def _score_ours(m, mlp, ctx: list[int], cont: list[int]) -> float:
+    from .model import Segment
+    x = np.asarray(ctx + cont[:-1], dtype=np.int64)
+    sl = np.asarray(m.forward(x, [Segment(m.new_cache(len(x)), 0, len(x), 0)], mlp, last_only=False)
+                    [len(ctx) - 1:], dtype=np.float64)
+    mx = sl.max(-1)
+    lse = mx + np.log(np.exp(sl - mx[:, None]).sum(-1))
+    return float((sl[np.arange(len(cont)), cont] - lse).sum())
 
 
 def agreement_hf_q8(model, seqs) -> float:
@@ -129,7 +182,7 @@ def ours(model_arg, ref: dict, precision: str) -> dict:
     m = Model(arch_from_config(src.config), src.tensors(precision))
     mlp = LocalMLP(m.mlp_weights)
     same = total = 0
-    per_prompt, deltas = [], []
+    per_prompt, deltas, lps = [], [], []
     try:
         for (ids, n0), hf_lp in zip(ref["seqs"], ref["hf_logprob"]):
             x = np.asarray(ids[:-1], dtype=np.int64)
@@ -143,19 +196,24 @@ def ours(model_arg, ref: dict, precision: str) -> dict:
             deltas.append(np.abs(lp - hf_lp))
             same, total = same + hit, total + len(target)
             per_prompt.append(hit / len(target))
+            lps.append(lp)
+        mc = [_score_ours(m, mlp, ctx, cont) for ctx, cont, _, _ in ref["mc"]]
     finally:
         m = mlp = src = None
         gc.collect()
     d = np.concatenate(deltas)
     return {"precision": precision, "agreement": same / total, "positions": total,
             "mean_abs_dlogprob": float(d.mean()), "max_abs_dlogprob": float(d.max()),
+            "ppl": float(np.exp(-np.concatenate(lps).mean())), "mc_acc": mc_accuracy(ref["mc"], mc),
+            "mc_mean_abs_dll": float(np.abs(np.subtract(mc, ref["mc_hf"])).mean()) if mc else None,
             "per_prompt": per_prompt, "seconds": time.perf_counter() - t0}
 
 
 def run(model_arg, ref: dict, say=print) -> dict:
     """Our fast and exact models against the reference; the figures the report shows."""
     out = {"prompts": len(ref["seqs"]), "tokens": len(ref["seqs"][0][0]) - ref["seqs"][0][1],
-           "hf_self": ref["hf_self"], "q8_ref": ref["q8_ref"], "target_fast": TARGET_FAST}
+           "hf_self": ref["hf_self"], "q8_ref": ref["q8_ref"], "target_fast": TARGET_FAST,
+           "hf_ppl": ref["hf_ppl"], "mc_items": len({r[2] for r in ref["mc"]}), "mc_hf_acc": ref["mc_hf_acc"]}
     for p in ("fast", "exact"):
         out[p] = ours(model_arg, ref, p)
         say(f"  ours ({p}): {100 * out[p]['agreement']:.1f}% of {out[p]['positions']} positions, "
