@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/skynet run "Which city is the capital of France?" --nodes 2 --max-tokens 48 --chat
+	$(BIN)/skynet run "What is the capital of France? Answer in one sentence." --nodes 2 --max-tokens 48 --chat
 
 test: setup
 	$(BIN)/python -m pytest -q tests

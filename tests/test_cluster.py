@@ -20,9 +20,10 @@ from skynet.engine import Engine
 from skynet.launch import LocalCluster
 from skynet.mlp import LocalMLP
 
-# "What is the capital of France?" is a near-tie for this 135M model with 8-bit activations (the
-# ideal Q8 reference answers "L'Étoile, ..." too); this wording is not, in either precision.
-CHAT = [{"role": "user", "content": "Which city is the capital of France?"}]
+# "What is the capital of France?" alone is a near-tie for this 135M model with 8-bit activations
+# (the ideal Q8 reference also answers "L'Étoile, ..."); asking for a sentence is not, in either
+# precision, and has stayed "The capital of France is Paris." through every kernel change.
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 STORY = "Once upon a time, in a small village by the sea,"
 
 
