@@ -46,6 +46,8 @@ class ServerConfig:
     port: int = 8000
     node_host: str = "127.0.0.1"
     node_port: int = 7000
+    data_port: int = 0               # the nodes' direct data links (TCP); 0 = any free port
+    direct: bool = True              # offer direct data links; False: Mlp over ZeroMQ only
     cluster_key: str | None = None
     api_key: str | None = None
     insecure: bool = False
@@ -66,6 +68,7 @@ class ServerConfig:
         self.api_key = self.api_key or os.environ.get("SKYNET_API_KEY") or None
         _port("--port", self.port)
         _port("--node-port", self.node_port)
+        _port("--data-port", self.data_port)
         _positive("--local-weight", self.local_weight, zero_ok=True)
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
@@ -97,6 +100,8 @@ class NodeConfig:
     delay_ms: float = 0.0            # test-only: sleep before each MLP reply (a slow node)
     gflops: float = 0.0              # skip the micro-benchmark with this figure (tests)
     spin_us: float = 0.0             # spin (yielding) this long for the next request before blocking
+    direct: bool = True              # use the server's direct data link when it offers one
+    link_delay_ms: float = 0.0       # benchmarks: added one-way delay on each data-link reply
     register_timeout_s: float = 10.0
     leave_timeout_s: float = 30.0
 
@@ -107,5 +112,6 @@ class NodeConfig:
         _positive("--weight", self.weight, zero_ok=True)
         _positive("--max-memory", self.max_memory, zero_ok=True)
         _positive("--delay-ms", self.delay_ms, zero_ok=True)
+        _positive("--link-delay-ms", self.link_delay_ms, zero_ok=True)
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")

@@ -10,7 +10,7 @@ does not depend on which reply came first). In the fast precision partials are f
 mlp.py) and their sum is rounded to float32 once. A node that misses the step's deadline or whose
 connection is gone, or whose reply is malformed (wrong rows, width or dtype, NaN), has its range
 computed here for this step; a lost connection, MAX_MISSES missed deadlines in a row, or too many
-bad messages (cluster.MAX_BAD_MESSAGES), plan it out. Replies
+bad messages (transport.MAX_BAD_MESSAGES), plan it out. Replies
 carry (step, epoch, layer): a late one is dropped, never summed into another step.
 """
 from __future__ import annotations
@@ -21,54 +21,53 @@ import time
 import numpy as np
 
 from . import wire
-from .cluster import Cluster, NodeState
-from .polling import wait_readable
+from .cluster import Cluster, Reply
 
-EMA = 0.2
-MAX_MISSES = 3   # consecutive missed deadlines before a node is planned out
 log = logging.getLogger("skynet.dispatch")
 
 
 class ClusterMLP:
+    """Scatter x to the planned nodes, compute local ranges, gather and sum. The cluster decides
+    who is planned and carries the messages; this layer only keeps one call's books."""
+
     on_latency = None   # optional callback(node, seconds): each node reply's round trip (metrics)
 
     def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3, spin_s: float = 0.0):
         self.c = cluster
         self.min_deadline_s, self.spin_s = min_deadline_s, spin_s
         self.step = 0
-        self.out_dtype = np.dtype(np.float64 if cluster.weights.quantized else np.float32)
+        self.weights = cluster.weights
+        self.out_dtype = np.dtype(np.float64 if self.weights.quantized else np.float32)
         self.local_cache: dict[tuple[int, int, int], object] = {}
-        self._epoch = cluster.epoch
+        self.epoch, self.plan = cluster.epoch, cluster.plan
         self.waiting: dict[int, tuple[int, int]] = {}   # node id -> range, for the current call
-        self._bad_at_send: dict[int, int] = {}          # node id -> its bad-message count then
         self.parts: list[tuple[int, np.ndarray]] = []
         self.key = (0, 0, 0)
         # fallbacks: ranges of planned nodes computed here instead, by reason; replies: per node name
         self.stats = {"calls": 0, "wait_s": 0.0, "local_s": 0.0, "bytes_out": 0, "bytes_in": 0,
-                      "fallbacks": 0, "fallback_reasons": {}, "replies": {}}
-        cluster.on_mlp_out = self._on_reply
+                      "fallbacks": 0, "fallback_reasons": {}, "replies": {}, "direct_replies": 0}
 
     def begin_step(self) -> None:
-        """Step boundary: heartbeats, membership, atomic plan switch; then a new step id."""
-        self.c.poll(0)   # read what nodes sent (pongs, ready, hello) before judging their heartbeats
+        """Step boundary: heartbeats, membership, the plan switch; then a new step id. The
+        step's whole forward pass uses the (epoch, plan) taken here."""
+        epoch, self.plan = self.c.step_boundary()
         self.step += 1
-        if self.c.epoch != self._epoch:   # fallback slices of the old plan are of no more use
-            self._epoch = self.c.epoch
+        if epoch != self.epoch:   # fallback slices of the old plan are of no more use
+            self.epoch = epoch
             self.local_cache.clear()
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """x (N, H) -> sum of all ranges' partials (N, H)."""
-        c, plan = self.c, self.c.plan
-        self.key, self.parts, self.waiting, self._bad_at_send = (self.step, c.epoch, layer), [], {}, {}
+        self.key, self.parts, self.waiting = (self.step, self.epoch, layer), [], {}
         self._x, self._t_sent = x, time.perf_counter()
-        local = list(plan.local)
-        if plan.ranges:
-            frames = wire.encode(wire.Mlp(self.step, c.epoch, layer, x))
-            for nid, rng in plan.ranges.items():
-                n = c.serving(nid)
+        local = list(self.plan.local)
+        if self.plan.ranges:
+            frames = wire.encode(wire.Mlp(self.step, self.epoch, layer, x))
+            for nid, rng in self.plan.ranges.items():
+                n = self.c.serving(nid)
                 # a node still receiving rows for the next epoch would answer late: compute here
-                if n is not None and not n.loading_rows and c.send_frames(n, frames):
-                    self.waiting[nid], self._bad_at_send[nid] = rng, n.bad
+                if n is not None and not n.loading_rows and self.c.send_mlp(n, frames, self.min_deadline_s):
+                    self.waiting[nid] = rng
                     self.stats["bytes_out"] += len(frames[0]) + x.nbytes
                 else:
                     self._count("not serving" if n is None else "loading rows" if n.loading_rows
@@ -90,61 +89,50 @@ class ClusterMLP:
         return out.reshape(x.shape).astype(np.float32, copy=False)
 
     def _gather(self, rows: int, sent_at: float) -> None:
-        deadline = sent_at + self._deadline(rows)
+        limit = self._deadline(rows)
+        deadline = sent_at + limit
         while self.waiting:
             left = deadline - time.perf_counter()
-            if left <= 0 or not wait_readable(self.c.sock, left, self.spin_s):
-                if time.perf_counter() >= deadline:
-                    break
-                continue
-            self._receive()
-        # replies that arrived while this thread was busy (e.g. shipping rows to a new node) are
-        # not late: read them before calling anyone a miss
-        while self.waiting and self.c.sock.poll(0):
-            self._receive()
+            self._take(self.c.receive(list(self.waiting), max(left, 0.0), self.spin_s))
+            if left <= 0:   # replies that arrived while this thread was busy were read above
+                break
         for nid in list(self.waiting):
-            n = self.c.nodes.get(nid)
             self._fallback(nid, "missed deadline")
-            if n is None:
-                continue
-            n.misses += 1   # one hiccup is not a failure: evicting means reloading every row
-            why = f"missed a {self._deadline(rows) * 1000:.0f} ms step deadline"
-            if n.misses >= MAX_MISSES:
-                self.c.lose(n, f"{why} {n.misses} times in a row")
+            self.c.missed(nid, f"missed a {limit * 1000:.0f} ms step deadline")
+
+    def _take(self, replies: list[Reply]) -> None:
+        """Sum what matches this call; a node lost meanwhile (disconnect, bad messages) or that
+        sent a message the wire layer rejected (its reply may have been that one) is computed here."""
+        for r in replies:
+            if r.node.id not in self.waiting:
+                if r.msg is not None:
+                    self.c.late()
+            elif r.msg is None:
+                self._fallback(r.node.id, r.reason, r.why)
+            elif (r.msg.step, r.msg.epoch, r.msg.layer) != self.key:
+                self.c.late()   # a late reply: never summed into another step
             else:
-                log.warning("node %r %s (%d in a row); its range was computed here", n.name, why, n.misses)
-
-    def _receive(self) -> None:
-        """Handle one message; a node lost meanwhile (disconnect, bad messages) or that sent a
-        message the wire layer rejected (its reply may have been that one) is computed here."""
-        self.c.handle(self.c.sock.recv_multipart(copy=False))
+                self._accept(r)
         for nid in list(self.waiting):
-            n = self.c.serving(nid)
-            if n is None:
+            if self.c.serving(nid) is None:
                 self._fallback(nid, "lost during step")
-            elif n.bad > self._bad_at_send.get(nid, n.bad):
-                self._fallback(nid, "bad message")
 
-    def _on_reply(self, n: NodeState, m: wire.MlpOut) -> bool:
-        if (m.step, m.epoch, m.layer) != self.key or n.id not in self.waiting:
-            return False
-        why = _malformed(m.y, self._x.shape, self.out_dtype)
+    def _accept(self, r: Reply) -> None:
+        n, y = r.node, r.msg.y
+        why = _malformed(y, self._x.shape, self.out_dtype)
         if why:   # a broken peer: compute its range here instead, and count it as a bad message
             self._fallback(n.id, "bad reply", why)
-            self.c._bad(n, n.ident, f"mlp_out {why}")
-            return True
+            self.c.bad(n, f"mlp_out {why}")
+            return
         rng = self.waiting.pop(n.id)
-        n.misses = 0
-        self.parts.append((rng[0], m.y.reshape(-1, m.y.shape[-1])))
-        self.stats["bytes_in"] += m.y.nbytes
+        self.parts.append((rng[0], y.reshape(-1, y.shape[-1])))
+        self.stats["bytes_in"] += y.nbytes
+        self.stats["direct_replies"] += r.direct
         self.stats["replies"][n.name] = self.stats["replies"].get(n.name, 0) + 1
         lat = time.perf_counter() - self._t_sent
         if self.on_latency is not None:
             self.on_latency(n, lat)
-        scaled = lat / _row_scale(m.y.shape[0])
-        n.latency_ema = scaled if n.latency_ema is None else (1 - EMA) * n.latency_ema + EMA * scaled
-        n.samples += 1
-        return True
+        n.observe_latency(lat / _row_scale(y.shape[0]))
 
     def _fallback(self, nid: int, reason: str, detail: str = "") -> None:
         s, e = self.waiting.pop(nid)
@@ -160,8 +148,8 @@ class ClusterMLP:
         reasons[reason] = reasons.get(reason, 0) + 1
 
     def _deadline(self, rows: int) -> float:
-        emas = [self.c.nodes[i].latency_ema for i in self.waiting if i in self.c.nodes
-                and self.c.nodes[i].latency_ema is not None]
+        emas = [n.latency_ema for n in map(self.c.serving, self.waiting)
+                if n is not None and n.latency_ema is not None]
         est = max(emas, default=0.0) * _row_scale(rows)
         return max(self.min_deadline_s, 10 * est)
 
@@ -169,9 +157,9 @@ class ClusterMLP:
         key = (layer, s, e)
         sl = self.local_cache.get(key)
         if sl is None:
-            if len(self.local_cache) > 4 * self.c.weights.layers:
+            if len(self.local_cache) > 4 * self.weights.layers:
                 self.local_cache.clear()
-            sl = self.local_cache[key] = self.c.weights.slice(layer, s, e)
+            sl = self.local_cache[key] = self.weights.slice(layer, s, e)
         return sl
 
 

@@ -103,7 +103,8 @@ class Runtime:
         """Never ends silently: a failed iteration fails the running requests and the loop goes
         on; if even that fails (or anything escapes), the engine stops for good and says so."""
         poller = zmq.Poller()
-        poller.register(self.cluster.sock, zmq.POLLIN)
+        for h in self.cluster.poll_handles():
+            poller.register(h, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         why = "the engine thread ended"
         try:
@@ -241,7 +242,7 @@ class Runtime:
         return {"model": self.model_name, "precision": self.precision, "layers": self.arch.layers, "hidden": self.arch.hidden,
                 "neurons": self.arch.neurons, "epoch": c.epoch,
                 "uptime_s": round(time.time() - self.started, 1),
-                "pending_epoch": c.pending[0] if c.pending else None, "nodes": nodes,
+                "pending_epoch": c.pending.epoch if c.pending else None, "nodes": nodes,
                 "local_neurons": self._local_ranges(), "rebalances": list(c.history),
                 "active_requests": len(self.engine.running), "queued_requests": len(self.engine.waiting),
                 "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats),

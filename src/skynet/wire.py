@@ -20,7 +20,7 @@ import numpy as np
 
 from . import quant
 
-VERSION = 2          # 2: block weights (Welcome.qtypes, uint8 Load frames), float64 MlpOut
+VERSION = 3          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 4
@@ -96,6 +96,8 @@ class Welcome(Message):
     neurons: int
     heartbeat_s: float
     qtypes: bytes = b""   # empty: float32 weights (exact); else 3 ggml type ids per layer (fast)
+    data_port: int = 0    # the direct data link's TCP port (datalink.py), 0 = none: Mlp over ZeroMQ
+    data_token: bytes = b""  # what the link's DataHello presents; empty with a cluster key (derived)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,16 @@ class Mlp(Message):
     x: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
 
 
+@dataclass(frozen=True)
+class DataHello(Message):
+    """First message on a direct data link (node -> server): which registered node this is, and
+    the proof: HMAC(K, "data" | Nn | Ns) with a cluster key, else Welcome.data_token."""
+
+    TYPE: ClassVar[str] = "data_hello"
+    node_id: int
+    token: bytes
+
+
 # ---------------------------------------------------------------- both ways
 @dataclass(frozen=True)
 class Ping(Message):
@@ -175,7 +187,8 @@ class Challenge(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, Ready, MlpOut, Welcome, Assign, Load, Mlp, Ping, Pong, Bye, Challenge)
+    m.TYPE: m for m in (Hello, Ready, MlpOut, Welcome, Assign, Load, Mlp, Ping, Pong, Bye, Challenge,
+                         DataHello)
 }
 _PY_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bytes": (bytes,)}
 
