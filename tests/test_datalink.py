@@ -18,6 +18,7 @@ from skynet.cluster import Cluster
 from skynet.config import NodeConfig, ServerConfig
 from skynet.datalink import DataConn, LinkError
 from skynet.engine import Engine
+from skynet.links import unlink
 from skynet.membership import NodeStatus
 from skynet.mlp import LocalMLP, MLPWeights
 from skynet.node import Node
@@ -51,6 +52,19 @@ def test_round_trip(msg):
     assert got == msg
     for name in msg.TENSORS:
         np.testing.assert_array_equal(getattr(got, name), getattr(msg, name))
+
+
+def test_back_to_back_messages_are_both_read_and_the_second_is_seen_as_buffered():
+    a, b = _pair()
+    one, two = (wire.MlpOut(s, 1, 0, np.full((1, H), s, np.float32)) for s in (1, 2))
+    blob = b"".join(bytes(f) for m in (one, two) for f in datalink.pack(wire.encode(m)))
+    a.sock.sendall(blob)
+    time.sleep(0.05)
+    first = wire.decode(b.recv_multipart(), wire.Limits(hidden=H))
+    assert first.step == 1 and b.buffered      # the second one is already in our buffer
+    second = wire.decode(b.recv_multipart(), wire.Limits(hidden=H))
+    assert second.step == 2 and not b.buffered
+    np.testing.assert_array_equal(first.y, 1)   # not overwritten by the second read
 
 
 def test_a_message_larger_than_the_socket_buffers_arrives_whole():
@@ -161,7 +175,7 @@ def _connect(port: int, blob: bytes) -> socket.socket:
 
 def _accept(cluster: Cluster, timeout: float = 2.5) -> None:
     end = time.monotonic() + timeout
-    while cluster.data.pending and time.monotonic() < end:
+    while cluster.links.listener.pending and time.monotonic() < end:
         cluster.poll(10)
     cluster.poll(10)
 
@@ -218,7 +232,7 @@ def test_a_silent_connection_is_closed_after_the_hello_timeout(monkeypatch):
         before, end = c.dropped, time.monotonic() + 3
         while c.dropped == before and time.monotonic() < end:
             c.poll(10)
-        assert c.dropped == before + 1 and not c.data.pending
+        assert c.dropped == before + 1 and not c.links.listener.pending
         s.close()
     finally:
         c.close()
@@ -274,7 +288,7 @@ def test_replies_come_over_the_link_and_fall_back_to_zmq(tiny_model, nodes):
         assert nc.engine.generate(PROMPT, 6).out == want
         st = nc.mlp.stats
         assert st["fallbacks"] == 0 and st["direct_replies"] == st["replies"]["n0"] > 0, st
-        nc.cluster._unlink(n0, "test")               # the link breaks: ZeroMQ from now on
+        unlink(n0, "test")                  # the link breaks: ZeroMQ from now on
         direct = st["direct_replies"]
         assert nc.engine.generate(PROMPT, 6).out == want
         assert st["fallbacks"] == 0 and st["direct_replies"] == direct, (st, nc.logs())

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
-import select
 import time
 from dataclasses import dataclass
 
@@ -22,10 +20,12 @@ import zmq
 from . import placement, wire
 from .auth import Keyring
 from .config import ServerConfig
-from .datalink import DataConn, DataListener, FramingError, LinkError
+from .datalink import FramingError, LinkError
+from .links import DataLinks
 from .membership import Membership, NodeState, NodeStatus
 from .mlp import MLPWeights
 from .plan import Member, Plan, PlanError, plan
+from .polling import wait_readable
 from .transport import MAX_BAD_MESSAGES, ControlSocket, PeerGuard
 
 log = logging.getLogger("skynet.cluster")
@@ -61,9 +61,9 @@ class Cluster:
         self.keyring = Keyring(cfg.cluster_key)
         self.ctrl = ControlSocket(cfg.node_host, cfg.node_port, ctx)
         cfg.node_port = self.ctrl.port
-        self.data = DataListener(cfg.node_host, cfg.data_port) if cfg.direct else None
-        if self.data:
-            cfg.data_port = self.data.port
+        self.links = DataLinks(cfg.node_host, cfg.data_port, wire.MAX_FRAME_BYTES) if cfg.direct else None
+        if self.links:
+            cfg.data_port = self.links.port
         self.qtypes = weights.format.qtype_bytes() if weights.quantized else b""
         self.limits = wire.Limits(hidden=weights.hidden, layers=weights.layers)
         self.members = Membership()
@@ -89,14 +89,15 @@ class Cluster:
 
     def poll_handles(self) -> list:
         """What an idle engine thread waits on (with zmq.Poller) before calling poll(0)."""
-        return [self.ctrl.sock, *([self.data.fileno()] if self.data else [])]
+        return [self.ctrl.sock, *([self.links.fileno()] if self.links else [])]
 
     # ------------------------------------------------------------------ engine thread hooks
     def poll(self, timeout_ms: int) -> None:
         """Idle: handle whatever nodes sent (waiting up to timeout_ms), then a step boundary."""
         if self.ctrl.poll(timeout_ms):
             self._drain_control()
-        self._accept_links()
+        if self.links:
+            self.guard.dropped += self.links.accept(self._link_owner)
         self.tick()
 
     def step_boundary(self) -> tuple[int, Plan]:
@@ -137,40 +138,31 @@ class Cluster:
     def send_mlp(self, n: NodeState, frames: list, timeout_s: float = 1.0) -> bool:
         """Send one encoded Mlp to a serving node: over its data link when it has one, else (or
         if the link breaks now) over ZeroMQ; False if it cannot be reached at all."""
-        if n.link is not None:
-            try:
-                n.link.send_multipart(frames, timeout=timeout_s)
-                return True
-            except LinkError as e:
-                self._unlink(n, str(e))
-        return self.send_frames(n, frames)
+        return (self.links is not None and self.links.send(n, frames, timeout_s)) or self.send_frames(n, frames)
 
     def receive(self, waiting: list[int], timeout_s: float, spin_s: float = 0.0) -> list[Reply]:
         """Wait up to timeout_s for the nodes in `waiting`; returns the replies (and refusals)
         that came. Control messages that arrive meanwhile are handled, but plans switch only
-        at step_boundary. Only ZeroMQ is watched when some waiting node has no data link."""
+        at step_boundary."""
         nodes = [n for n in map(self.serving, waiting) if n is not None]
         if not nodes:
             return []
-        links = {n.link.fileno(): n for n in nodes if n.link is not None}
-        use_zmq = len(links) < len(nodes)
-        poller = _poller(self.ctrl.sock, list(links), use_zmq)
-        ready = _wait(poller, use_zmq, timeout_s, spin_s)
-        replies = [self._read_link(links[fd], timeout_s) for fd in ready if fd in links]
-        if use_zmq or self.ctrl.sock in ready:
-            while self.ctrl.poll(0):
-                r = self.handle_frames(*self.ctrl.recv())
-                if r is not None:
-                    replies.append(r)
+        if self.links is None:
+            ready, use_zmq = [], True
+            wait_readable(self.ctrl.sock, timeout_s, spin_s)
+        else:
+            ready, use_zmq = self.links.wait(nodes, self.ctrl.sock, timeout_s, spin_s)
+        replies = [self._read_link(n, timeout_s) for n in ready]
+        while use_zmq and self.ctrl.poll(0):
+            replies.append(self.handle_frames(*self.ctrl.recv()))
         return [r for r in replies if r is not None]
 
-    def _read_link(self, n: NodeState, timeout_s: float) -> Reply | None:
+    def _read_link(self, n: NodeState, timeout_s: float) -> Reply:
         try:
-            frames = n.link.recv_multipart(timeout=max(timeout_s, 0.05))
+            frames = self.links.read(n, timeout_s)
         except LinkError as e:
             if isinstance(e, FramingError):
                 self.bad(n, f"data link: {e}")
-            self._unlink(n, str(e))
             return Reply(n, None, str(e), "link lost")
         n.last_seen = time.monotonic()
         try:
@@ -183,25 +175,8 @@ class Cluster:
             return Reply(n, None, f"{msg.TYPE} on the data link")
         return Reply(n, msg, direct=True)
 
-    def _accept_links(self) -> None:
-        """Attach each data link that proved it belongs to a registered node; drop the rest."""
-        if self.data is None:
-            return
-        refused = self.data.refused
-        for sock, frames in self.data.poll():
-            n, why = self._link_owner(frames)
-            if n is None:
-                self.guard.dropped += 1
-                log.warning("refused a data link from %s: %s", _peer(sock), why)
-                sock.close()
-                continue
-            if n.link is not None:
-                n.link.close()
-            n.link = DataConn(sock, self.limits.max_frame)
-            log.info("node %d %r: direct data link from %s", n.id, n.name, _peer(sock))
-        self.guard.dropped += self.data.refused - refused
-
     def _link_owner(self, frames: list) -> tuple[NodeState | None, str]:
+        """The welcomed node a new data link's first message proves it is, or why not."""
         try:
             hello = wire.decode(frames, wire.Limits())
         except wire.WireError as e:
@@ -214,12 +189,6 @@ class Cluster:
         if not hmac.compare_digest(hello.token, n.data_token):
             return None, f"wrong token for node {hello.node_id}"
         return n, ""
-
-    def _unlink(self, n: NodeState, why: str) -> None:
-        if n.link is not None:
-            log.warning("node %r: data link closed (%s); its Mlp goes over ZeroMQ", n.name, why)
-            n.link.close()
-            n.link = None
 
     def late(self) -> None:
         """A reply for a call no longer in flight: never summed, only counted."""
@@ -332,7 +301,7 @@ class Cluster:
         sent = b"" if self.keyring.enabled else secrets.token_bytes(32)
         n.data_token = self.keyring.proof(b"data", n.nonce, n.server_nonce) if self.keyring.enabled else sent
         self.send(n, wire.Welcome(n.id, self.model_name, w.hidden, w.layers, w.neurons, self.cfg.heartbeat_s,
-                                  self.qtypes, self.data.port if self.data else 0, sent))
+                                  self.qtypes, self.links.port if self.links else 0, sent))
         log.info("node %d %r joined: %d cores, %.1f GB free, %.1f GFLOP/s%s", n.id, n.name, n.cores,
                  n.mem_bytes / 1e9, n.gflops, f", weight {n.weight_override}" if n.weight_override else "")
         self.replan(f"node {n.name} joined")
@@ -472,40 +441,7 @@ class Cluster:
             self.send(n, wire.Bye("server shutting down"))
             if n.link is not None:
                 n.link.close()
-        if self.data:
-            self.data.close()
+        if self.links:
+            self.links.close()
         self.ctrl.close()
 
-
-def _poller(ctrl, fds: list[int], use_zmq: bool):
-    """zmq.Poller over the control socket and the links, or a plain poll() over links only."""
-    if use_zmq:
-        p = zmq.Poller()
-        p.register(ctrl, zmq.POLLIN)
-    else:
-        p = select.poll()
-    for fd in fds:
-        p.register(fd, select.POLLIN)
-    return p
-
-
-def _wait(poller, use_zmq: bool, timeout_s: float, spin_s: float) -> list:
-    """What is readable: spin (yielding the core) for spin_s, then block for the rest."""
-    if spin_s > 0:
-        end = time.perf_counter() + spin_s
-        while time.perf_counter() < end:
-            got = poller.poll(0)
-            if got:
-                return [h for h, _ in got]
-            os.sched_yield()
-        timeout_s -= spin_s
-    ms = max(0, int(timeout_s * 1000 + 0.999))
-    return [h for h, _ in poller.poll(ms)]
-
-
-def _peer(sock) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"

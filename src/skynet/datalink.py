@@ -18,7 +18,6 @@ see cluster.py for the token and docs/security.md for why.
 """
 from __future__ import annotations
 
-import select
 import socket
 import struct
 import time
@@ -29,6 +28,7 @@ PREFIX = struct.Struct("<III")
 MAX_HELLO_BYTES = 1024      # the whole first message of an unauthenticated connection
 HELLO_TIMEOUT_S = 2.0       # to send it, from the accept
 MAX_PENDING = 64            # connections waiting to say hello; more are closed at once
+READ_CHUNK = 64 * 1024      # a link's read buffer: a decode row's message fits many times
 
 
 class LinkError(ConnectionError):
@@ -57,16 +57,24 @@ def pack(frames: list) -> list:
 
 
 class DataConn:
-    """One end of a data link, over a blocking socket used with per-call timeouts."""
+    """One end of a data link, over a blocking socket used with per-call timeouts. Reads are
+    buffered: a small message usually costs one recv, and bytes of the next one are kept."""
 
     def __init__(self, sock: socket.socket, max_frame: int = wire.MAX_FRAME_BYTES, delay_s: float = 0.0):
         self.sock, self.max_frame, self.delay_s = sock, max_frame, delay_s
-        sock.setblocking(True)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._prefix = bytearray(PREFIX.size)
+        self._timeout = None
+        self._set_timeout(5.0)
+        self._buf = bytearray(READ_CHUNK)
+        self._start = self._end = 0   # unread bytes are _buf[_start:_end]
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
 
     def send_multipart(self, frames: list, copy: bool = False, timeout: float = 5.0) -> None:
         """Write one message (all frames in one sendmsg when the kernel takes it); LinkError if
@@ -75,7 +83,7 @@ class DataConn:
             time.sleep(self.delay_s)
         bufs = [v.cast("B") for v in map(memoryview, pack(frames)) if v.nbytes]
         try:
-            self.sock.settimeout(timeout)
+            self._set_timeout(timeout)
             while bufs:
                 sent = self.sock.sendmsg(bufs)
                 while bufs and sent >= bufs[0].nbytes:
@@ -89,28 +97,56 @@ class DataConn:
     def recv_multipart(self, timeout: float = 5.0) -> list:
         """Read one message: [header, tensor] or [header]; LinkError on EOF, timeout or bad framing."""
         try:
-            self.sock.settimeout(timeout)
-            self._read_into(memoryview(self._prefix))
-            head, body = parse_prefix(bytes(self._prefix), self.max_frame)
-            buf = bytearray(head + body)
-            self._read_into(memoryview(buf))
+            self._set_timeout(timeout)
+            count, head, body = self._prefix()
+            msg = self._take(head + body)
         except LinkError:
             raise
         except OSError as e:   # socket.timeout included
             raise LinkError(f"receive failed: {e}") from None
-        view = memoryview(buf)
-        return [view[:head], view[head:]] if PREFIX.unpack(self._prefix)[0] == 2 else [view[:head]]
+        view = memoryview(msg)
+        return [view[:head], view[head:]] if count == 2 else [view[:head]]
 
-    def _read_into(self, view: memoryview) -> None:
+    def _prefix(self) -> tuple[int, int, int]:
+        self._fill(PREFIX.size)
+        raw = bytes(self._buf[self._start:self._start + PREFIX.size])
+        head, body = parse_prefix(raw, self.max_frame)
+        self._start += PREFIX.size
+        return PREFIX.unpack(raw)[0], head, body
+
+    def _take(self, n: int) -> bytearray:
+        """The next n bytes, as a new buffer (what the caller keeps never aliases ours)."""
+        have = min(n, self._end - self._start)
+        out = bytearray(n)
+        out[:have] = self._buf[self._start:self._start + have]
+        self._start += have
+        view = memoryview(out)[have:]
         while view.nbytes:
-            n = self.sock.recv_into(view)
-            if n == 0:
+            got = self.sock.recv_into(view)
+            if got == 0:
                 raise LinkError("closed by the peer")
-            view = view[n:]
+            view = view[got:]
+        return out
 
-    def readable(self) -> bool:
-        """Bytes (or EOF) waiting, without blocking."""
-        return bool(select.select([self.sock], [], [], 0)[0])
+    def _fill(self, n: int) -> None:
+        """Buffer at least n bytes (n <= READ_CHUNK), reading whatever else has arrived too."""
+        if self._end - self._start >= n:
+            return
+        if self._start:
+            left = self._end - self._start
+            self._buf[:left] = self._buf[self._start:self._end]
+            self._start, self._end = 0, left
+        while self._end < n:
+            got = self.sock.recv_into(memoryview(self._buf)[self._end:])
+            if got == 0:
+                raise LinkError("closed by the peer")
+            self._end += got
+
+    @property
+    def buffered(self) -> bool:
+        """Bytes of a next message already read from the socket: poll() on the fd will not
+        say so, so check this before waiting."""
+        return self._end > self._start
 
     def close(self) -> None:
         try:

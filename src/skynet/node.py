@@ -165,6 +165,8 @@ class Node:
         """Which of the control socket and the data link are readable (spin first if asked)."""
         if self.link is None:
             return [sock] if wait_readable(sock, timeout_s, self.cfg.spin_us / 1e6) else []
+        if self.link.buffered:
+            return [self.link.fileno()]
         if self._poller is None or self._polled is not self.link:
             self._poller, self._polled = zmq.Poller(), self.link
             self._poller.register(sock, zmq.POLLIN)
