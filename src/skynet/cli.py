@@ -75,7 +75,7 @@ def cmd_client(a) -> int:
 
 def cmd_bench_rtt(a) -> int:
     from .bench_rtt import measure, table
-    r = measure(hidden=a.hidden, layers=a.layers, steps=a.steps, rounds=a.rounds, nodes=a.nodes)
+    r = measure(hidden=a.hidden, layers=a.layers, steps=a.steps, rounds=a.rounds, nodes=a.nodes, spin_us=a.spin_us)
     print(json.dumps(r, indent=2) if a.json else table(r))
     return 0
 
@@ -186,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     br.add_argument("--layers", type=int, default=30)
     br.add_argument("--steps", type=int, default=40, help="steps per round and transport")
     br.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
+    br.add_argument("--spin-us", type=float, default=0.0, help="server and nodes spin this long before blocking")
     br.add_argument("--json", action="store_true")
     br.set_defaults(fn=cmd_bench_rtt)
     return p
