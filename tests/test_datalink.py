@@ -292,3 +292,25 @@ def test_replies_come_over_the_link_and_fall_back_to_zmq(tiny_model, nodes):
         direct = st["direct_replies"]
         assert nc.engine.generate(PROMPT, 6).out == want
         assert st["fallbacks"] == 0 and st["direct_replies"] == direct, (st, nc.logs())
+
+
+def test_a_keyed_node_proves_its_link_with_the_derived_token(tiny_model, tmp_path):
+    """With a cluster key the token never travels: the node derives it from the handshake."""
+    from conftest import spawn_node, stop_procs
+    from skynet.dispatch import ClusterMLP
+    model = load_model(tiny_model("llama"))
+    c = Cluster(ServerConfig(node_port=0, cluster_key="sesame"), model.mlp_weights, "tiny")
+    proc = spawn_node(c.cfg.node_port, "keyed", tmp_path, extra=["--cluster-key", "sesame"])
+    try:
+        end = time.monotonic() + 60
+        while not (c.plan.ranges and c.pending is None and all(n.link for n in c.nodes.values())):
+            assert time.monotonic() < end and proc.poll() is None, (tmp_path / "keyed.log").read_text()
+            c.poll(20)
+        mlp = ClusterMLP(c, min_deadline_s=10.0)
+        mlp.begin_step()
+        x = np.ones((2, model.arch.hidden), np.float32)
+        np.testing.assert_allclose(mlp(0, x), LocalMLP(model.mlp_weights)(0, x), rtol=1e-5, atol=1e-6)
+        assert mlp.stats["direct_replies"] == 1 and mlp.stats["fallbacks"] == 0
+    finally:
+        c.close()
+        stop_procs([proc])

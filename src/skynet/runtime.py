@@ -238,7 +238,8 @@ class Runtime:
                 "neurons": [list(rng)] if rng else [], "weight": round(n.weight, 3),
                 "cores": n.cores, "mem_bytes": n.mem_bytes, "gflops": round(n.gflops, 2),
                 "latency_ms": None if n.latency_ema is None else round(n.latency_ema * 1000, 3),
-                "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent})
+                "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent,
+                "direct_link": n.link is not None})
         return {"model": self.model_name, "precision": self.precision, "layers": self.arch.layers, "hidden": self.arch.hidden,
                 "neurons": self.arch.neurons, "epoch": c.epoch,
                 "uptime_s": round(time.time() - self.started, 1),
