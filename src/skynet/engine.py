@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import overlap
 from .model import Model, Segment
 from .sampling import Sampler, SamplingParams
 
@@ -109,7 +110,11 @@ class Engine:
             begin = getattr(self.mlp, "begin_step", None)
             if begin:
                 begin()
-            logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp)  # (S, V)
+            ids = np.asarray(tokens, np.int64)
+            if len(segments) > 1 and getattr(self.mlp, "remote", False):   # nodes to overlap with
+                logits = overlap.forward(self.model, ids, segments, self.mlp)            # (S, V)
+            else:
+                logits = self.model.forward(ids, segments, self.mlp)                     # (S, V)
         except Exception:   # their KV caches are half written: this step's requests fail, no others
             log.exception("step failed; failing its %d request(s)", len(batch))
             for seq, _ in batch:
