@@ -87,8 +87,11 @@ def test_tokens_do_not_change_with_nodes_and_micro_batches(tiny_model, nodes, mo
     real = overlap.forward
     monkeypatch.setattr(engine_mod.overlap, "forward", lambda *a: used.append(1) or real(*a))
     with nodes(model, 2) as nc:
+        nc.mlp.overlap = True
         assert _together(nc.engine, PROMPTS, 8) == want
         assert nc.engine.generate(PROMPTS[0], 8).out == want[0]     # one sequence: no split
         st = nc.mlp.stats
         assert used and st["fallbacks"] == 0, (st, nc.logs())
         assert not nc.mlp.inflight
+        nc.mlp.overlap, used[:] = False, []                              # off (the default)
+        assert _together(nc.engine, PROMPTS, 8) == want and not used

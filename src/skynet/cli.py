@@ -32,7 +32,8 @@ def cmd_server(a) -> int:
                        node_port=a.node_port, data_port=a.data_port, direct=not a.no_direct,
                        cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
-                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us, max_batch=a.max_batch,
+                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us,
+                       overlap=a.overlap, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
                        precision=a.precision, max_body_bytes=a.max_body_bytes)
     if a.insecure:
@@ -118,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
     s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")
     s.add_argument("--spin-us", type=float, default=0.0, help="spin this long for node replies before blocking")
+    s.add_argument("--overlap", action="store_true",
+                   help="steps of 2+ sequences as two micro-batches overlapping server and nodes")
     s.add_argument("--max-batch", type=int, default=16, help="sequences per step")
     s.add_argument("--max-step-tokens", type=int, default=512, help="rows per step (prefill chunking)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")

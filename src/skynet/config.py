@@ -56,6 +56,7 @@ class ServerConfig:
     step_deadline_ms: float = 300.0  # floor of the per-step deadline for node replies
     reweight_s: float = 10.0         # how often node weights are re-estimated from latency
     spin_us: float = 0.0             # spin (yielding) this long for node replies before blocking
+    overlap: bool = False            # steps of 2+ sequences as two pipelined micro-batches
     max_batch: int = 16
     max_step_tokens: int = 512
     max_queue: int = 256

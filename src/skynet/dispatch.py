@@ -47,8 +47,10 @@ class ClusterMLP:
 
     on_latency = None   # optional callback(node, seconds): each node reply's round trip (metrics)
 
-    def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3, spin_s: float = 0.0):
+    def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3, spin_s: float = 0.0,
+                 overlap: bool = False):
         self.c = cluster
+        self.overlap = overlap   # let steps of 2+ sequences run as two micro-batches (overlap.py)
         self.min_deadline_s, self.spin_s = min_deadline_s, spin_s
         self.step = 0
         self.weights = cluster.weights
@@ -71,9 +73,9 @@ class ClusterMLP:
             self.local_cache.clear()
 
     @property
-    def remote(self) -> bool:
-        """This step's plan sends work to nodes (so micro-batches can overlap with it)."""
-        return bool(self.plan.ranges)
+    def overlaps(self) -> bool:
+        """Run this step as two micro-batches: enabled, and its plan sends work to nodes."""
+        return self.overlap and bool(self.plan.ranges)
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """x (N, H) -> sum of all ranges' partials (N, H)."""

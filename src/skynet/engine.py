@@ -111,7 +111,7 @@ class Engine:
             if begin:
                 begin()
             ids = np.asarray(tokens, np.int64)
-            if len(segments) > 1 and getattr(self.mlp, "remote", False):   # nodes to overlap with
+            if len(segments) > 1 and getattr(self.mlp, "overlaps", False):   # nodes to overlap with
                 logits = overlap.forward(self.model, ids, segments, self.mlp)            # (S, V)
             else:
                 logits = self.model.forward(ids, segments, self.mlp)                     # (S, V)
