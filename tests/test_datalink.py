@@ -314,3 +314,11 @@ def test_a_keyed_node_proves_its_link_with_the_derived_token(tiny_model, tmp_pat
     finally:
         c.close()
         stop_procs([proc])
+
+
+def test_cpus_are_parsed_strictly():
+    from skynet.config import ConfigError, parse_cpus
+    assert parse_cpus("") == () and parse_cpus("1") == (1,) and parse_cpus("0,2-3") == (0, 2, 3)
+    for bad in ("a", "1-x", "-1"):
+        with pytest.raises(ConfigError):
+            parse_cpus(bad)

@@ -78,14 +78,15 @@ def _raw_round(conns, out: bytes, buf: bytearray) -> None:
 
 
 @contextlib.contextmanager
-def _cluster(weights, nodes: int, direct: bool, spin_us: float = 0.0, timeout: float = 120.0):
+def _cluster(weights, nodes: int, direct: bool, spin_us: float = 0.0, delay_ms: float = 0.0,
+             timeout: float = 120.0):
     """An in-process Cluster + ClusterMLP with `nodes` real node processes, all serving."""
     from .cluster import Cluster
     from .config import ServerConfig
     from .dispatch import ClusterMLP
     cluster = Cluster(ServerConfig(node_port=0, direct=direct, heartbeat_s=5.0), weights, "rtt")
     args = [sys.executable, "-m", "skynet.cli", "node", "--server", f"127.0.0.1:{cluster.cfg.node_port}",
-            "--gflops", "1", "--spin-us", str(spin_us)]
+            "--gflops", "1", "--spin-us", str(spin_us), "--link-delay-ms", str(delay_ms)]
     procs = [subprocess.Popen(args + ["--name", f"rtt{k}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for k in range(nodes)]
     try:
@@ -141,10 +142,31 @@ def measure(hidden: int = 576, layers: int = 30, steps: int = 40, rounds: int = 
             "fallbacks": fallbacks, "direct_reply_share": round(direct_share, 3)}
 
 
+def measure_delays(delays_ms=(0.0, 0.1, 0.25, 0.5), hidden: int = 576, layers: int = 30, steps: int = 10,
+                   nodes: int = 2) -> list[dict]:
+    """Direct-link round trip per layer with an added one-way delay each way (`--link-delay-ms`):
+    measured, and what `RTT(0) + 2 delay` predicts."""
+    weights = _weights(hidden, layers, 32 * nodes)
+    x = np.ones((1, hidden), np.float32)
+    rows, base = [], None
+    for d in delays_ms:
+        times: list = []
+        with _cluster(weights, nodes, True, delay_ms=d) as mlp:
+            _ours_round(mlp, x, layers, [])
+            for _ in range(steps):
+                _ours_round(mlp, x, layers, times)
+        us = float(np.median(times) * 1e6)
+        base = us if base is None else base
+        rows.append({"delay_ms": d, "rtt_us": round(us, 1), "predicted_us": round(base + 2000 * d, 1)})
+    return rows
+
+
 def table(r: dict) -> str:
+    delays = [f"| direct, +{d['delay_ms']} ms each way | {d['rtt_us']} | predicted {d['predicted_us']} |"
+              for d in r.get("delays", [])]
     return "\n".join([
         f"round trip per layer, {r['nodes']} nodes, 1 row of hidden {r['hidden']}, no node compute (median µs)",
         "| transport | µs | ÷ raw TCP |", "|---|---|---|",
         f"| raw TCP ping-pong (same bytes, same run) | {r['raw_tcp_us']} | 1.00 |",
         f"| SkyNet, direct data link | {r['direct_us']} | {r['direct_over_raw']} |",
-        f"| SkyNet, ZeroMQ (--no-direct) | {r['zmq_us']} | {r['zmq_over_raw']} |"])
+        f"| SkyNet, ZeroMQ (--no-direct) | {r['zmq_us']} | {r['zmq_over_raw']} |", *delays])

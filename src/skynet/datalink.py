@@ -61,6 +61,8 @@ class DataConn:
     buffered: a small message usually costs one recv, and bytes of the next one are kept."""
 
     def __init__(self, sock: socket.socket, max_frame: int = wire.MAX_FRAME_BYTES, delay_s: float = 0.0):
+        """delay_s (benchmarks): sleep that long after each message in and before each out, which
+        on a request-reply link is an added one-way delay each way (2 delay_s per round trip)."""
         self.sock, self.max_frame, self.delay_s = sock, max_frame, delay_s
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._timeout = None
@@ -79,7 +81,7 @@ class DataConn:
     def send_multipart(self, frames: list, copy: bool = False, timeout: float = 5.0) -> None:
         """Write one message (all frames in one sendmsg when the kernel takes it); LinkError if
         the peer is gone or does not read within timeout."""
-        if self.delay_s:   # a benchmark's emulated one-way link delay
+        if self.delay_s:   # a benchmark's emulated one-way delay, the way out
             time.sleep(self.delay_s)
         bufs = [v.cast("B") for v in map(memoryview, pack(frames)) if v.nbytes]
         try:
@@ -104,6 +106,8 @@ class DataConn:
             raise
         except OSError as e:   # socket.timeout included
             raise LinkError(f"receive failed: {e}") from None
+        if self.delay_s:   # the emulated delay of the way in
+            time.sleep(self.delay_s)
         view = memoryview(msg)
         return [view[:head], view[head:]] if count == 2 else [view[:head]]
 
@@ -155,11 +159,10 @@ class DataConn:
             pass
 
 
-def connect(host: str, port: int, hello: wire.DataHello, timeout: float = 5.0,
-            delay_s: float = 0.0) -> DataConn:
+def connect(host: str, port: int, hello: wire.DataHello, timeout: float = 5.0) -> DataConn:
     """Open a data link and introduce ourselves; LinkError (or OSError) if it cannot be done."""
     sock = socket.create_connection((host, port), timeout=timeout)
-    conn = DataConn(sock, delay_s=delay_s)
+    conn = DataConn(sock)
     conn.send_multipart(wire.encode(hello), timeout=timeout)
     return conn
 

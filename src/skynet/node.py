@@ -149,8 +149,8 @@ class Node:
             return
         host = parse_hostport(self.cfg.server, 7000)[0]
         try:
-            self.link = datalink.connect(host, w.data_port, wire.DataHello(w.node_id, token),
-                                         delay_s=self.cfg.link_delay_ms / 1000)
+            self.link = datalink.connect(host, w.data_port, wire.DataHello(w.node_id, token))
+            self.link.delay_s = self.cfg.link_delay_ms / 1000   # not on the hello
             log.info("direct data link to %s:%d", host, w.data_port)
         except OSError as e:   # LinkError is one
             log.warning("no direct data link to %s:%d (%s); Mlp comes over ZeroMQ", host, w.data_port, e)
