@@ -1,11 +1,10 @@
-"""The server's view of the cluster: handshake, membership changes, plans and epochs, weight
-shipping, heartbeats; and the links the dispatch layer scatters and gathers over.
+"""The server's view of the cluster: the handshake, membership changes, heartbeats, and the
+links the dispatch layer scatters and gathers over.
 
 The engine thread owns it: `poll()` when idle, `step_boundary()` before each step (the only
-place a plan switches), and `send_mlp()` / `receive()` during a step. A plan change gets a new
-epoch: nodes load the rows they lack in the background while the current epoch keeps serving,
-and the switch is atomic at the first step boundary once every node of the new plan is ready.
-Policy (weights, re-weighting, which rows to ship) is in placement.py; the socket in transport.py.
+place a plan switches), and `send_mlp()` / `receive()` during a step. Plans, epochs and weight
+shipping are in epochs.py (policy in placement.py); the control socket in transport.py, the
+data links in links.py.
 """
 from __future__ import annotations
 
@@ -17,19 +16,19 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import placement, wire
+from . import wire
 from .auth import Keyring
 from .config import ServerConfig
+from .epochs import Epochs
 from .datalink import FramingError, LinkError
 from .links import DataLinks
 from .membership import Membership, NodeState, NodeStatus
 from .mlp import MLPWeights
-from .plan import Member, Plan, PlanError, plan
+from .plan import Plan
 from .polling import wait_readable
 from .transport import MAX_BAD_MESSAGES, ControlSocket, PeerGuard
 
 log = logging.getLogger("skynet.cluster")
-LOAD_FRAME_BYTES = 16 << 20
 MAX_MISSES = 3   # consecutive missed deadlines before a node is planned out
 
 
@@ -43,15 +42,6 @@ class Reply:
     why: str = ""
     reason: str = "bad message"
     direct: bool = False   # it came over the node's data link
-
-
-@dataclass
-class Pending:
-    epoch: int
-    plan: Plan
-    t0: float
-    reason: str
-    moved: int
 
 
 class Cluster:
@@ -68,17 +58,33 @@ class Cluster:
         self.limits = wire.Limits(hidden=weights.hidden, layers=weights.layers)
         self.members = Membership()
         self.guard = PeerGuard()
-        self.epoch, self.plan = 0, self._plan([])
-        self.pending: Pending | None = None
-        self.history: list[dict] = []
+        self.epochs = Epochs(cfg, weights, self.members, self.send, self._forget)
         self.last_ping = 0.0
         self.last_reweight = time.monotonic()
-        self.reweight_streak = 0
         self.unreachable: dict[int, str] = {}   # node id -> why a send failed; lost at the next tick
 
     @property
     def nodes(self) -> dict[int, NodeState]:
         return self.members.nodes
+
+    @property
+    def epoch(self) -> int:
+        return self.epochs.epoch
+
+    @property
+    def plan(self) -> Plan:
+        return self.epochs.plan
+
+    @property
+    def pending(self):
+        return self.epochs.pending
+
+    @property
+    def history(self) -> list[dict]:
+        return self.epochs.history
+
+    def replan(self, reason: str) -> None:
+        self.epochs.replan(reason)
 
     @property
     def dropped(self) -> int:
@@ -118,10 +124,10 @@ class Cluster:
         for n in list(self.nodes.values()):
             if now - n.last_seen > 3 * self.cfg.heartbeat_s:
                 self.lose(n, f"no heartbeat for {now - n.last_seen:.1f}s")
-        self._maybe_switch()
+        self.epochs.maybe_switch()
         if now - self.last_reweight >= self.cfg.reweight_s:
             self.last_reweight = now
-            self.reweight()
+            self.epochs.reweight()
 
     def _drain_control(self) -> list[Reply]:
         replies = []
@@ -324,7 +330,7 @@ class Cluster:
         if n.state == NodeStatus.GONE:
             return
         log.warning("node %d %r lost: %s", n.id, n.name, why)
-        was_planned = n.id in self.plan.ranges or (self.pending and n.id in self.pending.plan.ranges)
+        was_planned = self.epochs.planned(n.id)
         n.state = NodeStatus.GONE
         self.ctrl.send(n.ident, wire.encode(wire.Bye(why)))
         self._forget(n)
@@ -336,105 +342,6 @@ class Cluster:
             n.link.close()
             n.link = None
         self.members.forget(n)
-
-    # ------------------------------------------------------------------ plans
-    def _plan(self, members: list[Member]) -> Plan:
-        return plan(self.weights.neurons, members, self.cfg.local_weight, self.weights.granule)
-
-    def _members(self, observed: dict[int, float] | None = None) -> list[Member]:
-        cands = [n.candidate() for n in self.members.plannable()]
-        members = placement.planning_members(cands, self.weights.bytes_per_neuron())
-        return [Member(m.id, observed[m.id], m.cap) if observed and m.id in observed else m for m in members]
-
-    def reweight(self) -> None:
-        """Re-estimate node weights from observed latency (neurons served per second); re-plan
-        only when placement.reweight_verdict says the move is real."""
-        if self.pending or len(self.plan.ranges) < 2:
-            return
-        nodes = [self.serving(i) for i in self.plan.ranges]
-        if any(n is None or n.weight_override or n.samples < placement.REWEIGHT_MIN_SAMPLES
-               or not n.latency_ema for n in nodes):
-            return
-        measured = placement.observed_weights(self.plan.ranges, {n.id: n.latency_ema for n in nodes})
-        try:
-            proposal = self._plan(self._members(measured))
-        except PlanError:
-            return
-        now, self.reweight_streak = placement.reweight_verdict(
-            placement.moved_neurons(self.plan, proposal), self.weights.neurons, self.reweight_streak)
-        if not now:
-            return
-        for n in nodes:
-            n.observed = measured[n.id]
-        self.replan("re-weighted from observed latency: " + ", ".join(
-            f"{n.name} {n.latency_ema * 1e3:.2f} ms" for n in nodes))
-
-    def replan(self, reason: str) -> None:
-        """Plan the current members under a new epoch and start shipping rows; the switch itself
-        happens at a step boundary (tick)."""
-        members = self._members()
-        try:
-            new = self._plan(members)
-        except PlanError as e:   # more nodes than neuron blocks: the newest ones wait
-            units = self.weights.neurons // self.weights.granule
-            log.warning("cannot plan all nodes (%s); keeping the first %d", e, units)
-            new = self._plan(members[:units])
-        if new == self.plan and not self.pending:
-            return
-        if self.pending:   # the superseded plan's reason still explains this one
-            reason = f"{self.pending.reason}; {reason}"
-        epoch = max(self.epoch, self.pending.epoch if self.pending else 0) + 1
-        moved = sum(self._assign(self.nodes[nid], epoch, r) for nid, r in new.ranges.items())
-        self.pending = Pending(epoch, new, time.monotonic(), reason, moved)
-        log.info("epoch %d planned (%s): %s, local %s; %.1f MB to move", epoch, reason,
-                 {self.nodes[i].name: r for i, r in new.ranges.items()}, list(new.local), moved / 1e6)
-
-    def _assign(self, n: NodeState, epoch: int, rng: tuple[int, int]) -> int:
-        """Tell n its range for `epoch` and send the rows it does not hold; returns bytes sent."""
-        n.assigned[epoch] = rng
-        held = n.held()
-        self.send(n, wire.Assign(epoch, rng[0], rng[1], max(n.ready_epoch, 0) if held else 0))
-        w, sent = self.weights, 0
-        chunks = placement.load_chunks(placement.rows_to_ship(rng, held),
-                                       max(1, w.bytes_per_neuron() // w.layers), LOAD_FRAME_BYTES, w.granule)
-        for layer in range(w.layers):
-            for a, b in chunks:
-                g, u, d = w.rows(layer, a, b)
-                self.send(n, wire.Load(epoch, layer, a, b, g, u, d))
-                sent += g.nbytes + u.nbytes + d.nbytes
-        n.bytes_sent += sent
-        n.load_epoch = epoch
-        return sent
-
-    def _maybe_switch(self) -> None:
-        """At a step boundary: adopt the pending plan once all its nodes hold their rows."""
-        p = self.pending
-        if p is None:
-            return
-        if any(nid not in self.nodes for nid in p.plan.ranges):
-            self.pending = None
-            self.replan(p.reason + " (re-planned)")
-            return
-        if any(self.nodes[nid].ready_epoch < p.epoch for nid in p.plan.ranges):
-            return
-        old_ranges = self.plan.ranges
-        self.epoch, self.plan, self.pending = p.epoch, p.plan, None
-        for nid in p.plan.ranges:
-            self.nodes[nid].state = NodeStatus.ACTIVE
-            self.nodes[nid].samples = 0
-        for nid in old_ranges:
-            n = self.nodes.get(nid)
-            if n is not None and n.state == NodeStatus.DRAINING:
-                log.info("node %d %r released", n.id, n.name)
-                self.send(n, wire.Bye("released"))
-                self._forget(n)
-        secs = time.monotonic() - p.t0
-        self.history.append({"epoch": p.epoch, "time": time.time(), "reason": p.reason,
-                             "bytes_moved": p.moved, "seconds": round(secs, 3),
-                             "ranges": {self.nodes[i].name: list(r) for i, r in p.plan.ranges.items()},
-                             "local": [list(r) for r in p.plan.local]})
-        self.history = self.history[-50:]
-        log.info("epoch %d active after %.2fs (%s)", p.epoch, secs, p.reason)
 
     def close(self) -> None:
         for n in list(self.nodes.values()):
