@@ -2,6 +2,8 @@
 
 No -march flags: the AVX2 kernels are compiled per function and chosen at run time, so the same
 build runs on any x86-64 or other CPU. -ffp-contract=off keeps the reference dequantizers exact.
+threads > 1 uses POSIX threads started per call (no OpenMP: no pool of idle threads spinning on a
+core that a node process on the same machine needs).
 """
 import sys
 
@@ -9,9 +11,9 @@ from setuptools import Extension, setup
 
 compile_args = ["-O3", "-ffp-contract=off", "-std=c11"]
 link_args = []
-if sys.platform.startswith("linux"):   # OpenMP only serves threads > 1; other platforms build without it
-    compile_args.append("-fopenmp")
-    link_args.append("-fopenmp")
+if sys.platform != "win32":   # pthreads serve threads > 1; Windows builds run single-threaded
+    compile_args.append("-pthread")
+    link_args.append("-pthread")
 
 setup(ext_modules=[Extension("skynet._qkernels", ["src/skynet/_qkernels.c"],
                              extra_compile_args=compile_args, extra_link_args=link_args)])

@@ -86,13 +86,13 @@ def default_tokenizer(default_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, default_model_dir):
-    """Factory: tiny_model("llama" | "qwen2", layers=3, **config overrides) -> checkpoint dir.
+    """Factory: tiny_model("llama" | "qwen2" | "mistral", layers=3, **config overrides) -> checkpoint dir.
 
     Random weights (seeded) at a larger scale than HF's default init so that every part of the
     network (norm weights, biases, a single MLP neuron) moves the logits far above the parity
     tolerance; the default model's tokenizer is copied in so a server can serve it."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     from skynet import loader
 
@@ -104,11 +104,13 @@ def tiny_model(tmp_path_factory, default_model_dir):
         key = (family, layers, seed, repr(sorted(overrides.items())))
         if key in built:
             return built[key]
-        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
         kw = dict(hidden_size=64, intermediate_size=TINY_NEURONS, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                   max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                   tie_word_embeddings=False, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+        if family == "mistral":   # a window below max_position_embeddings: it bounds the context
+            kw["sliding_window"] = 64
         kw.update(overrides)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cls(**kw), dtype=torch.float32)
@@ -202,7 +204,8 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
                  deadline_s: float = 10.0, timeout: float = 90.0, envs=None, extra=None, **engine_kw):
     """An in-process Cluster + ClusterMLP + Engine over `model`, with n real node processes.
 
-    Yields once the plan gives every node a range and no epoch is pending. `envs[k]` adds
+    Yields once the plan gives every node a range and no epoch is pending. Node weights are fixed
+    (`--weight`, 1 unless `weights` says otherwise), so latency never re-plans a test. `envs[k]` adds
     environment variables to node k (e.g. a test-only fault), `extra[k]` flags. The step deadline is
     generous so that a loaded machine does not push a node's range back to the server: tests
     assert that the nodes did the work (no fallbacks)."""
@@ -222,7 +225,7 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
         for k in range(n):
             nc.names.append(f"n{k}")
             procs.append(spawn_node(cfg.node_port, f"n{k}", log_dir,
-                                    None if weights is None else weights[k],
+                                    1.0 if weights is None else weights[k],   # fixed: no re-weighting
                                     extra=() if extra is None else extra[k],
                                     env=None if envs is None else envs[k]))
         deadline = time.monotonic() + timeout

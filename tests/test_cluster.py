@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, child_env, load_model, log_tail, stop_procs
 from skynet.engine import Engine
-from skynet.launch import LocalCluster, free_port
+from skynet.launch import LocalCluster
 from skynet.mlp import LocalMLP
 
 # "What is the capital of France?" is a near-tie for this 135M model with 8-bit activations (the
@@ -59,7 +59,7 @@ def lc(default_model_dir, tmp_path_factory):
 
     The step deadline is raised from its 300 ms default so that a busy shared machine does not
     push the nodes' ranges back to the server: the tests check the nodes did the work."""
-    c = LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000"], node_args=["--gflops", "1"],
+    c = LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000"], node_args=["--gflops", "1", "--weight", "1"],
                      env=child_env(), log_dir=str(tmp_path_factory.mktemp("localcluster")))
     try:
         c.start(timeout=180)
@@ -176,13 +176,20 @@ def test_health_and_cluster_view(lc, default_model):
 
 
 def test_nodes_did_the_work(lc, ref):
-    before = lc.cluster()["mlp"]
+    """Each of the 2 nodes answered every MLP call of every step, under one unchanged plan."""
+    view0 = lc.cluster()
+    before = view0["mlp"]
     post(lc.url, "/v1/completions", {"prompt": STORY, "temperature": 0, "max_tokens": 4})
     view = lc.cluster()
     after = view["mlp"]
-    assert after["calls"] - before["calls"] == 4 * ref.model.arch.layers   # 1 prefill + 3 decode steps
+    calls = 4 * ref.model.arch.layers   # 1 prefill + 3 decode steps
+    assert after["calls"] - before["calls"] == calls
     assert after["bytes_in"] > before["bytes_in"]
     assert after["fallbacks"] == 0, f"the server computed node ranges itself: {after}"
+    assert view["epoch"] == view0["epoch"] and view["pending_epoch"] is None
+    for name in ("node0", "node1"):
+        got = after["replies"].get(name, 0) - before["replies"].get(name, 0)
+        assert got == calls, f"{name} answered {got} of {calls} MLP calls: {after['replies']}"
     assert all(n["latency_ms"] is not None for n in view["nodes"])
 
 
@@ -217,9 +224,8 @@ def test_seed_usage_server_skynode_client(tmp_path, tiny_model, default_tokenize
     out, want, _ = ref.greedy(prompt, 10)
     assert len(out) == 10 and want.strip()
 
-    port, node_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
     procs: dict[str, subprocess.Popen] = {}
+    ports = tmp_path / "ports.json"
 
     def spawn(name: str, *args: str) -> None:
         with open(tmp_path / f"{name}.log", "ab") as log:
@@ -230,7 +236,11 @@ def test_seed_usage_server_skynode_client(tmp_path, tiny_model, default_tokenize
         return (tmp_path / f"{name}.log").read_text(errors="replace")
 
     try:
-        spawn("server", "server.py", "--model", str(model_dir), "--port", str(port), "--node-port", str(node_port))
+        spawn("server", "server.py", "--model", str(model_dir), "--port", "0", "--node-port", "0",
+              "--port-file", str(ports))
+        wait_for(ports.exists, 120, "the server to bind its ports", procs.values())
+        bound = json.loads(ports.read_text())
+        url, node_port = f"http://127.0.0.1:{bound['port']}", bound["node_port"]
         wait_for(lambda: get(url + "/health") is not None, 120, "the server", procs.values())
 
         # zero nodes: the server computes every neuron and still answers exactly

@@ -14,7 +14,6 @@ import shutil
 import struct
 import subprocess
 import threading
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -158,7 +157,8 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def lc():
-    with LocalCluster(model=None, nodes=2, env={"SKYNET_NO_PROGRESS": "1"}) as c:
+    # fixed node weights: the page's answer is compared with a separate run as exact text
+    with LocalCluster(model=None, nodes=2, node_args=["--weight", "1"], env={"SKYNET_NO_PROGRESS": "1"}) as c:
         yield c
 
 
@@ -180,7 +180,6 @@ def test_dashboard_renders_nodes_and_streams_a_prompt(chromium, lc, tmp_path):
                                     "temperature": 0})
     browser = Browser(chromium, tmp_path / "profile")
     try:
-        t0 = time.monotonic()
         browser.call("Page.navigate", session=True, url=f"{lc.url}/?{query}")
         # the JS rendered both nodes from /v1/cluster, and the autorun prompt finished streaming
         assert browser.wait_for("document.querySelectorAll('#nodes tr.node').length === 2"), \
@@ -197,7 +196,6 @@ def test_dashboard_renders_nodes_and_streams_a_prompt(chromium, lc, tmp_path):
         state = browser.evaluate("document.getElementById('answer').dataset.state")
         stats = browser.evaluate("document.getElementById('run-stats').textContent")
         shot = base64.b64decode(browser.call("Page.captureScreenshot", session=True, format="png")["data"])
-        elapsed = time.monotonic() - t0
         errors = [e["params"] for e in browser.events if e.get("method") == "Runtime.exceptionThrown"]
     finally:
         browser.close()
@@ -211,7 +209,6 @@ def test_dashboard_renders_nodes_and_streams_a_prompt(chromium, lc, tmp_path):
     view = lc.cluster()
     assert f">{view['epoch']}<" in dom                       # the rebalance table lists epochs
     assert view["model"] in dom
-    assert elapsed < 90
 
     assert png_size(shot) == (1280, 900)
     (tmp_path / "dashboard.png").write_bytes(shot)

@@ -1,4 +1,5 @@
-"""The docs stay true: every CLI flag is in docs/cli.md, every message and field in docs/protocol.md."""
+"""The docs stay true: every CLI flag is in docs/cli.md, every message and field in docs/protocol.md,
+every request field in docs/api.md."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from skynet import wire
+from skynet import schema, wire
 from skynet.cli import parser
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -43,3 +44,11 @@ def test_readme_starts_with_the_two_commands():
     lines = [l for l in README.read_text().splitlines() if l.strip()]
     code = lines[lines.index("```sh") + 1:lines.index("```sh") + 3]
     assert code[0].startswith("make demo") and code[1].startswith("make test")
+
+
+@pytest.mark.parametrize("model", [schema.CompletionRequest, schema.ChatRequest, schema.TokenizeRequest,
+                                   schema.DetokenizeRequest])
+def test_every_request_field_is_documented(model):
+    text = (DOCS / "api.md").read_text()
+    for name in model.model_fields:
+        assert f"`{name}`" in text, f"{model.__name__}.{name} is missing from docs/api.md"

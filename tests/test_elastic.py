@@ -20,6 +20,7 @@ import time
 import httpx
 import pytest
 
+from skynet.cluster import MAX_MISSES
 from skynet.launch import LocalCluster
 
 ENV = {"SKYNET_NO_PROGRESS": "1", "SKYNET_CLUSTER_KEY": "", "SKYNET_API_KEY": "",
@@ -216,7 +217,7 @@ class TestSharedCluster:
             assert "bad" not in active(lc.cluster()), "a node with the wrong key became active"
             time.sleep(0.1)
         assert bad.poll() is not None, f"the node with the wrong key kept running\n{logs(lc)}"
-        assert bad.returncode != 0
+        assert bad.returncode == 2, logs(lc)   # refused: the documented exit code
         assert "refused" in lc.log_tail("bad").lower(), lc.log_tail("bad")
         lc.add_node("good")   # the right key (k1, from node_args)
         view = wait_for(lc, lambda: settled(lc, before | {"good"}), 30, "the node with the right key to serve")
@@ -332,6 +333,7 @@ def test_chaos_kills_and_joins(make_cluster):
         except BaseException as e:   # noqa: BLE001
             errors.append(e)
 
+    deadline_misses = lc.cluster()["mlp"]["fallback_reasons"].get("missed deadline", 0)
     t0 = time.monotonic()
     t = threading.Thread(target=chaos, daemon=True)
     t.start()
@@ -344,9 +346,12 @@ def test_chaos_kills_and_joins(make_cluster):
     bad = [(job, out, refs[job]) for job, out in outs if out != refs[job]]
     assert not bad, f"outputs changed under chaos (events {events}): {bad}\n{logs(lc)}"
     assert {"kill", "join"} <= {e[0] for e in events}, events
-    took = time.monotonic() - t0
-    print(f"chaos: {len(jobs)} requests in {took:.1f}s, events {events}")
-    assert took < 60, f"{len(jobs)} requests under chaos took {took:.0f}s"
+    print(f"chaos: {len(jobs)} requests in {time.monotonic() - t0:.1f}s, events {events}")
+    # no step waits out a dead node again and again: each killed node misses at most MAX_MISSES
+    # deadlines in a row before it is planned out (most are noticed at once, as disconnects)
+    kills = sum(e[0] == "kill" for e in events)
+    misses = lc.cluster()["mlp"]["fallback_reasons"].get("missed deadline", 0) - deadline_misses
+    assert misses <= MAX_MISSES * kills, f"{misses} missed deadlines for {kills} kills\n{logs(lc)}"
     assert lc.get("/health")["status"] == "ok"
     # (mid-change, a lost node's range is in neither nodes nor local_neurons: wait for a switch)
     wait_for(lc, lambda: view_when(lc, lambda v: v["pending_epoch"] is None and covers(v)), 20,

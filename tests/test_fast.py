@@ -161,6 +161,9 @@ def test_fast_rows_do_not_depend_on_the_batch(tiny_fast):
     while not seq.done:
         widths.append(eng.step())
     assert max(widths) > 1 and all(not o.done or o.out for o in others)
+    # the three sequences shared steps: at least as many packed steps as this one has tokens
+    print(f"\n[packing] {eng.stats['packed_steps']} of {eng.stats['steps']} steps packed")
+    assert eng.stats["max_seqs"] == 3 and eng.stats["packed_steps"] >= STEPS, eng.stats
     assert seq.out == alone_out and np.array_equal(np.stack(seen), alone_logits)
 
 

@@ -18,7 +18,7 @@ from conftest import load_model
 from skynet import faults, wire
 from skynet.config import ServerConfig
 from skynet.engine import Engine
-from skynet.launch import free_port
+from skynet.cli import listen
 from skynet.mlp import LocalMLP
 from skynet.sampling import SamplingParams
 
@@ -150,10 +150,10 @@ def http(runtime):
     servers = []
 
     def serve(rt) -> str:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(rt), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        t = threading.Thread(target=server.run, daemon=True)
+        sock = listen("127.0.0.1", 0)   # bound here: no other process can take the port meanwhile
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(rt), log_level="warning"))
+        t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         t.start()
         servers.append((server, t))
         deadline = time.monotonic() + 30

@@ -173,38 +173,46 @@ def long_context(tiny_model, tmp_path_factory):
 
 def test_a_long_prompt_does_not_stall_running_streams(long_context):
     """8 streams run; meanwhile three 300,000-character chat prompts arrive (templated and
-    tokenized, ~0.6 s each here, then refused for the context). Tokenization used to run on the
-    event loop and froze every stream meanwhile; now the streams' chunks keep coming."""
+    tokenized, then refused for the context). Tokenization used to run on the event loop and
+    froze every stream for about as long as a long prompt's request took; now the chunks keep
+    coming (the bound is relative to that request time, so a loaded machine does not fail it)."""
     lc = long_context
     arrivals: list[list[float]] = [[] for _ in range(8)]
-    body = {"prompt": "Hello", "max_tokens": 600, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True, "stream": True}
+    done = threading.Event()
 
-    def read(i: int) -> None:
+    def read(i: int) -> None:   # until the long prompts are refused, then hang up (frees the slot)
         with httpx.stream("POST", lc.url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     arrivals[i].append(time.monotonic())
+                if done.is_set():
+                    return
 
     readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(8)]
     for t in readers:
         t.start()
-    deadline = time.monotonic() + 60
-    while min(len(a) for a in arrivals) < 20:
-        assert time.monotonic() < deadline, "the streams did not start"
-        time.sleep(0.02)
-    big = "The quick brown fox jumps over the lazy dog. " * 6700   # 301,500 characters
-    t0 = time.monotonic()
-    for _ in range(3):
-        r = httpx.post(lc.url + "/v1/chat/completions", timeout=60,
-                       json={"messages": [{"role": "user", "content": big}], "max_tokens": 8})
-        assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
-    t1 = time.monotonic()
-    for t in readers:
-        t.join(timeout=120)
-    streaming = [a for a in arrivals if a[-1] > t1]
-    assert len(streaming) == 8, ("a stream ended before the long prompts were refused",
-                                 t1 - t0, [a[-1] - t0 for a in arrivals], [len(a) for a in arrivals])
+    try:
+        deadline = time.monotonic() + 60
+        while min(len(a) for a in arrivals) < 20:
+            assert time.monotonic() < deadline, "the streams did not start"
+            time.sleep(0.02)
+        big = "The quick brown fox jumps over the lazy dog. " * 6700   # 301,500 characters
+        t0, took = time.monotonic(), []
+        for _ in range(3):
+            t = time.monotonic()
+            r = httpx.post(lc.url + "/v1/chat/completions", timeout=60,
+                           json={"messages": [{"role": "user", "content": big}], "max_tokens": 8})
+            took.append(time.monotonic() - t)
+            assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+        t1 = time.monotonic()
+        time.sleep(0.2)
+    finally:
+        done.set()
+        for t in readers:
+            t.join(timeout=60)
+    assert all(a[-1] > t1 for a in arrivals), "a stream ended before the long prompts were refused"
     before = sorted(b - a for s in arrivals for a, b in zip(s, s[1:]) if b < t0)
     step = before[len(before) // 2]
     during = max(b - a for s in arrivals for a, b in zip(s, s[1:]) if t0 <= b <= t1 + 0.1)
-    assert during < max(0.25, 10 * step), (during, step, t1 - t0)
+    assert during < max(10 * step, 0.5 * max(took)), (during, step, took)

@@ -52,7 +52,8 @@ class Pipelined:
         return self.local(layer, x)
 
 
-def test_logits_are_bit_identical_to_the_one_batch_forward(tiny_model):
+@pytest.mark.parametrize("asked", [None, [0, 3, 4, 7, 14]])   # last rows, or rows asked (logprobs)
+def test_logits_are_bit_identical_to_the_one_batch_forward(tiny_model, asked):
     model = load_model(tiny_model("llama"))
     rows = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
 
@@ -63,9 +64,10 @@ def test_logits_are_bit_identical_to_the_one_batch_forward(tiny_model):
             row += len(p)
         return fn(np.asarray([t for p in rows for t in p], np.int64), segments)
 
-    want = run(lambda t, s: model.forward(t, s, LocalMLP(model.mlp_weights)))
+    want = run(lambda t, s: model.forward(t, s, LocalMLP(model.mlp_weights), rows=asked))
     mlp = Pipelined(model.mlp_weights)
-    got = run(lambda t, s: overlap.forward(model, t, s, mlp))
+    got = run(lambda t, s: overlap.forward(model, t, s, mlp, rows=asked))
+    assert got.shape[0] == (3 if asked is None else len(asked))
     np.testing.assert_array_equal(got, want)
     layers = model.arch.layers   # the nodes' MLP for one micro-batch spans the other's attention
     assert mlp.log[:4] == [("scatter", 0, 0), ("scatter", 0, 1), ("gather", 0, 0), ("scatter", 1, 0)]
@@ -85,7 +87,7 @@ def test_tokens_do_not_change_with_nodes_and_micro_batches(tiny_model, nodes, mo
     want = [Engine(model, LocalMLP(model.mlp_weights)).generate(p, 8).out for p in PROMPTS]
     used = []
     real = overlap.forward
-    monkeypatch.setattr(engine_mod.overlap, "forward", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setattr(engine_mod.overlap, "forward", lambda *a, **k: used.append(1) or real(*a, **k))
     with nodes(model, 2) as nc:
         nc.mlp.overlap = True
         assert _together(nc.engine, PROMPTS, 8) == want

@@ -15,11 +15,12 @@ from conftest import TINY_NEURONS, hf_logits, hf_model, load_model, run_greedy
 from skynet.cluster import Cluster
 from skynet.config import ServerConfig
 from skynet.dispatch import ClusterMLP
-from skynet.engine import Engine, Sequence
+from skynet.engine import Engine, RequestError, Sequence
 from skynet.mlp import LocalMLP
 from skynet.model import Segment
 
 TOL = 1e-4
+MISTRAL_WINDOW = 64   # tests/conftest.py's tiny Mistral: sliding_window below max_position_embeddings
 STEPS = 40
 PROMPT = [1, 504, 3458, 282, 4649, 314, 1345, 28, 99, 1000, 7, 48000, 17]
 
@@ -64,7 +65,7 @@ def assert_nodes_did_the_work(nc, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------------- zero nodes
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("mlp_kind", ["local", "cluster-without-nodes"])
 def test_tiny_zero_nodes(tiny_model, family, mlp_kind):
     d = tiny_model(family)
@@ -90,6 +91,7 @@ def test_tiny_zero_nodes(tiny_model, family, mlp_kind):
 @pytest.mark.parametrize("family,n,local_weight", [
     ("llama", 3, 0.0), ("llama", 7, 0.0), ("qwen2", 3, 0.0), ("qwen2", 7, 0.0),
     ("llama", 3, 0.5),   # the server keeps a share of its own alongside the nodes
+    ("mistral", 3, 0.0),
 ])
 def test_tiny_nodes(tiny_model, nodes, family, n, local_weight):
     d = tiny_model(family)
@@ -128,6 +130,18 @@ def test_node_with_a_single_neuron(tiny_model, nodes):
     without = model.forward(np.asarray(PROMPT), [Segment(cache, 0, len(PROMPT), 0)],
                             lambda li, x: sum(sl(x) for sl in rest[li]))[0]
     assert np.abs(without - logits[0]).max() > 100 * TOL
+
+
+def test_mistral_sliding_window_bounds_the_context(tiny_model):
+    """Mistral attends within a sliding window; up to the window that is full attention, which is
+    what we compute, so the window is the context: a request that would pass it is refused."""
+    d = tiny_model("mistral")
+    model = _ours(d)
+    assert model.arch.family == "mistral" and model.arch.max_context == MISTRAL_WINDOW
+    engine = Engine(model, LocalMLP(model.mlp_weights))
+    engine.check(PROMPT, MISTRAL_WINDOW - len(PROMPT))             # exactly fills the window
+    with pytest.raises(RequestError, match="context of 64 tokens"):
+        engine.check(PROMPT, MISTRAL_WINDOW - len(PROMPT) + 1)
 
 
 # ---------------------------------------------------------------------------- the real model
@@ -184,7 +198,10 @@ def test_chunked_prefill_and_packed_sequences(tiny_model):
     widths = []
     while any(not s.done for s in seqs):
         widths.append(eng.step())
-    assert max(widths) == 4 and len(widths) > 12   # chunked and budgeted, several sequences per step
+    assert max(widths) == 4 and len(widths) > 12   # chunked and budgeted
+    # several sequences shared steps: all three in one step, and more than half the steps packed
+    print(f"\n[packing] {eng.stats['packed_steps']} of {eng.stats['steps']} steps packed")
+    assert eng.stats["max_seqs"] == 3 and 2 * eng.stats["packed_steps"] > eng.stats["steps"], eng.stats
     for p, seq, rec in zip(prompts, seqs, seen):
         check_vs_hf(hf, p, seq.out, np.stack(rec), f"tiny llama, chunked+packed prompt of {len(p)}")
 

@@ -1,9 +1,9 @@
-"""Placement policy (placement.py): planning weights, re-weighting, rows to ship. Pure functions."""
+"""Placement policy (placement.py): planning weights and caps, rows to ship. Pure functions."""
 from hypothesis import given, settings, strategies as st
 
 from skynet import placement
 from skynet.placement import Candidate
-from skynet.plan import Member, Plan, plan
+from skynet.plan import Member, plan
 
 
 def test_members_keep_order_and_use_override_then_observed_then_gflops():
@@ -23,23 +23,6 @@ def test_memory_caps_count_whole_rows_and_at_least_one():
     got = placement.planning_members([Candidate(1, 1.0, mem_bytes=1000), Candidate(2, 1.0, mem_bytes=10),
                                       Candidate(3, 1.0)], row_bytes=100)
     assert [m.cap for m in got] == [10, 1, None]
-
-
-def test_observed_weights_are_neurons_per_second():
-    assert placement.observed_weights({1: (0, 100), 2: (100, 400)}, {1: 0.5, 2: 1.0}) == {1: 200.0, 2: 300.0}
-
-
-def test_moved_neurons_counts_what_changes_hands():
-    old = Plan(100, {1: (0, 50), 2: (50, 100)})
-    assert placement.moved_neurons(old, Plan(100, {1: (0, 70), 2: (70, 100)})) == 20
-    assert placement.moved_neurons(old, old) == 0
-
-
-def test_reweight_needs_a_real_move_twice_in_a_row():
-    assert placement.reweight_verdict(10, 100, 0) == (False, 0)       # 10 % is noise
-    assert placement.reweight_verdict(11, 100, 0) == (False, 1)       # first sighting
-    assert placement.reweight_verdict(11, 100, 1) == (True, 0)        # confirmed
-    assert placement.reweight_verdict(5, 100, 1) == (False, 0)        # the streak breaks
 
 
 def test_rows_to_ship():

@@ -1,10 +1,11 @@
 """The sharding plan: contiguous, covering, proportional, capped, and loud when it cannot be."""
 import math
+import random
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from skynet.plan import LOCAL, Member, Plan, PlanError, plan
+from skynet.plan import LOCAL, REWEIGHT_MIN_MOVE, Member, Plan, PlanError, moved, plan, reweigh
 
 
 def sizes(p: Plan, nodes) -> list[int]:
@@ -234,3 +235,57 @@ def test_granule_must_divide_the_neurons():
         plan(1024, equal(3), 0.0, 0)
     with pytest.raises(PlanError, match="at least one"):
         plan(1536, equal(7), 0.0, 256)        # 6 blocks of 256 for 7 nodes
+
+
+# ---------------------------------------------------------------------------- re-weighting policy
+def simulate(speeds, checks: int, jitter: float, seed: int = 0, neurons: int = 1000, spikes=()):
+    """Re-weighting checks against nodes of the given true speeds (neurons/s; a callable of the
+    check index for a change over time). Each check sees latency = range / speed, times a random
+    factor within +-jitter, and a spike (factor) on node 0 at the checks listed in `spikes`.
+    Returns the checks at which the plan changed, and the final plan."""
+    rnd = random.Random(seed)
+    members = equal(len(speeds(0) if callable(speeds) else speeds))
+    current, streak, changed = plan(neurons, members), 0, []
+    for k in range(checks):
+        now = speeds(k) if callable(speeds) else speeds
+        latency = {i: (e - s) / now[i] * (1 + rnd.uniform(-jitter, jitter)) for i, (s, e) in current.ranges.items()}
+        if k in spikes:
+            latency[0] *= spikes[k]
+        v = reweigh(current, latency, members, streak)
+        streak = v.streak
+        if v.adopt is not None:
+            assert v.adopt.covers() and moved(current, v.adopt) > REWEIGHT_MIN_MOVE * neurons
+            changed.append(k)
+            current = v.adopt
+    return changed, current
+
+
+@pytest.mark.parametrize("speeds", [[1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 2.0, 4.0, 1.0]])
+def test_jitter_under_the_threshold_never_replans(speeds):
+    """Latency noise of up to +-15 % moves well under 10 % of the neurons: in 2000 checks the plan
+    never changes, once it follows the nodes' true speeds (the unequal case moves once, at once)."""
+    changed, final = simulate(speeds, 2000, jitter=0.15)
+    assert changed == ([] if len(set(speeds)) == 1 else [1]), changed
+    share = [(final.ranges[i][1] - final.ranges[i][0]) / 1000 for i in range(len(speeds))]
+    assert all(abs(s - v / sum(speeds)) < 0.05 for s, v in zip(share, speeds)), share
+
+
+def test_a_single_spike_never_replans():
+    """Node 0 looks 5x slower at one check in every ten (a GC pause, another process): each spike
+    alone would move far more than 10 %, but never twice in a row, so the plan stays."""
+    changed, _ = simulate([1.0, 1.0], 1000, jitter=0.05, spikes={k: 5.0 for k in range(3, 1000, 10)})
+    assert changed == []
+
+
+def test_a_real_repeated_shift_replans_once_and_stays():
+    """Node 1 becomes 3x slower at check 100 and stays so: the second check that sees it re-plans
+    (about a quarter of the neurons for node 1), and noise after that never moves it back."""
+    changed, final = simulate(lambda k: [1.0, 1.0 if k < 100 else 1 / 3], 1000, jitter=0.1)
+    assert changed == [101]
+    assert 200 <= final.ranges[1][1] - final.ranges[1][0] <= 300, final
+
+
+def test_moved_counts_neurons_that_change_hands():
+    a = plan(1000, equal(2))
+    b = plan(1000, [Member(0, 3.0), Member(1, 1.0)])
+    assert moved(a, a) == 0 and moved(a, b) == moved(b, a) == 250

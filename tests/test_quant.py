@@ -141,6 +141,46 @@ def test_paths_bit_identical(qtype, cols):
             _qkernels.set_kernel("auto")
 
 
+@pytest.mark.skipif(len(KERNELS) < 2, reason="only the generic kernel on this CPU")
+@pytest.mark.parametrize("qtype", TYPES)
+def test_paths_bit_identical_extreme_scales(qtype):
+    """SIMD kernels regroup products that are exact in double; with any finite fp16 scale (subnormal
+    to 65504, either sign) and activations from 1e-30 to 1e30 they must still match generic C."""
+    rng = np.random.default_rng(30 + qtype)
+    cols, rows = 512, 24
+    w = random_blocks(rng, qtype, rows, cols).reshape(rows, cols // BLOCKS[qtype][0], -1)
+    for off in FP16_FIELDS[qtype]:
+        h = rng.integers(0, 0x7c00, w.shape[:2], dtype=np.uint16) | (rng.integers(0, 2, w.shape[:2], dtype=np.uint16) << 15)
+        w[:, :, off:off + 2] = h.view(np.uint8).reshape(*w.shape[:2], 2)
+    m = QMatrix(qtype, np.ascontiguousarray(w.reshape(rows, -1)), cols)
+    x = (rng.standard_normal((21, cols)) * 10.0 ** rng.uniform(-30, 30, (21, 1))).astype(np.float32)
+    outs = {}
+    for k in KERNELS:
+        assert _qkernels.set_kernel(k) == k
+        try:
+            outs[k] = [m(x[a:b], dtype=np.float64) for a, b in ((0, 21), (0, 1), (3, 20))]
+        finally:
+            _qkernels.set_kernel("auto")
+    for k in KERNELS[1:]:
+        for got, ref in zip(outs[k], outs["generic"]):
+            assert np.array_equal(bits(got), bits(ref)), k
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_threads_bit_identical(qtype, kernel):
+    """Shapes big enough to start threads: every thread count and batch gives the same bits."""
+    rng = np.random.default_rng(20 + qtype)
+    cols = 512
+    m = QMatrix(qtype, random_blocks(rng, qtype, 301, cols), cols)
+    x = rng.standard_normal((45, cols)).astype(np.float32)
+    for dtype in (np.float32, np.float64):
+        one = m(x, dtype=dtype)
+        for t in (2, 3, 8):
+            assert np.array_equal(bits(one), bits(m(x, dtype=dtype, threads=t))), t
+        assert np.array_equal(bits(one[:17]), bits(m(x[:17], dtype=dtype, threads=2)))
+        assert np.array_equal(bits(one[:1]), bits(m(x[:1], dtype=dtype, threads=2)))
+
+
 def test_take_cols_and_rows():
     rng = np.random.default_rng(4)
     for qtype in (QType.Q4_1, QType.Q6_K):

@@ -27,7 +27,8 @@ KEY = "sekret"
 
 @pytest.fixture(scope="module")
 def lc():
-    with LocalCluster(model=None, nodes=2, env=ENV) as c:
+    # fixed node weights: no micro-benchmark decides the split of runs compared as exact text
+    with LocalCluster(model=None, nodes=2, node_args=["--weight", "1"], env=ENV) as c:
         yield c
 
 
@@ -178,19 +179,32 @@ def test_stop_not_hit_streams_everything(client, story):
 
 
 # ---------------------------------------------------------------------------------- sampling
-def test_seed_and_sampling_params(client):
-    def sample(**kw):
-        r = client.completions.create(model="m", prompt=STORY, max_tokens=8, **kw)
-        return r.choices[0].text
+def _sample(client, **kw) -> str:
+    return client.completions.create(model="m", prompt=STORY, max_tokens=12, **kw).choices[0].text
 
-    a = sample(temperature=0.8, seed=1234)
-    assert a and sample(temperature=0.8, seed=1234) == a
-    assert sample(temperature=0.8, presence_penalty=1.5, frequency_penalty=1.0, seed=1)
-    assert sample(temperature=0.7, top_p=0.9, extra_body={"top_k": 5}, seed=2)
-    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=4, temperature=0.9, seed=3, presence_penalty=-1,
-                                       frequency_penalty=2, extra_body={"top_k": 1})
-    assert r.choices[0].message.content is not None
+
+def test_top_k_1_and_temperature_0_are_greedy(client, story):
+    assert _sample(client, temperature=1.5, seed=1, extra_body={"top_k": 1}) == story
+    assert _sample(client, temperature=0, seed=2) == story   # a seed changes nothing when greedy
+    chat = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=6)
+    greedy = client.chat.completions.create(**chat, temperature=0).choices[0].message.content
+    top1 = client.chat.completions.create(**chat, temperature=0.9, seed=3, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == greedy
+
+
+def test_seeds_repeat_and_differ(client, story):
+    a = _sample(client, temperature=1.5, seed=1234)
+    assert _sample(client, temperature=1.5, seed=1234) == a
+    others = {_sample(client, temperature=1.5, seed=s) for s in (1, 2, 3)}
+    assert len(others | {a}) >= 3, others   # 12 tokens at temperature 1.5: seeds give other texts
+    assert story not in others | {a}
+
+
+def test_penalties_reach_the_sampler(client, story):
+    """Greedy with a strong negative frequency penalty repeats itself; a positive one does not."""
+    loop = _sample(client, temperature=0, frequency_penalty=-2.0)
+    assert loop != story and len(set(loop.split())) < len(set(story.split())), (loop, story)
+    assert _sample(client, temperature=0, presence_penalty=2.0, frequency_penalty=2.0) != loop
 
 
 def test_concurrent_equals_alone(lc, client):
@@ -202,9 +216,13 @@ def test_concurrent_equals_alone(lc, client):
         return client.completions.create(model="m", prompt=p, max_tokens=8, temperature=0).choices[0].text
 
     alone = [run(p) for p in prompts]
+    before = lc.cluster()["engine"]
     with ThreadPoolExecutor(len(prompts)) as ex:
         together = list(ex.map(run, prompts))
+    after = lc.cluster()["engine"]
     assert together == alone
+    # they really were batched: steps carried rows of several of these requests at once
+    assert after["packed_steps"] - before["packed_steps"] >= 8 and after["max_seqs"] >= 4, (before, after)
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -213,7 +231,8 @@ BAD_COMPLETIONS = {
     "empty prompt": {"prompt": ""},
     "empty token list": {"prompt": []},
     "prompt wrong type": {"prompt": 5},
-    "prompt batch": {"prompt": ["a", "b"]},
+    "prompt batch with an empty one": {"prompt": ["a", ""]},
+    "token-id batch with an empty one": {"prompt": [[1, 2], []]},
     "max_tokens string": {"prompt": "hi", "max_tokens": "x"},
     "max_tokens zero": {"prompt": "hi", "max_tokens": 0},
     "max_tokens negative": {"prompt": "hi", "max_tokens": -3},
@@ -222,7 +241,13 @@ BAD_COMPLETIONS = {
     "top_p 0": {"prompt": "hi", "top_p": 0},
     "top_p 2": {"prompt": "hi", "top_p": 2},
     "top_k negative": {"prompt": "hi", "top_k": -1},
-    "n 2": {"prompt": "hi", "n": 2},
+    "n 0": {"prompt": "hi", "n": 0},
+    "n 17": {"prompt": "hi", "n": 17},
+    "logprobs 21": {"prompt": "hi", "logprobs": 21},
+    "logprobs negative": {"prompt": "hi", "logprobs": -1},
+    "logprobs bool": {"prompt": "hi", "logprobs": True},
+    "echo not bool": {"prompt": "hi", "echo": "yes"},
+    "max_tokens 0 without echo": {"prompt": "hi", "max_tokens": 0},
     "5 stop strings": {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
     "empty stop string": {"prompt": "hi", "stop": [""]},
     "stop not strings": {"prompt": "hi", "stop": [1]},
@@ -246,7 +271,12 @@ BAD_CHATS = {
     "content wrong type": {"messages": [{"role": "user", "content": 5}]},
     "max_tokens string": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x"},
     "temperature 5": {"messages": [{"role": "user", "content": "hi"}], "temperature": 5},
-    "n 2": {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+    "n 0": {"messages": [{"role": "user", "content": "hi"}], "n": 0},
+    "max_tokens 0": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+    "top_logprobs without logprobs": {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    "top_logprobs 21": {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                        "top_logprobs": 21},
+    "logprobs an int": {"messages": [{"role": "user", "content": "hi"}], "logprobs": 3},
 }
 
 

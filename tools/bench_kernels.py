@@ -2,7 +2,8 @@
 """Times skynet.quant's kernels (1 thread unless marked) against numpy float32 matmuls of the same matrices.
 
 Shapes of SmolLM2-135M (the default model, Q4_1): per layer gate and up (1536 x 576) and down
-(576 x 1536, float64 output as the MLP slices use it), 30 layers; the LM head is Q8_0 49152 x 576.
+(576 x 1536, float64 output as the MLP slices use it), 30 layers; the LM head is Q8_0 49152 x 576;
+the down projections again as Q4_K, Q5_K and Q6_K (what Q4_K_M files hold).
 Weights are random blocks with realistic scales; numpy multiplies their float32 dequantization.
 
 Every kernel path the CPU runs (generic, avx2, avx512) is timed in the same run; numpy once.
@@ -25,13 +26,15 @@ H, I, VOCAB = 576, 1536, 49152
 
 
 def random_matrix(rng: np.random.Generator, qtype: QType, rows: int, cols: int) -> QMatrix:
-    """Random quants with small positive fp16 scales (and Q4_1 mins) like a trained checkpoint's."""
+    """Random quants with small positive fp16 scales (and Q4_1 mins, K-quant dmins) like a trained checkpoint's."""
     values, size = BLOCKS[qtype]
     blocks = rng.integers(0, 256, (rows, cols // values, size), dtype=np.uint8)
-    scale = (rng.uniform(0.002, 0.02, (rows, cols // values))).astype(np.float16).view(np.uint8)
-    blocks[:, :, 0:2] = scale.reshape(rows, cols // values, 2)
-    if qtype == QType.Q4_1:
-        m = (-8 * rng.uniform(0.002, 0.02, (rows, cols // values))).astype(np.float16).view(np.uint8)
+    k = values == 256
+    scale = (rng.uniform(0.002, 0.02, (rows, cols // values)) / (32 if k else 1)).astype(np.float16).view(np.uint8)
+    at = 208 if qtype == QType.Q6_K else 0
+    blocks[:, :, at:at + 2] = scale.reshape(rows, cols // values, 2)
+    if qtype in (QType.Q4_1, QType.Q4_K, QType.Q5_K):
+        m = ((1 / 32 if k else -8) * rng.uniform(0.002, 0.02, (rows, cols // values))).astype(np.float16).view(np.uint8)
         blocks[:, :, 2:4] = m.reshape(rows, cols // values, 2)
     return QMatrix(qtype, blocks.reshape(rows, -1), cols)
 
@@ -123,6 +126,27 @@ def main() -> None:
         _qkernels.set_kernel("auto")
         r = best_ms(lambda: x @ head_t, args.repeat * 4)
         print(f"{'LM head Q8_0 N=1':<26}" + "".join(f"{v:10.2f}" for v in row) + f"{r:11.2f}")
+        # K-quants (Q4_K_M files): 576 columns is no multiple of 256, so in SmolLM2-135M only the down
+        # projections (576 x 1536) can be Q4_K / Q5_K / Q6_K
+        for qt in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
+            downs = [random_matrix(rng, qt, H, I) for _ in range(args.layers)]
+            downs_t = [np.ascontiguousarray(d.dequantize().T) for d in downs]
+            for n, t in ((1, 1), (256, 1), (256, 2)):
+                hx = np.random.default_rng(n).standard_normal((n, I)).astype(np.float32)
+                o = np.empty((n, H), np.float64)
+                reps = args.repeat if n < 256 else max(1, args.repeat // 2)
+                row = []
+                for p in paths:
+                    _qkernels.set_kernel(p)
+                    if p == "generic" and n * args.layers > 2000:
+                        row.append(float("nan"))
+                        continue
+                    row.append(best_ms(lambda: [d(hx, out=o, threads=t) for d in downs], reps,
+                                       time.thread_time if t == 1 else time.perf_counter))
+                _qkernels.set_kernel("auto")
+                r = best_ms(lambda: [hx @ d for d in downs_t], reps) if t == 1 else float("nan")
+                label = f"down x{args.layers} {qt.name} N={n}" + (f" {t}thr" if t > 1 else "")
+                print(f"{label:<26}" + "".join(f"{v:10.2f}" for v in row) + f"{r:11.2f}")
         tiny = random_matrix(rng, QType.Q4_1, 32, 32)
         xt = rng.standard_normal((1, 32)).astype(np.float32)
         xq, calls = quant.quantize_act(xt), 20000

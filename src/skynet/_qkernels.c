@@ -23,7 +23,19 @@
  * The terms are added in float64 in block order, and float32 output is (float) of that sum: one
  * canonical result per (weight row, activation row), the same in every kernel (generic, AVX2,
  * AVX-512 VNNI), whatever N, the tiling, or the thread count. SIMD kernels keep one pair per
- * float64 lane and run exactly the scalar operations in that lane.
+ * float64 lane and compute that lane's term. Where a product is exact in double the kernels may
+ * regroup it, which gives the same double: d*dx (11 x 24 bits), Q4_1's (d*dx)*isum (|isum| < 2^16)
+ * and (m*dx)*s (|s| < 2^12), the K-quants' (dmin*dx)*(m_j*s) = (dmin*m_j)*(dx*s) (53 bits) and
+ * sc_j*isum; an FMA a*b+c whose a*b is exact rounds once, like the add. (Non-finite scales aside:
+ * which NaN payload survives may then differ.) Everything else runs the formula as written.
+ *
+ * Paths: generic C (any CPU), AVX2 and AVX-512 VNNI (x86-64, chosen at run time). All formats have
+ * SIMD kernels: decode kernels for 1..3 activation rows (lane = weight row) and tile kernels that
+ * re-lay out the activations (lane = activation row; see struct tact).
+ *
+ * threads > 1: POSIX threads started for the call take activation units and then chunks of weight
+ * rows from atomic counters and wait on a condition variable (never spin); small calls stay on the
+ * calling thread. No thread pool is left behind to compete with other processes for the cores.
  *
  * Build with -ffp-contract=off: neither the reference dequantizers nor the terms may fuse a*b+c.
  */
@@ -424,7 +436,7 @@ typedef struct {
 
 AVX2I uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-/* Writes lane k of the 8 results v[] to out[n][r + k]. */
+/* Writes lane k of the results v[] to out[n][r + k] (r + k < rend). */
 static void lk_store(const mm_args *a, const double *v, int lanes, int r, int rend, int n)
 {
     for (int k = 0; k < lanes; k++)
@@ -542,28 +554,34 @@ AVX2I void a2_decode(const lk_ctx *c, int r, int rend, int n)
  * float64 term of its pair. Q4_1 uses that its products are exact (|isum| < 2^16, |s| < 2^12:
  * d dx isum and m dx s fit in 53 bits), so d * (dx isum) + m * (dx s) in one FMA is the same
  * double as the header's formula, with fewer operations (for finite scales). */
-#define TR 4
+#define TR 8           /* most weight rows per tile */
 
 typedef struct {
     uint8_t *u;           /* (K,) values as u8: n (Q4_0, Q4_1, K-quants), w (Q8_0 AVX2) or w + 128 (Q8_0 AVX-512) */
-    float *d, *m;         /* (nb,) d; Q4_1 m, K-quants dmin */
-    int32_t *c0, *c1, *cm;/* (nb,) K-quant integer scales of the two 16-halves and m_j */
+    double *d, *m;        /* (nb,) d (fp16, exact in double); Q4_1: m */
+    double *ksc, *km;     /* (nb,) Q4_K, Q5_K: sc_j and dmin * m_j (exact) */
+    int32_t *c0, *c1, *cm;/* (nb,) Q6_K: the scales of the two 16-halves (cm unused) */
+    int st;               /* scale b is at [b * st] */
 } wrow;
 
-static void *wrows_alloc(wrow *W, int K)
+static void *wrows_alloc(wrow *W, int K, int rows)
 {
     int nb = K / 32;
-    char *mem = malloc((size_t)TR * ((size_t)K + (size_t)nb * 20) + 64);
+    size_t per = (size_t)nb * 44 + (((size_t)K + 7) & ~(size_t)7);
+    char *mem = malloc((size_t)rows * per + 64);
     if (!mem) return NULL;
     char *p = mem;
-    for (int k = 0; k < TR; k++) {
-        W[k].u = (uint8_t *)p;
-        W[k].d = (float *)(p + K);
+    for (int k = 0; k < rows; k++) {
+        W[k].d = (double *)p;
         W[k].m = W[k].d + nb;
-        W[k].c0 = (int32_t *)(W[k].m + nb);
+        W[k].ksc = W[k].m + nb;
+        W[k].km = W[k].ksc + nb;
+        W[k].c0 = (int32_t *)(W[k].km + nb);
         W[k].c1 = W[k].c0 + nb;
         W[k].cm = W[k].c1 + nb;
-        p += (size_t)K + (size_t)nb * 20;
+        W[k].u = (uint8_t *)(W[k].cm + nb);
+        W[k].st = 1;
+        p += per;
     }
     return mem;
 }
@@ -576,8 +594,8 @@ AVX2I void w_unpack(int T, int flip8, const uint8_t *w, int nb, wrow *W)
         int bb = block_bytes(T), qoff = T == T_Q4_1 ? 4 : 2;
         for (int b = 0; b < nb; b++) {
             const uint8_t *p = w + (size_t)b * bb;
-            W->d[b] = h2f(rd16(p));
-            W->m[b] = T == T_Q4_1 ? h2f(rd16(p + 2)) : 0.0f;
+            W->d[(size_t)(b) * W->st] = h2f(rd16(p));
+            W->m[(size_t)(b) * W->st] = T == T_Q4_1 ? h2f(rd16(p + 2)) : 0.0f;
             if (T == T_Q8_0) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(p + 2));
                 if (flip8) v = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
@@ -598,11 +616,9 @@ AVX2I void w_unpack(int T, int flip8, const uint8_t *w, int nb, wrow *W)
             const int8_t *sc = (const int8_t *)(p + 192);
             float d = h2f(rd16(p + 208));
             for (int j = 0; j < 8; j++) {
-                W->d[b0 + j] = d;
-                W->m[b0 + j] = 0.0f;
-                W->c0[b0 + j] = sc[2 * j];
-                W->c1[b0 + j] = sc[2 * j + 1];
-                W->cm[b0 + j] = 0;
+                W->d[(size_t)(b0 + j) * W->st] = d;
+                W->c0[(size_t)(b0 + j) * W->st] = sc[2 * j];
+                W->c1[(size_t)(b0 + j) * W->st] = sc[2 * j + 1];
             }
             for (int h = 0; h < 2; h++) {
                 __m256i L0 = _mm256_loadu_si256((const __m256i *)(p + 64 * h));
@@ -624,10 +640,9 @@ AVX2I void w_unpack(int T, int flip8, const uint8_t *w, int nb, wrow *W)
             for (int j = 0; j < 8; j++) {
                 int sc, m;
                 kscale(p + 4, j, &sc, &m);
-                W->d[b0 + j] = d;
-                W->m[b0 + j] = dmin;
-                W->c0[b0 + j] = W->c1[b0 + j] = sc;
-                W->cm[b0 + j] = m;
+                W->d[(size_t)(b0 + j) * W->st] = d;
+                W->ksc[(size_t)(b0 + j) * W->st] = sc;
+                W->km[(size_t)(b0 + j) * W->st] = (double)dmin * m;
             }
             const uint8_t *qs = p + (T == T_Q5_K ? 48 : 16);
             __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 16)), x10 = _mm256_set1_epi8(0x10);
@@ -646,30 +661,43 @@ AVX2I void w_unpack(int T, int flip8, const uint8_t *w, int nb, wrow *W)
     }
 }
 
-/* Writes the tile's results (F[k]: 2L/8... lanes j = activation row n0 + L g + j) for rows r + k < rend. */
-static void tile_store(const mm_args *a, const double *v, int L, int k, int r, int rend, int n)
+/* Row blocks: RB weight rows are unpacked at a time and each activation tile runs against all of
+ * them before the next, its results gathered in ob[L][OBS] (activation row j, weight row) and then
+ * written out in contiguous runs. */
+#define RB 64
+#define OBS (RB + TR)
+
+/* Writes ob's activation rows j (n + j < N) for weight rows [r, rend). */
+static void tile_flush(const mm_args *a, const double *ob, int L, int n, int r, int rend)
 {
-    if (r + k >= rend) return;
-    int nn = a->N - n < L ? a->N - n : L;
-    for (int j = 0; j < nn; j++) store(a, n + j, r + k, v[j]);
+    int nn = a->N - n < L ? a->N - n : L, w = rend - r;
+    for (int j = 0; j < nn; j++) {
+        const double *v = ob + (size_t)j * OBS;
+        if (a->f64) {
+            memcpy((double *)a->out + (size_t)(n + j) * a->rows + r, v, sizeof(double) * w);
+        } else {
+            float *o = (float *)a->out + (size_t)(n + j) * a->rows + r;
+            for (int i = 0; i < w; i++) o[i] = (float)v[i];
+        }
+    }
 }
 
 /* AVX2 tile: TR weight rows x 8 activation rows (tile g). */
-AVX2I void t8_tile(const mm_args *a, const tact *A, const wrow *W, int T, int r, int rend, int g)
+AVX2I void t8_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob)
 {
     int nb = A->nb;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256d F[TR][2];
-    for (int k = 0; k < TR; k++) F[k][0] = F[k][1] = _mm256_setzero_pd();
+    for (int k = 0; k < R; k++) F[k][0] = F[k][1] = _mm256_setzero_pd();
     for (int b = 0; b < nb; b++) {
         size_t tb = (size_t)g * nb + b;
         const uint8_t *Q = A->qT + tb * 256;
         __m256i I[TR], J[TR];   /* int32 sums (Q6_K: I of values 0..15, J of 16..31) */
-        for (int k = 0; k < TR; k++) I[k] = J[k] = _mm256_setzero_si256();
+        for (int k = 0; k < R; k++) I[k] = J[k] = _mm256_setzero_si256();
         if (T == T_Q8_0) {
             for (int t = 0; t < 8; t++) {
                 __m256i qv = _mm256_loadu_si256((const __m256i *)(Q + 32 * t));
-                for (int k = 0; k < TR; k++) {
+                for (int k = 0; k < R; k++) {
                     __m256i wb = _mm256_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t));
                     I[k] = _mm256_add_epi32(I[k], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wb),
                                                                                          _mm256_sign_epi8(qv, wb)), ones));
@@ -681,14 +709,14 @@ AVX2I void t8_tile(const mm_args *a, const tact *A, const wrow *W, int T, int r,
             const int G = T == T_Q6_K ? 2 : T == T_Q5_K ? 4 : 8;
             for (int t0 = 0; t0 < 8; t0 += G) {
                 __m256i H[TR];
-                for (int k = 0; k < TR; k++) H[k] = _mm256_setzero_si256();
+                for (int k = 0; k < R; k++) H[k] = _mm256_setzero_si256();
                 for (int t = t0; t < t0 + G; t++) {
                     __m256i qv = _mm256_loadu_si256((const __m256i *)(Q + 32 * t));
-                    for (int k = 0; k < TR; k++)
+                    for (int k = 0; k < R; k++)
                         H[k] = _mm256_add_epi16(H[k], _mm256_maddubs_epi16(
                                                           _mm256_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t)), qv));
                 }
-                for (int k = 0; k < TR; k++) {
+                for (int k = 0; k < R; k++) {
                     if (T == T_Q6_K && t0 >= 4) J[k] = _mm256_add_epi32(J[k], _mm256_madd_epi16(H[k], ones));
                     else I[k] = _mm256_add_epi32(I[k], _mm256_madd_epi16(H[k], ones));
                 }
@@ -697,10 +725,10 @@ AVX2I void t8_tile(const mm_args *a, const tact *A, const wrow *W, int T, int r,
         __m256 dx8 = _mm256_loadu_ps(A->dx + tb * 8);
         __m256d dx0 = _mm256_cvtps_pd(_mm256_castps256_ps128(dx8)), dx1 = _mm256_cvtps_pd(_mm256_extractf128_ps(dx8, 1));
         __m256i s8 = _mm256_loadu_si256((const __m256i *)(A->s + tb * 8));
-        for (int k = 0; k < TR; k++) {
-            __m256d d = _mm256_set1_pd((double)W[k].d[b]), t0, t1;
+        for (int k = 0; k < R; k++) {
+            __m256d d = _mm256_set1_pd(W[k].d[b]), t0, t1;
             if (T == T_Q4_1) {
-                __m256d m = _mm256_set1_pd((double)W[k].m[b]);
+                __m256d m = _mm256_set1_pd(W[k].m[b]);
                 const double *dxs = A->dxs + tb * 8;
                 t0 = _mm256_fmadd_pd(d, _mm256_mul_pd(dx0, _mm256_cvtepi32_pd(_mm256_castsi256_si128(I[k]))),
                                      _mm256_mul_pd(m, _mm256_loadu_pd(dxs)));
@@ -709,7 +737,7 @@ AVX2I void t8_tile(const mm_args *a, const tact *A, const wrow *W, int T, int r,
             } else {
                 __m256i u = I[k];
                 if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 3));
-                if (T == T_Q4_K || T == T_Q5_K) u = _mm256_mullo_epi32(u, _mm256_set1_epi32(W[k].c0[b]));
+
                 if (T == T_Q6_K) {
                     __m256i sa = _mm256_loadu_si256((const __m256i *)(A->sa + tb * 8));
                     __m256i ia = _mm256_sub_epi32(u, _mm256_slli_epi32(sa, 5));
@@ -717,40 +745,189 @@ AVX2I void t8_tile(const mm_args *a, const tact *A, const wrow *W, int T, int r,
                     u = _mm256_add_epi32(_mm256_mullo_epi32(ia, _mm256_set1_epi32(W[k].c0[b])),
                                          _mm256_mullo_epi32(ib, _mm256_set1_epi32(W[k].c1[b])));
                 }
-                t0 = _mm256_mul_pd(_mm256_mul_pd(d, dx0), _mm256_cvtepi32_pd(_mm256_castsi256_si128(u)));
-                t1 = _mm256_mul_pd(_mm256_mul_pd(d, dx1), _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1)));
-                if (T == T_Q4_K || T == T_Q5_K) {
-                    __m256d dm = _mm256_set1_pd((double)W[k].m[b]);
-                    __m256i ms = _mm256_mullo_epi32(s8, _mm256_set1_epi32(W[k].cm[b]));
-                    t0 = _mm256_sub_pd(t0, _mm256_mul_pd(_mm256_mul_pd(dm, dx0), _mm256_cvtepi32_pd(_mm256_castsi256_si128(ms))));
-                    t1 = _mm256_sub_pd(t1, _mm256_mul_pd(_mm256_mul_pd(dm, dx1), _mm256_cvtepi32_pd(_mm256_extracti128_si256(ms, 1))));
+                __m256d i0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(u)), i1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1));
+                if (T == T_Q4_K || T == T_Q5_K) {   /* sc isum exact in double */
+                    __m256d sc = _mm256_set1_pd(W[k].ksc[b]);
+                    i0 = _mm256_mul_pd(i0, sc);
+                    i1 = _mm256_mul_pd(i1, sc);
+                }
+                t0 = _mm256_mul_pd(_mm256_mul_pd(d, dx0), i0);
+                t1 = _mm256_mul_pd(_mm256_mul_pd(d, dx1), i1);
+                if (T == T_Q4_K || T == T_Q5_K) {   /* (dmin dx) (m s) = (dmin m) (dx s): exact (53 bits) */
+                    __m256d km = _mm256_set1_pd(W[k].km[b]);
+                    const double *dxs = A->dxs + tb * 8;
+                    t0 = _mm256_sub_pd(t0, _mm256_mul_pd(km, _mm256_loadu_pd(dxs)));
+                    t1 = _mm256_sub_pd(t1, _mm256_mul_pd(km, _mm256_loadu_pd(dxs + 4)));
                 }
             }
             F[k][0] = _mm256_add_pd(F[k][0], t0);
             F[k][1] = _mm256_add_pd(F[k][1], t1);
         }
     }
-    for (int k = 0; k < TR; k++) {
+    for (int k = 0; k < R; k++) {
         double v[8];
         _mm256_storeu_pd(v, F[k][0]);
         _mm256_storeu_pd(v + 4, F[k][1]);
-        tile_store(a, v, 8, k, r, rend, A->n0 + 8 * g);
+        for (int j = 0; j < 8; j++) ob[j * OBS + k] = v[j];
     }
 }
 
 /* Rows [r0, r1) against the tiled activation rows, AVX2 tiles. */
 AVX2I int t8_run(const mm_args *a, int T, int r0, int r1)
 {
-    wrow W[TR];
-    void *mem = wrows_alloc(W, a->K);
-    if (!mem) return -1;
     const tact *A = a->act;
-    for (int r = r0; r < r1; r += TR) {
-        for (int k = 0; k < TR; k++)
-            w_unpack(T, 0, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, A->nb, &W[k]);
-        for (int g = 0; g < A->nt; g++) t8_tile(a, A, W, T, r, r1, g);
+    wrow W[RB];
+    void *mem = wrows_alloc(W, a->K, RB);
+    if (!mem) return -1;
+    const int R = 4;
+    double ob[8 * OBS];
+    for (int rb = r0; rb < r1; rb += RB) {
+        int re = rb + RB < r1 ? rb + RB : r1;
+        for (int i = 0; rb + i < re; i++)
+            w_unpack(T, 0, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
+        wrow Wt[RB];   /* a partial tile repeats the last row */
+        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
+        for (int g = 0; g < A->nt; g++) {
+            for (int r = rb; r < re; r += R) t8_tile(A, Wt + (r - rb), T, R, g, ob + (r - rb));
+            tile_flush(a, ob, 8, A->n0 + 8 * g, rb, re);
+        }
     }
     free(mem);
+    return 0;
+}
+
+/* K-quant decode (activation rows < 4): the roles swap, lanes are 8 weight rows. Their unpacked
+ * values are re-laid out like the activation tiles (vector t of block b = bytes 4t..4t+3 of the 8
+ * rows' blocks) and their scales put in lane order; one broadcast of 4 activation bytes times that
+ * vector adds into one lane per weight row. Same integer sums, same float64 term per lane. */
+typedef struct {
+    uint8_t *wT;                  /* [nb][8][32] */
+    double *d, *m, *ksc, *km;     /* [nb][8] */
+    int32_t *c0, *c1, *cm;        /* [nb][8] */
+    void *mem;
+} kdec;
+
+static int kdec_alloc(kdec *D, int nb)
+{
+    char *mem = malloc((size_t)nb * (256 + 8 * 32 + 8 * 12) + 64);
+    if (!mem) return 0;
+    D->mem = mem;
+    D->d = (double *)mem;
+    D->m = D->d + 8 * (size_t)nb;
+    D->ksc = D->m + 8 * (size_t)nb;
+    D->km = D->ksc + 8 * (size_t)nb;
+    D->c0 = (int32_t *)(D->km + 8 * (size_t)nb);
+    D->c1 = D->c0 + 8 * (size_t)nb;
+    D->cm = D->c1 + 8 * (size_t)nb;
+    D->wT = (uint8_t *)(D->cm + 8 * (size_t)nb);
+    return 1;
+}
+
+/* Lane k's scales go straight into D (stride 8); values to u[k], transposed by kdec_fill. */
+static void kdec_rows(kdec *D, wrow *W, uint8_t *u, int K)
+{
+    for (int k = 0; k < 8; k++)
+        W[k] = (wrow){u + (size_t)k * K, D->d + k, D->m + k, D->ksc + k, D->km + k, D->c0 + k, D->c1 + k, D->cm + k, 8};
+}
+
+/* 8 rows' u8 values [8][K] -> wT: per block an 8 x 8 transpose of 4-byte groups. */
+AVX2I void kdec_fill(kdec *D, const uint8_t *u, int K)
+{
+    for (int b = 0; b < K / 32; b++) {
+        __m256i r[8], t[8], v[8];
+        for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_si256((const __m256i *)(u + (size_t)k * K + 32 * b));
+        for (int k = 0; k < 8; k += 2) {
+            t[k] = _mm256_unpacklo_epi32(r[k], r[k + 1]);
+            t[k + 1] = _mm256_unpackhi_epi32(r[k], r[k + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+            v[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);       /* groups 0 | 4 of rows h..h+3 */
+            v[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);   /* 1 | 5 */
+            v[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]); /* 2 | 6 */
+            v[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]); /* 3 | 7 */
+        }
+        uint8_t *o = D->wT + (size_t)b * 256;
+        for (int g = 0; g < 4; g++) {
+            _mm256_storeu_si256((__m256i *)(o + 32 * g), _mm256_permute2x128_si256(v[g], v[g + 4], 0x20));
+            _mm256_storeu_si256((__m256i *)(o + 32 * (g + 4)), _mm256_permute2x128_si256(v[g], v[g + 4], 0x31));
+        }
+    }
+}
+
+/* Rows r..r+7 (D) x activation row n; lanes past rend are not stored. */
+AVX2I void kdec_row(const mm_args *a, const kdec *D, int T, int r, int rend, int n)
+{
+    int nb = a->K / 32;
+    const int8_t *q = a->q + (size_t)n * a->K;
+    const float *dxr = a->dx + (size_t)n * nb;
+    const int32_t *sr = a->sx + (size_t)n * nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int G = T == T_Q6_K ? 2 : T == T_Q5_K ? 4 : 8;
+    __m256d F0 = _mm256_setzero_pd(), F1 = _mm256_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *Wv = D->wT + (size_t)b * 256;
+        __m256i I = _mm256_setzero_si256(), J = _mm256_setzero_si256();
+        for (int t0 = 0; t0 < 8; t0 += G) {
+            __m256i H = _mm256_setzero_si256();
+            for (int t = t0; t < t0 + G; t++)
+                H = _mm256_add_epi16(H, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(Wv + 32 * t)),
+                                                             _mm256_set1_epi32((int)rd32((const uint8_t *)q + 32 * b + 4 * t))));
+            if (T == T_Q6_K && t0 >= 4) J = _mm256_add_epi32(J, _mm256_madd_epi16(H, ones));
+            else I = _mm256_add_epi32(I, _mm256_madd_epi16(H, ones));
+        }
+        size_t e = (size_t)b * 8;
+        float dxf = dxr[b];
+        int32_t s = sr[b];
+        __m256d dx = _mm256_set1_pd((double)dxf);
+        __m256d d0 = _mm256_loadu_pd(D->d + e), d1 = _mm256_loadu_pd(D->d + e + 4), i0, i1, t0, t1;
+        if (T == T_Q6_K) {
+            int sa = 0;
+            for (int k = 0; k < 16; k++) sa += q[32 * b + k];
+            __m256i ia = _mm256_sub_epi32(I, _mm256_set1_epi32(32 * sa)), ib = _mm256_sub_epi32(J, _mm256_set1_epi32(32 * (s - sa)));
+            __m256i u = _mm256_add_epi32(_mm256_mullo_epi32(ia, _mm256_loadu_si256((const __m256i *)(D->c0 + e))),
+                                         _mm256_mullo_epi32(ib, _mm256_loadu_si256((const __m256i *)(D->c1 + e))));
+            i0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(u));
+            i1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1));
+        } else {
+            i0 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(I)), _mm256_loadu_pd(D->ksc + e));
+            i1 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(I, 1)), _mm256_loadu_pd(D->ksc + e + 4));
+        }
+        t0 = _mm256_mul_pd(_mm256_mul_pd(d0, dx), i0);
+        t1 = _mm256_mul_pd(_mm256_mul_pd(d1, dx), i1);
+        if (T != T_Q6_K) {   /* (dmin m) (dx s), exact */
+            __m256d dxs = _mm256_set1_pd((double)dxf * (double)s);
+            t0 = _mm256_sub_pd(t0, _mm256_mul_pd(_mm256_loadu_pd(D->km + e), dxs));
+            t1 = _mm256_sub_pd(t1, _mm256_mul_pd(_mm256_loadu_pd(D->km + e + 4), dxs));
+        }
+        F0 = _mm256_add_pd(F0, t0);
+        F1 = _mm256_add_pd(F1, t1);
+    }
+    double v[8];
+    _mm256_storeu_pd(v, F0);
+    _mm256_storeu_pd(v + 4, F1);
+    lk_store(a, v, 8, r, rend, n);
+}
+
+AVX2I int kdec_run(const mm_args *a, int T, int r0, int r1)
+{
+    int nb = a->K / 32;
+    kdec D;
+    wrow W[8];
+    uint8_t *u = malloc((size_t)8 * a->K + 64);
+    if (!u) return -1;
+    if (!kdec_alloc(&D, nb)) {
+        free(u);
+        return -1;
+    }
+    kdec_rows(&D, W, u, a->K);
+    for (int r = r0; r < r1; r += 8) {
+        for (int k = 0; k < 8; k++)
+            w_unpack(T, 0, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, nb, &W[k]);
+        kdec_fill(&D, u, a->K);
+        for (int n = 0; n < a->N; n++) kdec_row(a, &D, T, r, r1, n);
+    }
+    free(D.mem);
+    free(u);
     return 0;
 }
 
@@ -766,9 +943,9 @@ AVX2I int simple_avx2(const mm_args *a, int T, int r0, int r1)
 AVX2 static int mm_avx2_q4_0(const mm_args *a, int r0, int r1) { return simple_avx2(a, T_Q4_0, r0, r1); }
 AVX2 static int mm_avx2_q4_1(const mm_args *a, int r0, int r1) { return simple_avx2(a, T_Q4_1, r0, r1); }
 AVX2 static int mm_avx2_q8_0(const mm_args *a, int r0, int r1) { return simple_avx2(a, T_Q8_0, r0, r1); }
-AVX2 static int mm_avx2_q4_k(const mm_args *a, int r0, int r1) { return t8_run(a, T_Q4_K, r0, r1); }
-AVX2 static int mm_avx2_q5_k(const mm_args *a, int r0, int r1) { return t8_run(a, T_Q5_K, r0, r1); }
-AVX2 static int mm_avx2_q6_k(const mm_args *a, int r0, int r1) { return t8_run(a, T_Q6_K, r0, r1); }
+AVX2 static int mm_avx2_q4_k(const mm_args *a, int r0, int r1) { return a->act ? t8_run(a, T_Q4_K, r0, r1) : kdec_run(a, T_Q4_K, r0, r1); }
+AVX2 static int mm_avx2_q5_k(const mm_args *a, int r0, int r1) { return a->act ? t8_run(a, T_Q5_K, r0, r1) : kdec_run(a, T_Q5_K, r0, r1); }
+AVX2 static int mm_avx2_q6_k(const mm_args *a, int r0, int r1) { return a->act ? t8_run(a, T_Q6_K, r0, r1) : kdec_run(a, T_Q6_K, r0, r1); }
 AVX2 static void quant_act_rows_avx2(const float *x, int n0, int n1, int K, int8_t *q, float *d, int32_t *s)
 {
     int nb = K / 32;
@@ -812,9 +989,9 @@ static int have_avx2(void)
 
 /* ------------------------------------------------------------------ AVX-512 VNNI kernels
  * The AVX2 scheme on 512-bit vectors with vpdpbusd (u8 x s8 -> int32, no 16-bit saturation):
- * decode tiles are 16 weight rows x 1 activation row (lane k = row r + k), prefill tiles 4 weight
- * rows x 4 activation rows (lane 4L + i = row r + L, activation row n + i). Signed weights become
- * unsigned with an exact correction: Q4_0 sum(n q) - 8 s, Q8_0 sum((w + 128) q) - 128 s. */
+ * decode tiles are 16 weight rows x 1 activation row (lane k = row r + k), tiles 8 weight rows (4
+ * for Q6_K) x 16 activation rows. Signed weights become unsigned with an exact correction: Q4_0
+ * sum(n q) - 8 s, Q8_0 sum((w + 128) q) - 128 s. K-quant decode uses the AVX2 kernel. */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define AVX512I static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
@@ -876,13 +1053,13 @@ AVX512I __m512d a5_hi_pd(__m512 f)
     return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
 }
 
-AVX512I void a5_store(const mm_args *a, __m512d acc0, __m512d acc1, int r, int rend, int n, int prefill)
+AVX512I void a5_store(const mm_args *a, __m512d acc0, __m512d acc1, int r, int rend, int n)
 {
-    if (!prefill && r + 16 <= rend && a->f64) {
+    if (r + 16 <= rend && a->f64) {
         double *o = (double *)a->out + (size_t)n * a->rows + r;
         _mm512_storeu_pd(o, acc0);
         _mm512_storeu_pd(o + 8, acc1);
-    } else if (!prefill && r + 16 <= rend) {
+    } else if (r + 16 <= rend) {
         float *o = (float *)a->out + (size_t)n * a->rows + r;
         _mm256_storeu_ps(o, _mm512_cvtpd_ps(acc0));
         _mm256_storeu_ps(o + 8, _mm512_cvtpd_ps(acc1));
@@ -890,10 +1067,7 @@ AVX512I void a5_store(const mm_args *a, __m512d acc0, __m512d acc1, int r, int r
         double v[16];
         _mm512_storeu_pd(v, acc0);
         _mm512_storeu_pd(v + 8, acc1);
-        for (int k = 0; k < 16; k++) {
-            int rr = prefill ? r + k / 4 : r + k, nn = prefill ? n + k % 4 : n;
-            if (rr < rend) store(a, nn, rr, v[k]);
-        }
+        lk_store(a, v, 16, r, rend, n);
     }
 }
 
@@ -931,23 +1105,23 @@ AVX512I void a5_decode(const lk_ctx *c, int r, int rend, int n)
         acc1 = _mm512_add_pd(acc1, a5_term(T, a5_hi_pd(dw), a5_hi_pd(dm), dxd,
                                            _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)), sd));
     }
-    a5_store(a, acc0, acc1, r, rend, n, 0);
+    a5_store(a, acc0, acc1, r, rend, n);
 }
 
 /* AVX-512 tile: TR weight rows x 16 activation rows (tile g), vpdpbusd into int32 lanes. */
-AVX512I void t16_tile(const mm_args *a, const tact *A, const wrow *W, int T, int r, int rend, int g)
+AVX512I void t16_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob)
 {
     int nb = A->nb;
     __m512d F[TR][2];
-    for (int k = 0; k < TR; k++) F[k][0] = F[k][1] = _mm512_setzero_pd();
+    for (int k = 0; k < R; k++) F[k][0] = F[k][1] = _mm512_setzero_pd();
     for (int b = 0; b < nb; b++) {
         size_t tb = (size_t)g * nb + b;
         const uint8_t *Q = A->qT + tb * 512;
         __m512i I[TR], J[TR];   /* int32 sums (Q6_K: I of values 0..15, J of 16..31) */
-        for (int k = 0; k < TR; k++) I[k] = J[k] = _mm512_setzero_si512();
+        for (int k = 0; k < R; k++) I[k] = J[k] = _mm512_setzero_si512();
         for (int t = 0; t < 8; t++) {
             __m512i qv = _mm512_loadu_si512((const void *)(Q + 64 * t));
-            for (int k = 0; k < TR; k++) {
+            for (int k = 0; k < R; k++) {
                 __m512i wb = _mm512_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t));
                 if (T == T_Q6_K && t >= 4) J[k] = _mm512_dpbusd_epi32(J[k], wb, qv);
                 else I[k] = _mm512_dpbusd_epi32(I[k], wb, qv);
@@ -956,10 +1130,10 @@ AVX512I void t16_tile(const mm_args *a, const tact *A, const wrow *W, int T, int
         __m512 dx16 = _mm512_loadu_ps(A->dx + tb * 16);
         __m512d dx0 = a5_lo_pd(dx16), dx1 = a5_hi_pd(dx16);
         __m512i s16 = _mm512_loadu_si512((const void *)(A->s + tb * 16));
-        for (int k = 0; k < TR; k++) {
-            __m512d d = _mm512_set1_pd((double)W[k].d[b]), t0, t1;
+        for (int k = 0; k < R; k++) {
+            __m512d d = _mm512_set1_pd(W[k].d[b]), t0, t1;
             if (T == T_Q4_1) {
-                __m512d m = _mm512_set1_pd((double)W[k].m[b]);
+                __m512d m = _mm512_set1_pd(W[k].m[b]);
                 const double *dxs = A->dxs + tb * 16;
                 t0 = _mm512_fmadd_pd(d, _mm512_mul_pd(dx0, _mm512_cvtepi32_pd(_mm512_castsi512_si256(I[k]))),
                                      _mm512_mul_pd(m, _mm512_loadu_pd(dxs)));
@@ -969,7 +1143,7 @@ AVX512I void t16_tile(const mm_args *a, const tact *A, const wrow *W, int T, int
                 __m512i u = I[k];
                 if (T == T_Q4_0) u = _mm512_sub_epi32(u, _mm512_slli_epi32(s16, 3));
                 if (T == T_Q8_0) u = _mm512_sub_epi32(u, _mm512_slli_epi32(s16, 7));
-                if (T == T_Q4_K || T == T_Q5_K) u = _mm512_mullo_epi32(u, _mm512_set1_epi32(W[k].c0[b]));
+
                 if (T == T_Q6_K) {
                     __m512i sa = _mm512_loadu_si512((const void *)(A->sa + tb * 16));
                     __m512i ia = _mm512_sub_epi32(u, _mm512_slli_epi32(sa, 5));
@@ -977,25 +1151,30 @@ AVX512I void t16_tile(const mm_args *a, const tact *A, const wrow *W, int T, int
                     u = _mm512_add_epi32(_mm512_mullo_epi32(ia, _mm512_set1_epi32(W[k].c0[b])),
                                          _mm512_mullo_epi32(ib, _mm512_set1_epi32(W[k].c1[b])));
                 }
-                t0 = _mm512_mul_pd(_mm512_mul_pd(d, dx0), _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)));
-                t1 = _mm512_mul_pd(_mm512_mul_pd(d, dx1), _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1)));
-                if (T == T_Q4_K || T == T_Q5_K) {
-                    __m512d dm = _mm512_set1_pd((double)W[k].m[b]);
-                    __m512i ms = _mm512_mullo_epi32(s16, _mm512_set1_epi32(W[k].cm[b]));
-                    t0 = _mm512_sub_pd(t0, _mm512_mul_pd(_mm512_mul_pd(dm, dx0), _mm512_cvtepi32_pd(_mm512_castsi512_si256(ms))));
-                    t1 = _mm512_sub_pd(t1, _mm512_mul_pd(_mm512_mul_pd(dm, dx1),
-                                                         _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(ms, 1))));
+                __m512d i0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(u)), i1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(u, 1));
+                if (T == T_Q4_K || T == T_Q5_K) {   /* sc isum exact in double */
+                    __m512d sc = _mm512_set1_pd(W[k].ksc[b]);
+                    i0 = _mm512_mul_pd(i0, sc);
+                    i1 = _mm512_mul_pd(i1, sc);
+                }
+                t0 = _mm512_mul_pd(_mm512_mul_pd(d, dx0), i0);
+                t1 = _mm512_mul_pd(_mm512_mul_pd(d, dx1), i1);
+                if (T == T_Q4_K || T == T_Q5_K) {   /* (dmin dx) (m s) = (dmin m) (dx s): exact (53 bits) */
+                    __m512d km = _mm512_set1_pd(W[k].km[b]);
+                    const double *dxs = A->dxs + tb * 16;
+                    t0 = _mm512_sub_pd(t0, _mm512_mul_pd(km, _mm512_loadu_pd(dxs)));
+                    t1 = _mm512_sub_pd(t1, _mm512_mul_pd(km, _mm512_loadu_pd(dxs + 8)));
                 }
             }
             F[k][0] = _mm512_add_pd(F[k][0], t0);
             F[k][1] = _mm512_add_pd(F[k][1], t1);
         }
     }
-    for (int k = 0; k < TR; k++) {
+    for (int k = 0; k < R; k++) {
         double v[16];
         _mm512_storeu_pd(v, F[k][0]);
         _mm512_storeu_pd(v + 8, F[k][1]);
-        tile_store(a, v, 16, k, r, rend, A->n0 + 16 * g);
+        for (int j = 0; j < 16; j++) ob[j * OBS + k] = v[j];
     }
 }
 
@@ -1004,13 +1183,21 @@ AVX512I int t16_run(const mm_args *a, int T, int r0, int r1)
 {
     const tact *A = a->act;
     if (A->L == 8) return t8_run(a, T, r0, r1);
-    wrow W[TR];
-    void *mem = wrows_alloc(W, a->K);
+    wrow W[RB];
+    void *mem = wrows_alloc(W, a->K, RB);
     if (!mem) return -1;
-    for (int r = r0; r < r1; r += TR) {
-        for (int k = 0; k < TR; k++)
-            w_unpack(T, 1, a->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * a->row_bytes, A->nb, &W[k]);
-        for (int g = 0; g < A->nt; g++) t16_tile(a, A, W, T, r, r1, g);
+    const int R = T == T_Q6_K ? 4 : 8;   /* Q6_K keeps two int accumulators per row: 4 rows fit the registers */
+    double ob[16 * OBS];
+    for (int rb = r0; rb < r1; rb += RB) {
+        int re = rb + RB < r1 ? rb + RB : r1;
+        for (int i = 0; rb + i < re; i++)
+            w_unpack(T, 1, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
+        wrow Wt[RB];   /* a partial tile repeats the last row */
+        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
+        for (int g = 0; g < A->nt; g++) {
+            for (int r = rb; r < re; r += R) t16_tile(A, Wt + (r - rb), T, R, g, ob + (r - rb));
+            tile_flush(a, ob, 16, A->n0 + 16 * g, rb, re);
+        }
     }
     free(mem);
     return 0;
@@ -1028,9 +1215,9 @@ AVX512I int simple_avx512(const mm_args *a, int T, int r0, int r1)
 AVX512 static int mm_avx512_q4_0(const mm_args *a, int r0, int r1) { return simple_avx512(a, T_Q4_0, r0, r1); }
 AVX512 static int mm_avx512_q4_1(const mm_args *a, int r0, int r1) { return simple_avx512(a, T_Q4_1, r0, r1); }
 AVX512 static int mm_avx512_q8_0(const mm_args *a, int r0, int r1) { return simple_avx512(a, T_Q8_0, r0, r1); }
-AVX512 static int mm_avx512_q4_k(const mm_args *a, int r0, int r1) { return t16_run(a, T_Q4_K, r0, r1); }
-AVX512 static int mm_avx512_q5_k(const mm_args *a, int r0, int r1) { return t16_run(a, T_Q5_K, r0, r1); }
-AVX512 static int mm_avx512_q6_k(const mm_args *a, int r0, int r1) { return t16_run(a, T_Q6_K, r0, r1); }
+AVX512 static int mm_avx512_q4_k(const mm_args *a, int r0, int r1) { return a->act ? t16_run(a, T_Q4_K, r0, r1) : kdec_run(a, T_Q4_K, r0, r1); }
+AVX512 static int mm_avx512_q5_k(const mm_args *a, int r0, int r1) { return a->act ? t16_run(a, T_Q5_K, r0, r1) : kdec_run(a, T_Q5_K, r0, r1); }
+AVX512 static int mm_avx512_q6_k(const mm_args *a, int r0, int r1) { return a->act ? t16_run(a, T_Q6_K, r0, r1) : kdec_run(a, T_Q6_K, r0, r1); }
 static int have_avx512(void)
 {
     __builtin_cpu_init();
@@ -1084,7 +1271,7 @@ static void select_kernels(int level)
 
 /* Which activation rows go to the tile kernels: rows [*n0, N) in tiles of *L (0: none). Q4_0, Q4_1
  * and Q8_0 leave a remainder of 1..3 rows (and N < 4) to their decode tiles; the K-quants tile
- * every row (8-row tiles below 12 rows on AVX-512). */
+ * every row when N >= 4 (8-row tiles below 12 rows on AVX-512), else run their decode kernel. */
 static void tile_plan(int T, int N, int *L, int *n0)
 {
     *L = 0;
@@ -1095,7 +1282,7 @@ static void tile_plan(int T, int N, int *L, int *n0)
         if (N < 4) return;
         *L = l;
         *n0 = N % l < 4 ? N % l : 0;
-    } else {
+    } else if (N >= 4) {
         *L = K_.level == 2 && N >= 12 ? 16 : 8;
         *n0 = 0;
     }
@@ -1164,6 +1351,10 @@ static void *job_worker(void *p)
 }
 #endif
 
+#ifndef RB
+#define RB 64
+#endif
+
 /* Below this many multiply-adds a call stays on the calling thread: starting threads costs more. */
 #define MIN_THREAD_WORK (2u << 20)
 #define MAX_THREADS 64
@@ -1181,7 +1372,7 @@ static int run_matmul(mm_args *a, const float *x, int threads)
         if (!tact_alloc(&act, L, n0, a->N, a->K / 32)) return -1;
         a->act = &act;
     }
-    job_t j = {a, L ? &act : NULL, x, K_.mm[a->type], K_.qa, 0, 0, 0, 0, 0, 0, 0, 0};
+    job_t j = {.a = a, .act = L ? &act : NULL, .x = x, .fn = K_.mm[a->type], .qa = K_.qa};
     if ((double)a->rows * a->K * (a->N ? a->N : 1) < MIN_THREAD_WORK || a->rows < 32) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads <= 1) {
@@ -1192,8 +1383,8 @@ static int run_matmul(mm_args *a, const float *x, int threads)
 #ifdef SK_THREADS
         j.unit_rows = L ? L : 16;
         j.units = 1 + (a->N - n0 + j.unit_rows - 1) / j.unit_rows;
-        /* about 8 chunks per thread, multiples of 16 rows */
-        j.chunk_rows = (a->rows / (8 * threads) + 15) & ~15;
+        /* tile kernels: one row block per chunk; else about 8 chunks per thread, multiples of 16 rows */
+        j.chunk_rows = L ? RB : (a->rows / (8 * threads) + 15) & ~15;
         if (j.chunk_rows < 16) j.chunk_rows = 16;
         j.chunks = (a->rows + j.chunk_rows - 1) / j.chunk_rows;
         pthread_mutex_init(&j.mu, NULL);
@@ -1273,7 +1464,7 @@ static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     mm_args a = {(int)v[0], (int)rows, (int)K, (int)N, (int)v[5], (size_t)(K / block_values((int)v[0]) * block_bytes((int)v[0])),
-                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), NULL, NULL, NULL, ob.buf};
+                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), NULL, NULL, NULL, ob.buf, NULL};
     size_t need = ACT_BYTES(N, K);
     _Alignas(64) char stack[STACK_SCRATCH];
     char *scratch = need <= sizeof stack ? stack : malloc(need);
@@ -1309,7 +1500,7 @@ static PyObject *py_mmq(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (get_buf(args[6], &sb, 0, (Py_ssize_t)(N * (K / 32) * 4), "s") < 0) goto e2;
     if (get_buf(args[7], &ob, 1, (Py_ssize_t)(N * rows * (v[5] ? 8 : 4)), "out") < 0) goto e3;
     mm_args a = {(int)v[0], (int)rows, (int)K, (int)N, (int)v[5], (size_t)(K / block_values((int)v[0]) * block_bytes((int)v[0])),
-                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), qb.buf, db.buf, sb.buf, ob.buf};
+                 (const uint8_t *)PyLong_AsVoidPtr(args[1]), qb.buf, db.buf, sb.buf, ob.buf, NULL};
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = run_matmul(&a, NULL, (int)v[6]);

@@ -19,8 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .bodylimit import BodyLimit
 from .engine import RequestError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .responses import chat_logprobs, legacy_logprobs
 from .runtime import Busy, Runtime, Stream, Unavailable
-from .schema import ChatRequest, CompletionRequest
+from .sampling import TokenLogprob
+from .schema import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}   # served as /static/<name>
@@ -113,10 +115,11 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         try:   # tokenizing long text takes a while: never on the event loop
-            prompt = await asyncio.to_thread(rt.encode_prompt, req.prompt_value())
+            prompts = [await asyncio.to_thread(rt.encode_prompt, p) for p in req.prompt_values()]
         except RequestError as e:
             return error(400, str(e), param="prompt")
-        return await _run(rt, req, prompt, request, chat=False)
+        echoes = [p if isinstance(p, str) else rt.tokenizer.decode(p) for p in req.prompt_values()]
+        return await _run(rt, req, prompts, request, chat=False, echoes=echoes if req.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -127,18 +130,52 @@ def create_app(rt: Runtime) -> FastAPI:
             return error(400, str(e), param="messages")
         except Exception as e:  # template errors (e.g. roles the template rejects)
             return error(400, f"chat template failed: {e}", param="messages")
-        return await _run(rt, req, prompt, request, chat=True)
+        return await _run(rt, req, [prompt], request, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        try:   # off the event loop, as for completions
+            if req.messages is not None:
+                ids = await asyncio.to_thread(rt.encode_chat, [m.model_dump(exclude_none=True)
+                                                               for m in req.messages],
+                                              req.add_generation_prompt)
+            else:
+                ids = await asyncio.to_thread(rt.encode_prompt, req.prompt, req.add_special_tokens)
+        except RequestError as e:
+            return error(400, str(e), param="prompt" if req.messages is None else "messages")
+        except Exception as e:  # template errors
+            return error(400, f"chat template failed: {e}", param="messages")
+        body = {"count": len(ids), "max_model_len": rt.arch.max_context, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = [rt.token_text(t) for t in ids]
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        try:
+            return {"prompt": rt.tokenizer.decode(rt.encode_prompt(req.tokens))}
+        except RequestError as e:
+            return error(400, f"tokens: {e}", param="tokens")
 
     return app
 
 
-async def _run(rt: Runtime, req, prompt: list[int], request: Request, chat: bool):
+async def _run(rt: Runtime, req, prompts: list[list[int]], request: Request, chat: bool,
+               echoes: list[str] | None = None):
     # the default is never below 1, so a prompt that fills the context gets the "context" error
+    longest = max(len(p) for p in prompts)
     max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(
-        16 if not chat else rt.arch.max_context, rt.arch.max_context - len(prompt)))
+        16 if not chat else rt.arch.max_context, rt.arch.max_context - longest))
+    if chat:
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        prompt_k = None
+    else:
+        k = req.logprobs
+        prompt_k = k if req.echo else None
     try:
-        stream = rt.submit(prompt, max_tokens, req.sampling(), req.stop_list(),
-                           loop=asyncio.get_running_loop(), ignore_eos=req.ignore_eos)
+        streams = rt.submit_batch(prompts, max_tokens, req.sampling(), req.stop_list(),
+                                  loop=asyncio.get_running_loop(), ignore_eos=req.ignore_eos,
+                                  n=req.n, logprobs=k, prompt_logprobs=prompt_k)
     except RequestError as e:
         return error(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt")
     except Busy as e:
@@ -146,72 +183,121 @@ async def _run(rt: Runtime, req, prompt: list[int], request: Request, chat: bool
     except Unavailable as e:
         return error(503, f"server unavailable: {e}", "server_error")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    meta = {"id": rid, "created": int(time.time()), "model": rt.model_name}
+    out = _Out(rt, streams, chat, k is not None, echoes, req.n,
+               {"id": rid, "created": int(time.time()), "model": rt.model_name})
     if req.stream:
-        return StreamingResponse(_sse(stream, meta, chat, len(prompt), req), media_type="text/event-stream",
+        return StreamingResponse(_sse(out), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, stream))
+    queue = streams[0].queue
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, streams))
     try:
-        while True:
-            _delta, fin = await stream.queue.get()
-            if fin is not None:
-                break
+        left = len(streams)
+        while left:
+            _idx, _delta, fin, _lps = await queue.get()
+            left -= fin is not None
     except asyncio.CancelledError:
-        stream.cancel()
+        for st in streams:
+            st.cancel()
         raise
     finally:
         watcher.cancel()
-    if fin == "error":
+    if any(st.finish_reason == "error" for st in streams):
         return error(500, "generation failed on the server", "server_error")
-    usage = _usage(len(prompt), len(stream.seq.out))
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": stream.text},
-                  "finish_reason": fin, "logprobs": None}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": stream.text, "finish_reason": fin, "logprobs": None}
-    return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
+    return out.whole()
 
 
-async def _cancel_on_disconnect(request: Request, stream: Stream) -> None:
+class _Out:
+    """The choices of one request, rendered as a whole response or as SSE chunks."""
+
+    def __init__(self, rt: Runtime, streams: list[Stream], chat: bool, logprobs: bool,
+                 echoes: list[str] | None, n: int, meta: dict):
+        self.rt, self.streams, self.chat, self.logprobs = rt, streams, chat, logprobs
+        self.echoes, self.n, self.meta = echoes, n, meta
+        self.offsets = [0] * len(streams)    # text offset of each choice's next token (streaming)
+
+    def usage(self) -> dict:
+        prompt = sum(len(st.seq.prompt) for st in self.streams[::self.n])
+        return _usage(prompt, sum(len(st.seq.out) for st in self.streams))
+
+    def echo(self, st: Stream) -> tuple[str, list]:
+        """The echoed prompt's text and TokenLogprobs (empty without echo)."""
+        if self.echoes is None:
+            return "", []
+        first = TokenLogprob(st.seq.prompt[0], None)
+        return self.echoes[st.index // self.n], [first, *st.seq.prompt_lps]
+
+    def logprobs_obj(self, st: Stream, lps: list):
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(lps, self.rt.token_text)
+        obj, self.offsets[st.index] = legacy_logprobs(lps, self.rt.token_text, self.offsets[st.index])
+        return obj
+
+    def whole(self) -> dict:
+        choices = []
+        for st in self.streams:
+            if self.chat:
+                choices.append({"index": st.index, "message": {"role": "assistant", "content": st.text},
+                                "finish_reason": st.finish_reason,
+                                "logprobs": self.logprobs_obj(st, st.seq.out_logprobs)})
+                continue
+            text, lps = self.echo(st)
+            choices.append({"index": st.index, "text": text + st.text, "finish_reason": st.finish_reason,
+                            "logprobs": self.logprobs_obj(st, lps + st.seq.out_logprobs)})
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self.meta, "object": obj, "choices": choices, "usage": self.usage()}
+
+    def chunk(self, st: Stream, delta: str | None, fin: str | None, lps: list, first: bool = False,
+              usage: bool = False) -> str:
+        if self.chat:
+            d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+            choice = {"index": st.index, "delta": d, "finish_reason": fin}
+        else:
+            choice = {"index": st.index, "text": delta or "", "finish_reason": fin}
+        choice["logprobs"] = self.logprobs_obj(st, lps) if lps else None
+        body = {**self.meta, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "choices": [choice]}
+        if usage:
+            body["usage"] = self.usage()
+        return f"data: {json.dumps(body)}\n\n"
+
+
+async def _cancel_on_disconnect(request: Request, streams: list[Stream]) -> None:
     """A non-streaming client that hangs up must not leave its request generating. (Reads the
     ASGI receive channel like StreamingResponse does; Request.is_disconnected() never turns
     true behind a BaseHTTPMiddleware such as _auth.)"""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    stream.cancel()
+    for st in streams:
+        st.cancel()
 
 
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(stream: Stream, meta: dict, chat: bool, n_prompt: int, req):
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: str | None, fin: str | None, first: bool = False) -> str:
-        if chat:
-            d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": d, "finish_reason": fin, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": fin, "logprobs": None}
-        body = {**meta, "object": obj, "choices": [choice]}
-        if fin is not None:
-            body["usage"] = _usage(n_prompt, len(stream.seq.out))
-        return f"data: {json.dumps(body)}\n\n"
-
-    finished = False
+async def _sse(out: _Out):
+    streams, queue = out.streams, out.streams[0].queue
+    left, started = len(streams), set()
     try:
-        if chat:
-            yield chunk(None, None, first=True)
-        while True:
-            delta, fin = await stream.queue.get()
-            if delta:
-                yield chunk(delta, None)
+        if out.chat:
+            for st in streams:
+                yield out.chunk(st, None, None, [], first=True)
+        while left:
+            idx, delta, fin, lps = await queue.get()
+            st = streams[idx]
+            if out.echoes is not None and idx not in started:   # its prompt is scored by now
+                started.add(idx)
+                text, prompt_lps = out.echo(st)
+                yield out.chunk(st, text, None, prompt_lps)
+            if delta or lps:
+                yield out.chunk(st, delta, None, lps)
             if fin is not None:
-                finished = True
-                yield chunk(None, "error" if fin == "error" else fin)
-                yield "data: [DONE]\n\n"
-                return
+                left -= 1
+                yield out.chunk(st, None, "error" if fin == "error" else fin, [], usage=not left)
+        yield "data: [DONE]\n\n"
     finally:
-        if not finished:   # the client went away: free the slot
-            stream.cancel()
+        if left:   # the client went away: free the slots
+            for st in streams:
+                st.cancel()

@@ -76,7 +76,9 @@ def concurrent(url: str, prompt, n: int, k: int) -> float:
 
 
 def delta(after: dict, before: dict) -> dict:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    """Counter increments (nested counters, e.g. per-node replies, recursively)."""
+    return {k: delta(v, before.get(k) or {}) if isinstance(v, dict) else v - before.get(k, 0)
+            for k, v in after.items() if isinstance(v, (int, float, dict)) and not isinstance(v, bool)}
 
 
 # ---------------------------------------------------------------------------- SkyNet
@@ -116,6 +118,7 @@ def single(lc, prompt: str, n: int, reps: int, nodes: int) -> dict:
         "wire": {"bytes_per_token": wire, "theory_bytes_per_token": theory, "ratio": ratio(wire, theory),
                  "rows": eng["rows"], "generated": tokens, "layers": after["layers"], "hidden": after["hidden"],
                  "bytes_out": mlp["bytes_out"], "bytes_in": mlp["bytes_in"], "mlp_calls": mlp["calls"],
+                 "replies": mlp.get("replies"),
                  "request_bytes_per_value": 4, "reply_bytes_per_value": reply_bytes},
         "fallbacks": mlp["fallbacks"], "plan_changes": after["epoch"] - before["epoch"]}
 

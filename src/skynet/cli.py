@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 
 from .config import ConfigError, NodeConfig, ServerConfig
@@ -60,10 +61,33 @@ def cmd_server(a) -> int:
     # the process before `finally` runs, and the nodes never hear "server shutting down".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        uvicorn.run(create_app(rt), host=cfg.host, port=cfg.port, log_level="warning")
+        sock = listen(cfg.host, cfg.port)   # --port 0: the kernel picks a free port, no race
+        port = sock.getsockname()[1]
+        logging.getLogger("skynet.server").info("API on http://%s:%d", cfg.host, port)
+        if a.port_file:
+            write_ports(a.port_file, port, cfg.node_port)
+        uvicorn.Server(uvicorn.Config(create_app(rt), log_level="warning")).run(sockets=[sock])
     finally:
         rt.close()
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0 = any free port), for uvicorn to serve on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def write_ports(path: str, port: int, node_port: int) -> None:
+    """The bound ports as JSON, written whole (rename) so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"port": port, "node_port": node_port}, f)
+    os.replace(tmp, path)
 
 
 def cmd_node(a) -> int:
@@ -121,7 +145,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="load the model and serve the API; nodes connect to it")
     s.add_argument("--model", help="local HF dir, .gguf file or cached hub id (default: SmolLM2-135M-Instruct)")
     s.add_argument("--host", default="127.0.0.1", help="API address")
-    s.add_argument("--port", type=int, default=8000, help="API port")
+    s.add_argument("--port", type=int, default=8000, help="API port (0 = any free)")
+    s.add_argument("--port-file", default=None,
+                   help="once both ports are bound, write them here as JSON {\"port\", \"node_port\"}")
     s.add_argument("--node-host", default="127.0.0.1", help="address nodes connect to")
     s.add_argument("--node-port", type=int, default=7000, help="port nodes connect to (0 = any free)")
     s.add_argument("--data-port", type=int, default=0, help="port of the nodes' direct data links (0 = any free)")

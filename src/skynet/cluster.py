@@ -87,6 +87,10 @@ class Cluster:
         self.epochs.replan(reason)
 
     @property
+    def by_ident(self) -> dict[bytes, int]:
+        return self.members.by_ident
+
+    @property
     def dropped(self) -> int:
         return self.guard.dropped
 
@@ -232,8 +236,11 @@ class Cluster:
         return why is None
 
     def handle(self, frames) -> Reply | None:
-        """One ROUTER message: [identity, header, tensors...]."""
-        return self.handle_frames(bytes(frames[0]), frames[1:])
+        """One ROUTER message [identity, header, tensors...] outside a step: a reply is late."""
+        r = self.handle_frames(bytes(frames[0]), frames[1:])
+        if r is not None and r.msg is not None:
+            self.late()
+        return r
 
     def handle_frames(self, ident: bytes, body: list) -> Reply | None:
         if self.guard.ignored(ident):
@@ -266,7 +273,7 @@ class Cluster:
         elif isinstance(msg, wire.Bye):
             self.leave(node)
         elif not isinstance(msg, wire.Pong):   # a pong only says it is alive (last_seen)
-            return self._refuse(node, ident, f"{msg.TYPE} is not for the server")
+            return self._refuse(node, ident, f"{msg.TYPE} is not a message a node sends")
         return None
 
     def _refuse(self, node: NodeState | None, ident: bytes, why: str) -> Reply | None:

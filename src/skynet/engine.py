@@ -4,6 +4,10 @@ Each step takes every running sequence's next rows: one token for a sequence tha
 a chunk of its prompt for one that is prefilling (within a per-step token budget). Sequences
 join at step boundaries and leave when they finish or are cancelled; each owns its KV cache,
 freed with it. The engine knows nothing of HTTP; callers get tokens through `on_token`.
+
+Logprobs, when a sequence asks: each sampled token's from the row it was sampled from
+(`Sequence.logprobs`), and each prompt token's from the row before it (`prompt_logprobs`, for
+echo and scoring). Only asking sequences make the head compute more than their last row.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import numpy as np
 
 from . import overlap
 from .model import Model, Segment
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 
 _ids = itertools.count(1)
 log = logging.getLogger("skynet.engine")
@@ -45,6 +49,11 @@ class Sequence:
     t_first: float | None = None
     cache: object = None
     sampler: Sampler | None = None
+    stream: int = 0                    # which random stream of the seed (one per choice of a request)
+    logprobs: int | None = None        # None: none; k: each sampled token's logprob and top k
+    prompt_logprobs: int | None = None # None: none; k: the same for prompt tokens 1.. (token 0 has none)
+    out_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -68,22 +77,24 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.lock = threading.Lock()
-        self.stats = {"steps": 0, "rows": 0, "forward_s": 0.0, "head_s": 0.0, "sample_s": 0.0}
+        # packed_steps: steps that carried rows of two or more sequences; max_seqs: the most in one
+        self.stats = {"steps": 0, "rows": 0, "packed_steps": 0, "max_seqs": 0,
+                      "forward_s": 0.0, "head_s": 0.0, "sample_s": 0.0}
 
     # ------------------------------------------------------------------ admission
     def check(self, prompt: list[int], max_tokens: int) -> None:
         ctx = self.model.arch.max_context
         if not prompt:
             raise RequestError("the prompt is empty")
-        if max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {max_tokens}")
         if len(prompt) + max_tokens > ctx:
             raise RequestError(f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
                                f"exceeds the model's context of {ctx} tokens")
 
     def submit(self, seq: Sequence) -> Sequence:
         self.check(seq.prompt, seq.max_tokens)
-        seq.sampler = Sampler(seq.params)
+        seq.sampler = Sampler(seq.params, seq.stream)
         with self.lock:
             self.waiting.append(seq)
         return seq
@@ -99,22 +110,28 @@ class Engine:
         batch = self._schedule()
         if not batch:
             return 0
-        tokens, segments, sampled = [], [], []
+        tokens, segments, sampled, rows, scored = [], [], [], [], []
         for seq, n in batch:
             toks = seq.tokens()
             segments.append(Segment(seq.cache, len(tokens), n, seq.cached))
-            tokens.extend(toks[seq.cached:seq.cached + n])
             sampled.append(seq.cached + n == len(toks))  # this chunk ends with the newest token
+            m = self._prompt_rows(seq, n)
+            scored.append((len(rows), m))
+            rows.extend(range(len(tokens), len(tokens) + m))
+            if m < n:
+                rows.append(len(tokens) + n - 1)
+            tokens.extend(toks[seq.cached:seq.cached + n])
         t0 = time.perf_counter()
+        every = len(rows) > len(batch)   # somebody wants prompt logprobs: more than the last rows
         try:
             begin = getattr(self.mlp, "begin_step", None)
             if begin:
                 begin()
-            ids = np.asarray(tokens, np.int64)
+            ids, asked = np.asarray(tokens, np.int64), rows if every else None
             if len(segments) > 1 and getattr(self.mlp, "overlaps", False):   # nodes to overlap with
-                logits = overlap.forward(self.model, ids, segments, self.mlp)            # (S, V)
+                logits = overlap.forward(self.model, ids, segments, self.mlp, rows=asked)  # (len(rows), V)
             else:
-                logits = self.model.forward(ids, segments, self.mlp)                     # (S, V)
+                logits = self.model.forward(ids, segments, self.mlp, rows=asked)          # (len(rows), V)
         except Exception:   # their KV caches are half written: this step's requests fail, no others
             log.exception("step failed; failing its %d request(s)", len(batch))
             for seq, _ in batch:
@@ -123,12 +140,21 @@ class Engine:
             return 0
         t1 = time.perf_counter()
         for i, (seq, n) in enumerate(batch):
+            first, m = scored[i]
+            if m:
+                nxt = seq.prompt[seq.cached + 1:seq.cached + 1 + m]
+                seq.prompt_lps.extend(token_logprobs(logits[first:first + m], nxt, seq.prompt_logprobs))
             seq.cached += n
-            if sampled[i] and not seq.done:
-                self._sample(seq, logits[i])
+            if sampled[i] and not seq.done:   # the chunk's last row follows its scored rows
+                if len(seq.out) >= seq.max_tokens:   # max_tokens 0: the prompt is scored, no token
+                    seq.finish("length")
+                else:
+                    self._sample(seq, logits[first + m])
         st = self.stats
         st["steps"] += 1
         st["rows"] += len(tokens)
+        st["packed_steps"] += len(batch) > 1
+        st["max_seqs"] = max(st["max_seqs"], len(batch))
         st["forward_s"] += t1 - t0
         st["head_s"] += self.model.last_head_s
         st["sample_s"] += time.perf_counter() - t1
@@ -161,17 +187,26 @@ class Engine:
                 budget -= n
         return batch
 
+    @staticmethod
+    def _prompt_rows(seq: Sequence, n: int) -> int:
+        """How many of this chunk's n rows score a prompt token (row j predicts token j + 1)."""
+        if seq.prompt_logprobs is None:
+            return 0
+        return max(0, min(seq.cached + n, len(seq.prompt) - 1) - seq.cached)
+
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
         """Sample and emit one token; whatever goes wrong here fails this request only."""
         try:
-            self._emit(seq, seq.sampler(logits))
+            self._emit(seq, seq.sampler(logits), logits)
         except Exception:
             log.exception("request %d failed while sampling or emitting a token", seq.id)
             seq.finish("error")
 
-    def _emit(self, seq: Sequence, tok: int) -> None:
+    def _emit(self, seq: Sequence, tok: int, logits: np.ndarray) -> None:
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
+        if seq.logprobs is not None:
+            seq.out_logprobs.extend(token_logprobs(logits[None], [tok], seq.logprobs))
         seq.out.append(tok)
         if seq.on_token:
             seq.on_token(seq, tok)

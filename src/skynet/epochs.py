@@ -16,7 +16,7 @@ from . import placement, wire
 from .config import ServerConfig
 from .membership import Membership, NodeState, NodeStatus
 from .mlp import MLPWeights
-from .plan import Member, Plan, PlanError, plan
+from .plan import Member, Plan, PlanError, plan, reweigh
 
 log = logging.getLogger("skynet.cluster")
 LOAD_FRAME_BYTES = 16 << 20
@@ -48,31 +48,29 @@ class Epochs:
     def _plan(self, members: list[Member]) -> Plan:
         return plan(self.weights.neurons, members, self.cfg.local_weight, self.weights.granule)
 
-    def _members(self, observed: dict[int, float] | None = None) -> list[Member]:
+    def _members(self) -> list[Member]:
         cands = [n.candidate() for n in self.members.plannable()]
-        members = placement.planning_members(cands, self.weights.bytes_per_neuron())
-        return [Member(m.id, observed[m.id], m.cap) if observed and m.id in observed else m for m in members]
+        return placement.planning_members(cands, self.weights.bytes_per_neuron())
 
     def reweight(self) -> None:
-        """Re-estimate node weights from observed latency (neurons served per second); re-plan
-        only when placement.reweight_verdict says the move is real."""
+        """Re-estimate node weights from observed latency (neurons served per second), once every
+        serving node has enough samples; `plan.reweigh` decides whether that is worth a re-plan."""
         if self.pending or len(self.plan.ranges) < 2:
             return
         nodes = [self.members.serving(i) for i in self.plan.ranges]
         if any(n is None or n.weight_override or n.samples < placement.REWEIGHT_MIN_SAMPLES
                or not n.latency_ema for n in nodes):
             return
-        measured = placement.observed_weights(self.plan.ranges, {n.id: n.latency_ema for n in nodes})
         try:
-            proposal = self._plan(self._members(measured))
+            verdict = reweigh(self.plan, {n.id: n.latency_ema for n in nodes}, self._members(),
+                              self.reweight_streak, self.cfg.local_weight, self.weights.granule)
         except PlanError:
             return
-        now, self.reweight_streak = placement.reweight_verdict(
-            placement.moved_neurons(self.plan, proposal), self.weights.neurons, self.reweight_streak)
-        if not now:
+        self.reweight_streak = verdict.streak
+        if verdict.adopt is None:
             return
         for n in nodes:
-            n.observed = measured[n.id]
+            n.observed = verdict.measured[n.id]
         self.replan("re-weighted from observed latency: " + ", ".join(
             f"{n.name} {n.latency_ema * 1e3:.2f} ms" for n in nodes))
 

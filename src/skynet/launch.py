@@ -5,9 +5,9 @@ is tracked by PID and ended on exit, even when the caller fails.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,12 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -31,8 +25,8 @@ class LocalCluster:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="skynet-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.port, self.node_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = None        # both bound by the server itself (port 0), then kept
+        self.node_port: int | None = None   # for a restart
         self.server: subprocess.Popen | None = None
         self.nodes: dict[str, subprocess.Popen] = {}
 
@@ -42,11 +36,23 @@ class LocalCluster:
         return subprocess.Popen([sys.executable, "-m", "skynet.cli", *args], stdout=log,
                                 stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL)
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start_server(self, timeout: float = 180) -> None:
-        args = ["server", "--port", str(self.port), "--node-port", str(self.node_port), *self.server_args]
+        """The first start binds port 0 for both ports and reads what the server got from its
+        port file; a restart asks for the same ports again (the nodes know the node port)."""
+        ports = self.log_dir / "ports.json"
+        ports.unlink(missing_ok=True)
+        args = ["server", "--port", str(self.port or 0), "--node-port", str(self.node_port or 0),
+                "--port-file", str(ports), *self.server_args]
         if self.model:
             args += ["--model", self.model]
         self.server = self._spawn("server", args)
+        self.wait(ports.exists, timeout, "the server to bind its ports")
+        bound = json.loads(ports.read_text())
+        self.port, self.node_port = bound["port"], bound["node_port"]
         self.wait(lambda: self.get("/health") is not None, timeout, "server to answer /health")
 
     def add_node(self, name: str | None = None, args: list[str] = ()) -> subprocess.Popen:

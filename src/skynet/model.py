@@ -85,7 +85,7 @@ class Model:
     """Weights for everything but the MLP neurons' placement, and the forward pass."""
 
     def __init__(self, arch: Arch, tensors: dict[str, np.ndarray], threads: int = 1):
-        """`threads`: OpenMP threads of the fast kernels (rows split; results do not depend on it)."""
+        """`threads`: threads of the fast kernels (rows split; results do not depend on it)."""
         a, self.arch, self.threads = arch, arch, threads
         p = "model."
         self.embed = tensors[p + "embed_tokens.weight"]                          # (V, H)
@@ -137,16 +137,17 @@ class Model:
         return KVCache(self.arch, capacity)
 
     def forward(self, tokens: np.ndarray, segments: list[Segment], mlp: MLPFn,
-                last_only: bool = True) -> np.ndarray:
+                last_only: bool = True, rows: list[int] | None = None) -> np.ndarray:
         """tokens (N,) packed over segments -> logits (S, V) of each segment's last row
-        (or (N, V) for every row with last_only=False). Appends to each segment's cache."""
+        (or (N, V) for every row with last_only=False, or (len(rows), V) for the packed rows
+        asked). Appends to each segment's cache."""
         a = self.arch
         rope = self.rope_tables(segments)
         x = self.embed_rows(tokens)                                                # (N, H)
         for li in range(len(self.layers)):
             x = self.attention(li, x, segments, rope)                              # (N, H)
             x = x + mlp(li, rmsnorm(x, self.layers[li].ln2, a.eps))                # (N, H)
-        return self.logits(x, segments, last_only)
+        return self.logits(x, segments, last_only, rows)
 
     def rope_tables(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin (N, 1, D/2) at each packed row's position."""
@@ -169,10 +170,14 @@ class Model:
                                                   k[s.row:s.row + s.n], v[s.row:s.row + s.n])
         return x + layer.o(att)                                                    # (N, H)
 
-    def logits(self, x: np.ndarray, segments: list[Segment], last_only: bool = True) -> np.ndarray:
-        """Final norm and LM head: (S, V) at each segment's last row, or (N, V)."""
+    def logits(self, x: np.ndarray, segments: list[Segment], last_only: bool = True,
+               rows: list[int] | None = None) -> np.ndarray:
+        """Final norm and LM head: (S, V) at each segment's last row, (N, V) for every row, or
+        (len(rows), V) for the packed rows asked."""
         t0 = time.perf_counter()
-        if last_only:
+        if rows is not None:
+            x = x[rows]                                                            # (R, H)
+        elif last_only:
             x = x[[s.row + s.n - 1 for s in segments]]                             # (S, H)
         out = self.head(rmsnorm(x, self.norm, self.arch.eps))                     # (S, V)
         self.last_head_s = time.perf_counter() - t0

@@ -34,14 +34,15 @@ def split(segments: list[Segment]) -> tuple[list[Segment], list[Segment]] | None
     return first, [Segment(s.cache, s.row - off, s.n, s.pos) for s in rest]
 
 
-def forward(model: Model, tokens: np.ndarray, segments: list[Segment], mlp) -> np.ndarray:
-    """Model.forward (last rows' logits (S, V)) with two micro-batches pipelined through `mlp`
-    (a ClusterMLP: `scatter(layer, x, micro)` then `gather(call)`)."""
+def forward(model: Model, tokens: np.ndarray, segments: list[Segment], mlp,
+            rows: list[int] | None = None) -> np.ndarray:
+    """Model.forward (logits of the last rows (S, V), or of the packed `rows`) with two
+    micro-batches pipelined through `mlp` (a ClusterMLP: `scatter(layer, x, micro)`, `gather`)."""
     groups = split(segments)
     if groups is None:
-        return model.forward(tokens, segments, mlp)
-    eps, rows = model.arch.eps, [sum(s.n for s in g) for g in groups]
-    xs = [model.embed_rows(tokens[:rows[0]]), model.embed_rows(tokens[rows[0]:])]     # (N_m, H)
+        return model.forward(tokens, segments, mlp, rows=rows)
+    eps, n0 = model.arch.eps, sum(s.n for s in groups[0])
+    xs = [model.embed_rows(tokens[:n0]), model.embed_rows(tokens[n0:])]             # (N_m, H)
     ropes = [model.rope_tables(g) for g in groups]
     calls = [None, None]
     for li in range(len(model.layers)):
@@ -52,4 +53,4 @@ def forward(model: Model, tokens: np.ndarray, segments: list[Segment], mlp) -> n
             calls[m] = mlp.scatter(li, rmsnorm(xs[m], model.layers[li].ln2, eps), m)
     for m in range(2):
         xs[m] = xs[m] + mlp.gather(calls[m])
-    return model.logits(np.concatenate(xs), segments)                                # (S, V)
+    return model.logits(np.concatenate(xs), segments, rows=rows)                     # (S | R, V)

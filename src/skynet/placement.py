@@ -1,8 +1,9 @@
 """Placement policy: pure functions from plain cluster data to decisions. No sockets, no tensors.
 
 - `planning_members`: each joining or serving node's planning weight and memory cap.
-- `observed_weights`, `moved_neurons`, `reweight_verdict`: when latency says the plan is off.
 - `rows_to_ship`, `load_chunks`: which neuron rows a node lacks for a new range, in frames.
+
+Whether observed latency is worth a re-plan is `plan.reweigh` (tests/test_plan.py).
 
 cluster.py carries these decisions out; tests/test_placement.py hammers them.
 """
@@ -10,11 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import Member, Plan
+from .plan import Member
 
 REWEIGHT_MIN_SAMPLES = 60     # MLP replies since the last switch before latency counts
-REWEIGHT_MIN_MOVE = 0.10      # fraction of neurons a re-weighting must move to be worth it
-REWEIGHT_STREAK = 2           # the same verdict this many checks in a row, or it was noise
 
 
 @dataclass(frozen=True)
@@ -41,28 +40,6 @@ def planning_members(nodes: list[Candidate], row_bytes: int) -> list[Member]:
         cap = max(1, n.mem_bytes // max(1, row_bytes)) if n.mem_bytes else None
         out.append(Member(n.id, weight, cap))
     return out
-
-
-def observed_weights(ranges: dict[int, tuple[int, int]], latency: dict[int, float]) -> dict[int, float]:
-    """Neurons served per second of latency, per node of the plan."""
-    return {i: (ranges[i][1] - ranges[i][0]) / latency[i] for i in ranges}
-
-
-def moved_neurons(old: Plan, new: Plan) -> int:
-    """Neurons that change hands between two plans of the same nodes (half the size deltas)."""
-    return sum(abs((new.ranges[i][1] - new.ranges[i][0]) - (r[1] - r[0]))
-               for i, r in old.ranges.items() if i in new.ranges) // 2
-
-
-def reweight_verdict(moved: int, neurons: int, streak: int) -> tuple[bool, int]:
-    """(re-plan now?, new streak): only a move of more than REWEIGHT_MIN_MOVE of the neurons,
-    seen REWEIGHT_STREAK checks in a row, is worth reloading rows."""
-    if moved <= REWEIGHT_MIN_MOVE * neurons:
-        return False, 0
-    streak += 1
-    if streak < REWEIGHT_STREAK:
-        return False, streak
-    return True, 0
 
 
 def rows_to_ship(rng: tuple[int, int], held: tuple[int, int] | None) -> list[tuple[int, int]]:

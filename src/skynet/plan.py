@@ -135,3 +135,39 @@ def _apportion(total: int, weights: list[float], caps: list[int | None]) -> list
         counts[i] -= 1
         spare += 1
     return counts
+
+
+# ---------------------------------------------------------------------------- re-weighting policy
+REWEIGHT_MIN_MOVE = 0.10   # fraction of the neurons a re-weighting must move to be worth it
+REWEIGHT_STREAK = 2        # checks in a row that must agree before the plan changes
+
+
+def moved(old: Plan, new: Plan) -> int:
+    """Neurons that change hands between two plans of the same nodes (half the size changes)."""
+    return sum(abs((new.ranges[i][1] - new.ranges[i][0]) - (e - s))
+               for i, (s, e) in old.ranges.items() if i in new.ranges) // 2
+
+
+@dataclass(frozen=True)
+class Reweigh:
+    """One re-weighting check's verdict: the plan to adopt (None = keep the current one), the
+    streak to carry into the next check, and each serving node's measured weight (neurons/s)."""
+
+    adopt: Plan | None
+    streak: int
+    measured: dict[int, float]
+
+
+def reweigh(current: Plan, latency: dict[int, float], members: Sequence[Member], streak: int,
+            local_weight: float = 0.0, granule: int = 1) -> Reweigh:
+    """Re-plan from observed latency (seconds per call of each serving node) only if the new plan
+    would move more than REWEIGHT_MIN_MOVE of the neurons, REWEIGHT_STREAK checks in a row: noise
+    below the threshold, or one spike above it, never changes the plan."""
+    measured = {i: (e - s) / latency[i] for i, (s, e) in current.ranges.items()}
+    proposal = plan(current.neurons, [Member(m.id, measured.get(m.id, m.weight), m.cap) for m in members],
+                    local_weight, granule)
+    if moved(current, proposal) <= REWEIGHT_MIN_MOVE * current.neurons:
+        return Reweigh(None, 0, measured)
+    if streak + 1 < REWEIGHT_STREAK:
+        return Reweigh(None, streak + 1, measured)
+    return Reweigh(proposal, 0, measured)

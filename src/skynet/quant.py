@@ -17,11 +17,14 @@ Then per weight block and activation block the dot product is an exact integer s
 Canonical arithmetic, the same on every kernel path and CPU: per (weight block, activation block)
 the integer sum is exact (int32) and the term is formed in float64 by the fixed formula above
 (d, m, dx widened to double; d*dx is exact), terms are added in float64 in block order, and float32
-output is the float64 sum rounded once. No FMA contraction (built with -ffp-contract=off). So any
+output is the float64 sum rounded once. No FMA contraction (built with -ffp-contract=off; SIMD
+kernels regroup only products that are exact in double, which yields the same double). So any
 (weight row, activation row) result is bit-identical whatever the other rows in the call, the
-thread count, the tiling, and the path: generic C, AVX2, or AVX-512 VNNI (Q4_0, Q4_1, Q8_0; the
-K-quants use the generic path everywhere). The C kernels (skynet._qkernels) pick the best path at
-run time with __builtin_cpu_supports; SKYNET_KERNEL=generic|avx2|avx512 caps it (for tests/benches).
+thread count, the tiling, and the path: generic C, AVX2, or AVX-512 VNNI (every format). The C
+kernels (skynet._qkernels) pick the best path at run time with __builtin_cpu_supports;
+SKYNET_KERNEL=generic|avx2|avx512 caps it (for tests/benches). threads > 1 starts POSIX threads for
+the call (none on Windows builds; calls under ~2M multiply-adds stay on one thread); no idle
+thread pool spins afterwards.
 """
 from __future__ import annotations
 
@@ -189,7 +192,7 @@ class QMatrix:
                  threads: int = 1) -> np.ndarray:
         """x (N, cols) float32 or QAct -> (N, rows), float32 or float64 (`dtype`, or out's dtype).
 
-        threads > 1 splits the rows over OpenMP threads; results do not depend on it."""
+        threads > 1 splits the rows over that many threads; results do not depend on it."""
         if type(x) is QAct:
             n = x.q.shape[0]
             if x.q.shape[1] != self.cols or x.d.shape != (n, self.cols // ACT_BLOCK) or x.s.shape != x.d.shape:

@@ -1,6 +1,7 @@
 """The server process minus HTTP: model, cluster, engine, and the engine thread that drives them.
 
-Requests come in from any thread through `submit()`, which returns a `Stream` of text deltas.
+Requests come in from any thread through `submit()` (or `submit_batch()` for several prompts
+and choices), which returns `Stream`s of text deltas.
 The engine thread owns the node socket: it steps the batch while there is work and otherwise
 waits on the node socket and a wake-up pipe.
 """
@@ -39,13 +40,15 @@ class Unavailable(RuntimeError):
 
 @dataclass
 class Stream:
-    """A request's output as it is produced: (text delta, finished) events on an asyncio queue."""
+    """One choice's output as it is produced, as events on an asyncio queue (shared by the
+    choices of one request): (index, text delta, finish reason or None, new TokenLogprobs)."""
 
     seq: Sequence
     queue: asyncio.Queue | None = None
     text: str = ""
     finish_reason: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    index: int = 0
 
     def cancel(self) -> None:
         self.seq.finish("cancelled")
@@ -68,6 +71,7 @@ class Runtime:
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
         self.stop_ids = frozenset(self.arch.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self._token_texts: dict[int, str] = {}
         self.load_s = time.perf_counter() - t0
         self.started = time.time()
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
@@ -143,13 +147,42 @@ class Runtime:
                stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None,
                ignore_eos: bool = False) -> Stream:
         """Queue a request; raises RequestError (bad request), Busy (queue full) or Unavailable."""
+        return self.submit_batch([prompt], max_tokens, params, stop, loop, ignore_eos)[0]
+
+    def submit_batch(self, prompts: list[list[int]], max_tokens: int, params: SamplingParams,
+                     stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None,
+                     ignore_eos: bool = False, n: int = 1, logprobs: int | None = None,
+                     prompt_logprobs: int | None = None) -> list[Stream]:
+        """Queue n choices of each prompt, all or none; choice j of prompt i is stream i * n + j,
+        with its own random stream (j) of the seed. Raises RequestError, Busy or Unavailable."""
         if self.fatal:
             raise Unavailable(self.fatal)
-        self.engine.check(prompt, max_tokens)
-        if len(self.engine.waiting) >= self.cfg.max_queue:
+        for prompt in prompts:
+            self.engine.check(prompt, max_tokens)
+        want = len(prompts) * n
+        if want > self.cfg.max_queue:
+            raise RequestError(f"{len(prompts)} prompt(s) x n={n} is more than the server queues "
+                               f"({self.cfg.max_queue}, --max-queue)")
+        if len(self.engine.waiting) + want > self.cfg.max_queue:
             raise Busy(f"{len(self.engine.waiting)} requests already queued")
-        seq = Sequence(list(prompt), max_tokens, params, frozenset() if ignore_eos else self.stop_ids)
-        stream = Stream(seq, asyncio.Queue() if loop else None)
+        queue = asyncio.Queue() if loop else None
+        streams = []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                seq = Sequence(list(prompt), max_tokens, params,
+                               frozenset() if ignore_eos else self.stop_ids, stream=j,
+                               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                streams.append(self._track(Stream(seq, queue, index=i * n + j), stop, loop))
+        for st in streams:
+            self.engine.submit(st.seq)
+        if self.fatal:   # it died while these were being queued: nobody else will finish them
+            self.engine.fail_all("error")
+        self._wake()
+        return streams
+
+    def _track(self, stream: Stream, stop: list[str], loop) -> Stream:
+        """Hook a stream's sequence up to its detokenizer, the metrics and its event queue."""
+        seq, idx = stream.seq, stream.index
         detok = Detokenizer(self.tokenizer, list(stop))
 
         def push(event):
@@ -162,8 +195,8 @@ class Runtime:
             stream.text += delta
             if hit_stop:
                 s.finish("stop")
-            if delta:
-                push((delta, None))
+            if delta or s.logprobs is not None:
+                push((idx, delta, None, s.out_logprobs[-1:]))
 
         def on_finish(s: Sequence) -> None:
             tail = detok.flush()   # text held back for a possible stop string
@@ -172,16 +205,12 @@ class Runtime:
             self.stats["generated_tokens"] += len(s.out)
             self.metrics.finish(s)
             stream.done.set()
-            push((tail, s.finish_reason))
+            push((idx, tail, s.finish_reason, []))
 
         seq.on_token, seq.on_finish = on_token, on_finish
         self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(prompt)
-        self.metrics.request(len(prompt))
-        self.engine.submit(seq)
-        if self.fatal:   # it died while this one was being queued: nobody else will finish it
-            self.engine.fail_all("error")
-        self._wake()
+        self.stats["prompt_tokens"] += len(seq.prompt)
+        self.metrics.request(len(seq.prompt))
         return stream
 
     def _wake(self) -> None:
@@ -190,21 +219,29 @@ class Runtime:
         except BlockingIOError:   # the engine has not drained earlier wake-ups: it will wake
             pass
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """Text or token ids -> token ids (slow for long text: call it off the event loop)."""
         if isinstance(prompt, list):
             if not all(isinstance(t, int) and 0 <= t < self.arch.vocab for t in prompt):
                 raise RequestError(f"prompt token ids must be integers in [0, {self.arch.vocab})")
             return prompt
         self._check_chars(len(prompt))
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def token_text(self, token: int) -> str:
+        """One token on its own, special tokens included (the `tokens` of logprobs)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Chat messages -> token ids (slow for long text: call it off the event loop)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template; use /v1/completions")
         self._check_chars(sum(len(str(m.get("content") or "")) for m in messages))
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _check_chars(self, chars: int) -> None:

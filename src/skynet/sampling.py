@@ -1,4 +1,9 @@
-"""Turn one sequence's logits into its next token: penalties, temperature, top-k, top-p, seed."""
+"""Turn one sequence's logits into its next token: penalties, temperature, top-k, top-p, seed.
+
+Also the logprobs reported to clients. Convention (vLLM's default, "raw logprobs"): they are
+`log_softmax` of the model's raw logits, the same logits the sampler starts from, before
+penalties, temperature, top-k or top-p. So a token's logprob does not depend on how it was sampled.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,22 +32,68 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
 
-class Sampler:
-    """Per-sequence sampling state: its parameters, its random stream and its token counts."""
+def penalize(logits: np.ndarray, counts: dict[int, int], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's penalties on logits (V,), as a float64 copy: every token j generated c[j] > 0
+    times so far loses  c[j] * frequency + presence."""
+    out = logits.astype(np.float64)
+    ids = np.fromiter(counts.keys(), np.int64, len(counts))
+    n = np.fromiter(counts.values(), np.float64, len(counts))
+    out[ids] -= presence + frequency * n
+    return out
 
-    def __init__(self, params: SamplingParams):
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position: the token there, its logprob (None for a prompt's first token, which
+    nothing predicts), and the `k` most likely tokens there (best first)."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """logits (..., V) float32 -> logprobs (..., V) float32; the normaliser is summed in float64."""
+    m = logits.max(axis=-1, keepdims=True)                                        # (..., 1)
+    z = logits - m
+    lse = np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float64))       # (..., 1)
+    return z - lse.astype(np.float32)
+
+
+def token_logprobs(logits: np.ndarray, tokens, k: int) -> list[TokenLogprob]:
+    """logits (n, V) of n positions, `tokens` (n,) the token at each -> n TokenLogprobs with the
+    top `k` of each row (ties broken by the lower token id)."""
+    lp = log_softmax(np.asarray(logits, np.float32).reshape(-1, logits.shape[-1]))  # (n, V)
+    tokens = np.asarray(tokens, np.int64).reshape(-1)
+    chosen = lp[np.arange(len(tokens)), tokens]                                    # (n,)
+    out = []
+    for i in range(len(tokens)):
+        top = ()
+        if k:
+            idx = np.argpartition(-lp[i], k - 1)[:k]
+            idx = idx[np.lexsort((idx, -lp[i, idx]))]
+            top = tuple((int(t), float(lp[i, t])) for t in idx)
+        out.append(TokenLogprob(int(tokens[i]), float(chosen[i]), top))
+    return out
+
+
+class Sampler:
+    """Per-sequence sampling state: its parameters, its random stream and its token counts.
+
+    `stream` picks one of several independent random streams of the same seed (the n choices
+    of one request): stream 0 is the seed's own stream."""
+
+    def __init__(self, params: SamplingParams, stream: int = 0):
         self.p = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(params.seed if stream == 0 or params.seed is None
+                                         else [params.seed, stream])
         self.counts: dict[int, int] = {}
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits (V,) float32 -> token id."""
         p = self.p
         if (p.presence_penalty or p.frequency_penalty) and self.counts:
-            logits = logits.astype(np.float64)
-            ids = np.fromiter(self.counts.keys(), np.int64)
-            n = np.fromiter(self.counts.values(), np.float64)
-            logits[ids] -= p.presence_penalty + p.frequency_penalty * n
+            logits = penalize(logits, self.counts, p.presence_penalty, p.frequency_penalty)
         if p.temperature == 0.0:
             tok = int(np.argmax(logits))
         else:
