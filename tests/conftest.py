@@ -201,12 +201,12 @@ def spawn_node(server_port: int, name: str, log_dir: Path, weight: float | None 
 
 @contextlib.contextmanager
 def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float = 0.0,
-                 deadline_s: float = 10.0, timeout: float = 90.0, envs=None, **engine_kw):
+                 deadline_s: float = 10.0, timeout: float = 90.0, envs=None, extra=None, **engine_kw):
     """An in-process Cluster + ClusterMLP + Engine over `model`, with n real node processes.
 
     Yields once the plan gives every node a range and no epoch is pending. Node weights are fixed
     (`--weight`, 1 unless `weights` says otherwise), so latency never re-plans a test. `envs[k]` adds
-    environment variables to node k (e.g. a test-only fault). The step deadline is
+    environment variables to node k (e.g. a test-only fault), `extra[k]` flags. The step deadline is
     generous so that a loaded machine does not push a node's range back to the server: tests
     assert that the nodes did the work (no fallbacks)."""
     from skynet.cluster import Cluster
@@ -226,6 +226,7 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
             nc.names.append(f"n{k}")
             procs.append(spawn_node(cfg.node_port, f"n{k}", log_dir,
                                     1.0 if weights is None else weights[k],   # fixed: no re-weighting
+                                    extra=() if extra is None else extra[k],
                                     env=None if envs is None else envs[k]))
         deadline = time.monotonic() + timeout
         while not (len(cluster.plan.ranges) == n and cluster.pending is None

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from skynet.dispatch import MAX_MISSES
+from skynet.cluster import MAX_MISSES
 from skynet.launch import LocalCluster
 
 ENV = {"SKYNET_NO_PROGRESS": "1", "SKYNET_CLUSTER_KEY": "", "SKYNET_API_KEY": "",

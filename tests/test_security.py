@@ -145,8 +145,8 @@ def keyed_cluster():
     rng = np.random.default_rng(1)
     mats = [[rng.standard_normal((NEURONS, H), dtype=np.float32) for _ in range(LAYERS)] for _ in range(3)]
     c = Cluster(ServerConfig(node_port=0, cluster_key=CLUSTER_KEY), MLPWeights(*mats), "fuzz")
-    c.sock.close(0)
-    c.sock = _Recorder()
+    c.ctrl.sock.close(0)
+    c.ctrl.sock = _Recorder()
     try:
         yield c
     finally:
@@ -158,9 +158,9 @@ def handshake(c: Cluster, ident: bytes = PEER):
     assigned rows. Returns its NodeState (loading: not serving yet)."""
     keys, mine = Keyring(CLUSTER_KEY), Keyring.nonce()
     c.handle([ident, *wire.encode(wire.Hello("peer", 2, 1 << 30, 1.0, 0.0, mine))])
-    challenge = c.sock.sent[ident][-1]
+    challenge = c.ctrl.sock.sent[ident][-1]
     c.handle([ident, *wire.encode(wire.Challenge(b"", keys.proof(b"node", challenge.nonce, mine)))])
-    proof, welcome, assign = c.sock.sent[ident][1:4]
+    proof, welcome, assign = c.ctrl.sock.sent[ident][1:4]
     assert keys.check(b"server", mine, challenge.nonce, proof.proof)
     assert isinstance(welcome, wire.Welcome) and isinstance(assign, wire.Assign)
     node = c.nodes[c.by_ident[ident]]
@@ -188,6 +188,7 @@ def test_a_handshaken_peer_serves_after_a_valid_ready():
     with keyed_cluster() as c:
         node = handshake(c)
         c.handle([PEER, *wire.encode(wire.Ready(max(node.assigned)))])
+        c.tick()   # plans switch at step boundaries
         assert node.state == "active" and c.plan.ranges == {node.id: (0, NEURONS)}
 
 
@@ -215,6 +216,7 @@ def test_garbage_never_makes_a_handshaken_peer_serve(data):
             if now is not None:
                 assert now.bad == bad + want_bad, (msg, frames)
             ready_seen |= now is node and isinstance(msg, wire.Ready) and msg.epoch in node.assigned
+        c.tick()   # plans switch at step boundaries
         serving = [n for n in c.nodes.values() if n.state == "active"]
         assert serving == ([node] if node.state == "active" else [])
         assert node.state != "active" or ready_seen, "garbage made a peer serve"
@@ -224,6 +226,7 @@ def test_a_registered_node_is_lost_at_its_21st_bad_message():
     with keyed_cluster() as c:
         node = handshake(c)
         c.handle([PEER, *wire.encode(wire.Ready(max(node.assigned)))])
+        c.tick()   # plans switch at step boundaries
         assert node.state == "active"
         for i in range(MAX_BAD_MESSAGES):   # 20 bad messages are tolerated ...
             c.handle([PEER, b"garbage %d" % i])
@@ -231,9 +234,10 @@ def test_a_registered_node_is_lost_at_its_21st_bad_message():
         assert c.plan.ranges == {node.id: (0, NEURONS)}
         c.handle([PEER, b"one too many"])   # ... the 21st is not
         assert (node.bad, node.state, c.dropped) == (21, "gone", 21)
+        c.tick()
         assert PEER not in c.by_ident and c.pending is None and c.plan.ranges == {}
         assert c.plan.local == ((0, NEURONS),)
-        assert c.sock.sent[PEER][-1] == wire.Bye("too many bad messages")
+        assert c.ctrl.sock.sent[PEER][-1] == wire.Bye("too many bad messages")
 
 
 def test_an_unknown_peer_is_logged_20_times_then_ignored(caplog):

@@ -21,7 +21,8 @@ SAMPLES = {
     "hello": wire.Hello(name="node-1", cores=8, mem_bytes=2**33, gflops=123.5, weight=2.0, nonce=b"\x00p"),
     "ready": wire.Ready(epoch=3),
     "mlp_out": wire.MlpOut(step=7, epoch=1, layer=2, y=f32(2, 5, H)),
-    "welcome": wire.Welcome(node_id=4, model="smollm2", hidden=H, layers=30, neurons=1536, heartbeat_s=0.5),
+    "welcome": wire.Welcome(node_id=4, model="smollm2", hidden=H, layers=30, neurons=1536, heartbeat_s=0.5,
+                            data_port=7001, data_token=b"t" * 32),
     "assign": wire.Assign(epoch=2, start=10, end=20, base=1),
     "load": wire.Load(epoch=2, layer=29, start=10, end=13, gate=f32(3, H), up=f32(3, H), down_t=f32(3, H)),
     "mlp": wire.Mlp(step=7, epoch=1, layer=0, x=f32(5, H)),
@@ -29,6 +30,7 @@ SAMPLES = {
     "pong": wire.Pong(ts=3.0),
     "bye": wire.Bye(reason="shutting down ✓"),
     "challenge": wire.Challenge(nonce=bytes(range(32)), proof=b"\xff" * 32),
+    "data_hello": wire.DataHello(node_id=4, token=b"\x01" * 32),
 }
 LIMITS = Limits(hidden=H, layers=30)
 
@@ -120,7 +122,7 @@ def test_rejects_bad_headers(frames, match):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"v": 1}, "version"), ({"v": 3}, "version"), ({"v": None}, "version"), ({"v": "1"}, "version"),
+    ({"v": 2}, "version"), ({"v": 4}, "version"), ({"v": None}, "version"), ({"v": "1"}, "version"),
     ({"t": "exec"}, "unknown"), ({"t": None}, "unknown"), ({"t": b"mlp"}, "unknown"),
     ({"step": None}, "missing"), ({"layer": None}, "missing"),
     ({"step": "1"}, "expected int"), ({"step": 1.0}, "expected int"), ({"step": True}, "expected int"),

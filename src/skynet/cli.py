@@ -21,6 +21,15 @@ def _logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _pin(cpus: str) -> None:
+    """Pin this process (benchmarks that emulate one machine per core)."""
+    from .config import parse_cpus
+    ids = parse_cpus(cpus)
+    if ids:
+        os.sched_setaffinity(0, ids)
+        logging.getLogger("skynet").info("pinned to CPUs %s", list(ids))
+
+
 def _threads(n: int) -> None:
     """Cap BLAS threads: several processes share few cores."""
     import numpy  # noqa: F401  (load OpenBLAS first, so the limit applies to it)
@@ -30,14 +39,17 @@ def _threads(n: int) -> None:
 
 def cmd_server(a) -> int:
     cfg = ServerConfig(model=a.model, host=a.host, port=a.port, node_host=a.node_host,
-                       node_port=a.node_port, cluster_key=a.cluster_key, api_key=a.api_key,
+                       node_port=a.node_port, data_port=a.data_port, direct=not a.no_direct,
+                       cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
-                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us, max_batch=a.max_batch,
+                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us,
+                       overlap=a.overlap, cpus=a.cpus, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
                        precision=a.precision, max_body_bytes=a.max_body_bytes)
     if a.insecure:
         logging.getLogger("skynet").warning(
             "--insecure: ports may be exposed without a key. Anyone who can reach them can use them.")
+    _pin(cfg.cpus)
     _threads(cfg.threads)
     import uvicorn
 
@@ -85,7 +97,9 @@ def cmd_node(a) -> int:
         name = default_name()
     cfg = NodeConfig(server=a.server, name=name, weight=a.weight, max_memory=a.max_memory,
                      cluster_key=a.cluster_key, threads=a.threads, delay_ms=a.delay_ms, gflops=a.gflops,
-                     spin_us=a.spin_us)
+                     spin_us=a.spin_us, direct=not a.no_direct, link_delay_ms=a.link_delay_ms,
+                     cpus=a.cpus)
+    _pin(cfg.cpus)
     _threads(cfg.threads)
     from .node import Node
     return Node(cfg).run()
@@ -94,6 +108,16 @@ def cmd_node(a) -> int:
 def cmd_client(a) -> int:
     from .client import stream_completion
     return stream_completion(a.url, a.prompt, a.max_tokens, a.temperature, a.seed, a.chat, a.api_key)
+
+
+def cmd_bench_rtt(a) -> int:
+    from .bench_rtt import measure, table
+    r = measure(hidden=a.hidden, layers=a.layers, steps=a.steps, rounds=a.rounds, nodes=a.nodes, spin_us=a.spin_us)
+    if a.delays:
+        from .bench_rtt import measure_delays
+        r["delays"] = measure_delays([float(d) for d in a.delays.split(",")], a.hidden, a.layers, nodes=a.nodes)
+    print(json.dumps(r, indent=2) if a.json else table(r))
+    return 0
 
 
 def cmd_status(a) -> int:
@@ -126,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
                    help="once both ports are bound, write them here as JSON {\"port\", \"node_port\"}")
     s.add_argument("--node-host", default="127.0.0.1", help="address nodes connect to")
     s.add_argument("--node-port", type=int, default=7000, help="port nodes connect to (0 = any free)")
+    s.add_argument("--data-port", type=int, default=0, help="port of the nodes' direct data links (0 = any free)")
+    s.add_argument("--no-direct", action="store_true", help="no direct data links: per-layer traffic over ZeroMQ")
     s.add_argument("--cluster-key", default=None, help="shared secret nodes must prove (env SKYNET_CLUSTER_KEY)")
     s.add_argument("--api-key", default=None, help="bearer key for the HTTP API (env SKYNET_API_KEY)")
     s.add_argument("--insecure", action="store_true", help="allow non-loopback binds without keys")
@@ -134,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
     s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")
     s.add_argument("--spin-us", type=float, default=0.0, help="spin this long for node replies before blocking")
+    s.add_argument("--cpus", default="", help="pin the server to these CPUs, e.g. 0 or 0-1")
+    s.add_argument("--overlap", action="store_true",
+                   help="steps of 2+ sequences as two micro-batches overlapping server and nodes")
     s.add_argument("--max-batch", type=int, default=16, help="sequences per step")
     s.add_argument("--max-step-tokens", type=int, default=512, help="rows per step (prefill chunking)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
@@ -153,6 +182,10 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--cluster-key", default=None, help="shared secret (env SKYNET_CLUSTER_KEY)")
     n.add_argument("--threads", type=int, default=1, help="BLAS and kernel threads of the node")
     n.add_argument("--spin-us", type=float, default=0.0, help="spin this long for the next request before blocking")
+    n.add_argument("--cpus", default="", help="pin the node to these CPUs, e.g. 1 or 2-3")
+    n.add_argument("--no-direct", action="store_true", help="ignore the server's direct data link")
+    n.add_argument("--link-delay-ms", type=float, default=0.0,
+                   help="benchmarks: added one-way delay each way on the data link")
     n.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow node
     n.add_argument("--gflops", type=float, default=0.0, help=argparse.SUPPRESS)
     n.set_defaults(fn=cmd_node)
@@ -194,6 +227,16 @@ def parser() -> argparse.ArgumentParser:
                    help="SkyNet's precision for the main figures (an exact run is always added)")
     b.add_argument("--out", default="bench-out", help="folder for results.json and the plot")
     b.set_defaults(fn=cmd_bench)
+    br = sub.add_parser("bench-rtt", help="round trip per layer (no node compute) against raw TCP")
+    br.add_argument("--nodes", type=int, default=2)
+    br.add_argument("--hidden", type=int, default=576, help="row width (SmolLM2-135M: 576)")
+    br.add_argument("--layers", type=int, default=30)
+    br.add_argument("--steps", type=int, default=40, help="steps per round and transport")
+    br.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
+    br.add_argument("--spin-us", type=float, default=0.0, help="server and nodes spin this long before blocking")
+    br.add_argument("--delays", default="", help="also the direct link with these added one-way delays (ms), e.g. 0,0.1,0.25,0.5")
+    br.add_argument("--json", action="store_true")
+    br.set_defaults(fn=cmd_bench_rtt)
     return p
 
 

@@ -29,6 +29,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def parse_cpus(s: str) -> tuple[int, ...]:
+    """"0", "0,2" or "0-3" -> CPU ids; "" -> () (no pinning)."""
+    out: list[int] = []
+    try:
+        for part in filter(None, s.split(",")):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"--cpus must look like 0 or 0,2 or 0-3, got {s!r}") from None
+    if any(c < 0 for c in out):
+        raise ConfigError(f"--cpus must list CPU ids >= 0, got {s!r}")
+    return tuple(out)
+
+
 def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
     host, _, port = s.rpartition(":") if ":" in s else (s, "", str(default_port))
     try:
@@ -46,6 +60,8 @@ class ServerConfig:
     port: int = 8000
     node_host: str = "127.0.0.1"
     node_port: int = 7000
+    data_port: int = 0               # the nodes' direct data links (TCP); 0 = any free port
+    direct: bool = True              # offer direct data links; False: Mlp over ZeroMQ only
     cluster_key: str | None = None
     api_key: str | None = None
     insecure: bool = False
@@ -54,10 +70,12 @@ class ServerConfig:
     step_deadline_ms: float = 300.0  # floor of the per-step deadline for node replies
     reweight_s: float = 10.0         # how often node weights are re-estimated from latency
     spin_us: float = 0.0             # spin (yielding) this long for node replies before blocking
+    overlap: bool = False            # steps of 2+ sequences as two pipelined micro-batches
     max_batch: int = 16
     max_step_tokens: int = 512
     max_queue: int = 256
     threads: int = 1                 # BLAS threads for the server's own matmuls
+    cpus: str = ""                   # pin the process to these CPUs ("0", "0-1"); "" = no pinning
     precision: str = "auto"          # exact | fast | auto (fast for quantized files, else exact)
     max_body_bytes: int = 0          # HTTP request body cap; 0 = from the model's context length
 
@@ -66,6 +84,8 @@ class ServerConfig:
         self.api_key = self.api_key or os.environ.get("SKYNET_API_KEY") or None
         _port("--port", self.port)
         _port("--node-port", self.node_port)
+        _port("--data-port", self.data_port)
+        parse_cpus(self.cpus)
         _positive("--local-weight", self.local_weight, zero_ok=True)
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
@@ -94,9 +114,12 @@ class NodeConfig:
     max_memory: int = 0              # bytes offered for weights; 0 = free memory
     cluster_key: str | None = None
     threads: int = 1
+    cpus: str = ""                   # pin the process to these CPUs ("1", "2-3"); "" = no pinning
     delay_ms: float = 0.0            # test-only: sleep before each MLP reply (a slow node)
     gflops: float = 0.0              # skip the micro-benchmark with this figure (tests)
     spin_us: float = 0.0             # spin (yielding) this long for the next request before blocking
+    direct: bool = True              # use the server's direct data link when it offers one
+    link_delay_ms: float = 0.0       # benchmarks: added one-way delay on each data-link reply
     register_timeout_s: float = 10.0
     leave_timeout_s: float = 30.0
 
@@ -107,5 +130,7 @@ class NodeConfig:
         _positive("--weight", self.weight, zero_ok=True)
         _positive("--max-memory", self.max_memory, zero_ok=True)
         _positive("--delay-ms", self.delay_ms, zero_ok=True)
+        _positive("--link-delay-ms", self.link_delay_ms, zero_ok=True)
+        parse_cpus(self.cpus)
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")

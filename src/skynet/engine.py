@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import overlap
 from .model import Model, Segment
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 
@@ -126,8 +127,11 @@ class Engine:
             begin = getattr(self.mlp, "begin_step", None)
             if begin:
                 begin()
-            logits = self.model.forward(np.asarray(tokens, np.int64), segments, self.mlp,
-                                        rows=rows if every else None)          # (len(rows), V)
+            ids, asked = np.asarray(tokens, np.int64), rows if every else None
+            if len(segments) > 1 and getattr(self.mlp, "overlaps", False):   # nodes to overlap with
+                logits = overlap.forward(self.model, ids, segments, self.mlp, rows=asked)  # (len(rows), V)
+            else:
+                logits = self.model.forward(ids, segments, self.mlp, rows=asked)          # (len(rows), V)
         except Exception:   # their KV caches are half written: this step's requests fail, no others
             log.exception("step failed; failing its %d request(s)", len(batch))
             for seq, _ in batch:

@@ -142,31 +142,46 @@ class Model:
         (or (N, V) for every row with last_only=False, or (len(rows), V) for the packed rows
         asked). Appends to each segment's cache."""
         a = self.arch
-        pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]            # (N, 1, D/2)
+        rope = self.rope_tables(segments)
         x = self.embed_rows(tokens)                                                # (N, H)
+        for li in range(len(self.layers)):
+            x = self.attention(li, x, segments, rope)                              # (N, H)
+            x = x + mlp(li, rmsnorm(x, self.layers[li].ln2, a.eps))                # (N, H)
+        return self.logits(x, segments, last_only, rows)
+
+    def rope_tables(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (N, 1, D/2) at each packed row's position."""
+        pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
+        return self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+
+    def attention(self, li: int, x: np.ndarray, segments: list[Segment], rope) -> np.ndarray:
+        """x (N, H) -> x + attention block of layer li (N, H); appends k, v to each cache."""
+        a, layer, (cos, sin) = self.arch, self.layers[li], rope
         nq, nkv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-        for li, layer in enumerate(self.layers):
-            h = layer.qkv(rmsnorm(x, layer.ln1, a.eps))                            # (N, qkv)
-            if layer.bqkv is not None:
-                h += layer.bqkv
-            qk = _rope(h[:, :nq + nkv].reshape(-1, a.heads + a.kv_heads, a.head_dim), cos, sin)
-            q, k = qk[:, :a.heads], qk[:, a.heads:]                               # (N, nh|kvh, D)
-            v = h[:, nq + nkv:].reshape(-1, a.kv_heads, a.head_dim)               # (N, kvh, D)
-            att = np.empty((x.shape[0], nq), np.float32)                          # (N, nh D)
-            for s in segments:
-                att[s.row:s.row + s.n] = self._attend(li, s, q[s.row:s.row + s.n],
-                                                      k[s.row:s.row + s.n], v[s.row:s.row + s.n])
-            x = x + layer.o(att)                                                   # (N, H)
-            x = x + mlp(li, rmsnorm(x, layer.ln2, a.eps))                          # (N, H)
+        h = layer.qkv(rmsnorm(x, layer.ln1, a.eps))                                # (N, qkv)
+        if layer.bqkv is not None:
+            h += layer.bqkv
+        qk = _rope(h[:, :nq + nkv].reshape(-1, a.heads + a.kv_heads, a.head_dim), cos, sin)
+        q, k = qk[:, :a.heads], qk[:, a.heads:]                                   # (N, nh|kvh, D)
+        v = h[:, nq + nkv:].reshape(-1, a.kv_heads, a.head_dim)                   # (N, kvh, D)
+        att = np.empty((x.shape[0], nq), np.float32)                              # (N, nh D)
+        for s in segments:
+            att[s.row:s.row + s.n] = self._attend(li, s, q[s.row:s.row + s.n],
+                                                  k[s.row:s.row + s.n], v[s.row:s.row + s.n])
+        return x + layer.o(att)                                                    # (N, H)
+
+    def logits(self, x: np.ndarray, segments: list[Segment], last_only: bool = True,
+               rows: list[int] | None = None) -> np.ndarray:
+        """Final norm and LM head: (S, V) at each segment's last row, (N, V) for every row, or
+        (len(rows), V) for the packed rows asked."""
         t0 = time.perf_counter()
         if rows is not None:
             x = x[rows]                                                            # (R, H)
         elif last_only:
             x = x[[s.row + s.n - 1 for s in segments]]                             # (S, H)
-        logits = self.head(rmsnorm(x, self.norm, a.eps))                          # (S, V)
+        out = self.head(rmsnorm(x, self.norm, self.arch.eps))                     # (S, V)
         self.last_head_s = time.perf_counter() - t0
-        return logits
+        return out
 
     def _attend(self, li: int, s: Segment, q, k, v) -> np.ndarray:
         """q (n, nh, D), k/v (n, kvh, D) -> (n, nh D); writes k/v into the cache first."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from . import faults, wire
+from . import datalink, faults, wire
 from .auth import Keyring
-from .config import NodeConfig
+from .config import NodeConfig, parse_hostport
 from .mlp import F32Format, QFormat
 from .polling import wait_readable
 from .progress import Progress
@@ -54,9 +54,11 @@ class Node:
         self.keyring = Keyring(cfg.cluster_key)
         self.slices: dict[int, list] = {}   # epoch -> per-layer SliceLayer | QSliceLayer
         self.pending: Pending | None = None
+        self.link: datalink.DataConn | None = None   # the direct data link, when the server offers one
         self.stopping = False
         self.served = 0
         self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
+        self._poller, self._polled = None, None
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -98,6 +100,7 @@ class Node:
         except _Rejoin:
             pass
         finally:
+            self._unlink("session over")
             sock.close(0)
 
     def _register(self, sock) -> bool:
@@ -128,6 +131,7 @@ class Node:
                 self.welcomed(msg)
                 log.info("registered as node %d with %s (%d layers, %d neurons)",
                          msg.node_id, msg.model, msg.layers, msg.neurons)
+                self._link(msg, self.keyring.proof(b"data", mine, theirs) if verified else msg.data_token)
                 return True
         log.warning("no answer from %s", self.cfg.server)
         return False
@@ -138,6 +142,53 @@ class Node:
         self.limits = wire.Limits(hidden=w.hidden, layers=w.layers, qtypes=w.qtypes)
         self.format = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
                        else F32Format(w.hidden))
+
+    def _link(self, w: wire.Welcome, token: bytes) -> None:
+        """Open the direct data link the server offers; without it, Mlp comes over ZeroMQ."""
+        if not w.data_port or not self.cfg.direct:
+            return
+        host = parse_hostport(self.cfg.server, 7000)[0]
+        try:
+            self.link = datalink.connect(host, w.data_port, wire.DataHello(w.node_id, token))
+            self.link.delay_s = self.cfg.link_delay_ms / 1000   # not on the hello
+            log.info("direct data link to %s:%d", host, w.data_port)
+        except OSError as e:   # LinkError is one
+            log.warning("no direct data link to %s:%d (%s); Mlp comes over ZeroMQ", host, w.data_port, e)
+
+    def _unlink(self, why: str) -> None:
+        if self.link is not None:
+            log.warning("data link closed (%s); Mlp comes over ZeroMQ", why)
+            self.link.close()
+            self.link = None
+
+    def _wait(self, sock, timeout_s: float) -> list:
+        """Which of the control socket and the data link are readable (spin first if asked)."""
+        if self.link is None:
+            return [sock] if wait_readable(sock, timeout_s, self.cfg.spin_us / 1e6) else []
+        if self.link.buffered:
+            return [self.link.fileno()]
+        if self._poller is None or self._polled is not self.link:
+            self._poller, self._polled = zmq.Poller(), self.link
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(self.link.fileno(), zmq.POLLIN)
+        end = time.perf_counter() + self.cfg.spin_us / 1e6
+        while time.perf_counter() < end:
+            got = self._poller.poll(0)
+            if got:
+                return [h for h, _ in got]
+            os.sched_yield()
+        return [h for h, _ in self._poller.poll(max(1, int(timeout_s * 1000)))]
+
+    def _serve_link(self) -> None:
+        """One message from the data link: only Mlp belongs there; a broken link is closed."""
+        try:
+            msg = self._decode(self.link.recv_multipart(timeout=5.0), self.limits)
+            if isinstance(msg, wire.Mlp):
+                self._handle(self.link, msg)
+            elif msg is not None:
+                log.warning("dropped a %s on the data link", msg.TYPE)
+        except datalink.LinkError as e:
+            self._unlink(str(e))
 
     def _serve(self, sock) -> None:
         quiet_limit = 3 * self.welcome.heartbeat_s + 1.0
@@ -155,12 +206,17 @@ class Node:
             if asked_leave and time.monotonic() > leave_deadline:
                 log.warning("server did not release me in time; leaving anyway")
                 return
-            if not wait_readable(sock, 0.1, self.cfg.spin_us / 1e6):
+            ready = self._wait(sock, 0.1)
+            if not ready:
                 if time.monotonic() - last_heard > quiet_limit:
                     log.warning("server silent for %.1fs", time.monotonic() - last_heard)
                     return
                 continue
             last_heard = time.monotonic()
+            if self.link is not None and self.link.fileno() in ready:
+                self._serve_link()
+            if sock not in ready:
+                continue
             msg = self._decode(sock.recv_multipart(copy=False), self.limits)
             if msg is None:
                 continue

@@ -67,7 +67,7 @@ class Runtime:
         # no token covers more characters than its longest string: a bound checked before tokenizing
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
-        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6)
+        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6, cfg.overlap)
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
         self.stop_ids = frozenset(self.arch.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
@@ -107,7 +107,8 @@ class Runtime:
         """Never ends silently: a failed iteration fails the running requests and the loop goes
         on; if even that fails (or anything escapes), the engine stops for good and says so."""
         poller = zmq.Poller()
-        poller.register(self.cluster.sock, zmq.POLLIN)
+        for h in self.cluster.poll_handles():
+            poller.register(h, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         why = "the engine thread ended"
         try:
@@ -274,11 +275,12 @@ class Runtime:
                 "neurons": [list(rng)] if rng else [], "weight": round(n.weight, 3),
                 "cores": n.cores, "mem_bytes": n.mem_bytes, "gflops": round(n.gflops, 2),
                 "latency_ms": None if n.latency_ema is None else round(n.latency_ema * 1000, 3),
-                "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent})
+                "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent,
+                "direct_link": n.link is not None})
         return {"model": self.model_name, "precision": self.precision, "layers": self.arch.layers, "hidden": self.arch.hidden,
                 "neurons": self.arch.neurons, "epoch": c.epoch,
                 "uptime_s": round(time.time() - self.started, 1),
-                "pending_epoch": c.pending[0] if c.pending else None, "nodes": nodes,
+                "pending_epoch": c.pending.epoch if c.pending else None, "nodes": nodes,
                 "local_neurons": self._local_ranges(), "rebalances": list(c.history),
                 "active_requests": len(self.engine.running), "queued_requests": len(self.engine.waiting),
                 "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats),

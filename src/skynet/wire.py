@@ -11,6 +11,7 @@ receiver knows them) and a bad one raises `WireError`, which receivers log, coun
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import quant
 
-VERSION = 2          # 2: block weights (Welcome.qtypes, uint8 Load frames), float64 MlpOut
+VERSION = 3          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 4
@@ -96,6 +97,8 @@ class Welcome(Message):
     neurons: int
     heartbeat_s: float
     qtypes: bytes = b""   # empty: float32 weights (exact); else 3 ggml type ids per layer (fast)
+    data_port: int = 0    # the direct data link's TCP port (datalink.py), 0 = none: Mlp over ZeroMQ
+    data_token: bytes = b""  # what the link's DataHello presents; empty with a cluster key (derived)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,16 @@ class Mlp(Message):
     x: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
 
 
+@dataclass(frozen=True)
+class DataHello(Message):
+    """First message on a direct data link (node -> server): which registered node this is, and
+    the proof: HMAC(K, "data" | Nn | Ns) with a cluster key, else Welcome.data_token."""
+
+    TYPE: ClassVar[str] = "data_hello"
+    node_id: int
+    token: bytes
+
+
 # ---------------------------------------------------------------- both ways
 @dataclass(frozen=True)
 class Ping(Message):
@@ -175,19 +188,23 @@ class Challenge(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, Ready, MlpOut, Welcome, Assign, Load, Mlp, Ping, Pong, Bye, Challenge)
+    m.TYPE: m for m in (Hello, Ready, MlpOut, Welcome, Assign, Load, Mlp, Ping, Pong, Bye, Challenge,
+                         DataHello)
 }
 _PY_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bytes": (bytes,)}
 
 
-def _scalar_fields(cls: type[Message]) -> list[tuple[str, str]]:
-    return [(f.name, f.type) for f in fields(cls) if f.name not in cls.TENSORS]
+@functools.cache
+def _scalar_fields(cls: type[Message]) -> tuple[tuple[str, str, tuple], ...]:
+    """(name, declared type, accepted Python types) of each non-tensor field, once per class."""
+    return tuple((f.name, f.type, _PY_TYPES[f.type.split(" ")[0]]) for f in fields(cls)
+                 if f.name not in cls.TENSORS)
 
 
 def encode(msg: Message) -> list:
     """Message -> multipart frames. Tensor frames are the arrays' own buffers (no copy)."""
     header = {"v": VERSION, "t": msg.TYPE}
-    for name, _ in _scalar_fields(type(msg)):
+    for name, _, _ in _scalar_fields(type(msg)):
         header[name] = getattr(msg, name)
     frames, specs = [], []
     for name in msg.TENSORS:
@@ -224,11 +241,10 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     if cls is None:
         raise WireError(f"unknown message type {header.get('t')!r}")
     kwargs = {}
-    for name, typ in _scalar_fields(cls):
+    for name, typ, ok in _scalar_fields(cls):
         if name not in header:
             raise WireError(f"{cls.TYPE}: missing field {name!r}")
         value = header[name]
-        ok = _PY_TYPES[typ.split(" ")[0]]
         if not isinstance(value, ok) or isinstance(value, bool):
             raise WireError(f"{cls.TYPE}.{name}: expected {typ}, got {type(value).__name__}")
         if typ == "int" and not 0 <= value < 2**62:
@@ -282,6 +298,10 @@ def _check_block_load(m: Load, limits: Limits) -> None:
             raise WireError(f"load.{name}: {a.dtype} {a.shape}, expected uint8 {shape}")
 
 
+_FLOAT32 = (DTYPES["float32"],)
+_FLOAT_REPLY = (DTYPES["float32"], DTYPES["float64"])
+
+
 def _check_semantics(msg: Message, limits: Limits) -> None:
     layer = getattr(msg, "layer", None)
     if layer is not None and limits.layers is not None and layer >= limits.layers:
@@ -296,9 +316,9 @@ def _check_semantics(msg: Message, limits: Limits) -> None:
         return
     for name in msg.TENSORS:
         a = getattr(msg, name)
-        ok = ("float32", "float64") if isinstance(msg, MlpOut) else ("float32",)
-        if isinstance(msg, (Mlp, MlpOut, Load)) and a.dtype not in [DTYPES[d] for d in ok]:
-            raise WireError(f"{msg.TYPE}.{name}: expected {' or '.join(ok)}, got {a.dtype}")
+        ok = _FLOAT_REPLY if isinstance(msg, MlpOut) else _FLOAT32
+        if a.dtype not in ok:   # every tensor message is Mlp, MlpOut or an exact Load here
+            raise WireError(f"{msg.TYPE}.{name}: expected {' or '.join(map(str, ok))}, got {a.dtype}")
         if limits.hidden is not None and a.shape[-1] != limits.hidden:
             raise WireError(f"{msg.TYPE}.{name}: last dim {a.shape[-1]}, hidden size is {limits.hidden}")
     if isinstance(msg, Load):
