@@ -391,6 +391,12 @@ def main(args) -> int:
     llama = llama_cpp_figures(n, reps)
     say(f"  llama.cpp: {llama.get('threads_tok_s') or llama.get('note')}")
     phase("cold+llama.cpp")
+    from . import bench_rtt
+    say("  round trip per layer: raw TCP vs direct link vs ZeroMQ (2 nodes, no compute) ...")
+    rtt = bench_rtt.measure(steps=8 if args.quick else 40, rounds=2 if args.quick else 8)
+    if not args.quick:
+        rtt["delays"] = bench_rtt.measure_delays()
+    phase("rtt")
 
     results = {
         "meta": {"model": loader.model_name(model_dir, args.model), "model_dir": str(model_dir),
@@ -401,7 +407,7 @@ def main(args) -> int:
                  "hf_threads": hf["threads"], "seconds": time.perf_counter() - t_start,
                  "phases_s": phases},
         "hf": hf, "skynet": sky, "exact": exact, "scaling": scaling, "elastic": elastic or None,
-        "quality": quality, "resources": resources, "llama_cpp": llama}
+        "quality": quality, "resources": resources, "llama_cpp": llama, "rtt": rtt}
     results["targets"] = targets(results)
     say("[7/7] report")
     print(report(results))
@@ -534,4 +540,7 @@ def report(r: dict) -> str:
     out.append(table("targets (issue 9)", ["figure", "value", "target", "met"],
                      [[t["name"], t["value"], t["target"],
                        "-" if t["met"] is None else "met" if t["met"] else "NOT met"] for t in r["targets"]]))
+    if r.get("rtt"):
+        from .bench_rtt import table as rtt_table
+        out.append(rtt_table(r["rtt"]))
     return "\n\n".join(out)
