@@ -22,21 +22,10 @@ from . import quant
 from .quant import QMatrix
 
 
-def silu_mul(gu: np.ndarray, n: int) -> np.ndarray:
-    """silu(gu[:, :n]) * gu[:, n:], in place in the gate half."""
-    g, u = gu[:, :n], gu[:, n:]
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) * u, in place in g: silu(g) = g / (1 + e^-g)."""
     with np.errstate(over="ignore"):
         t = np.exp(-g)               # (N, n)
-    t += 1.0
-    np.divide(g, t, out=t)           # silu(g) = g / (1 + e^-g)
-    t *= u
-    return t
-
-
-def silu_mul2(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """silu(g) * u, in place in g."""
-    with np.errstate(over="ignore"):
-        t = np.exp(-g)
     t += 1.0
     np.divide(g, t, out=g)
     g *= u
@@ -63,7 +52,8 @@ class SliceLayer:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (N, H) -> partial output (N, H) float32."""
         gu = x @ self.wgu_t                 # (N, 2n)
-        return silu_mul(gu, self.n) @ self.down_t  # (N, H)
+        n = self.n
+        return silu_mul(gu[:, :n], gu[:, n:]) @ self.down_t  # (N, H)
 
     def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gate, up, down_t) rows of this slice, each (n, H)."""
@@ -92,7 +82,7 @@ class QSliceLayer:
         """x (N, H) float32 -> partial output (N, H) float64."""
         t = self.threads
         xq = quant.quantize_act(x)                                    # 8-bit blocks, shared by gate and up
-        act = silu_mul2(self.gate(xq, threads=t), self.up(xq, threads=t))   # (N, n) float32
+        act = silu_mul(self.gate(xq, threads=t), self.up(xq, threads=t))   # (N, n) float32
         return self.down(act, dtype=np.float64, threads=t)            # (N, H) float64
 
     def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,10 +188,6 @@ class MLPWeights:
             self.neurons, self.hidden = gate[0].shape
             self.format = F32Format(self.hidden)
         self.granule = self.format.granule
-
-    @property
-    def down_t(self) -> list:   # the float32 layout's name for down
-        return self.down
 
     def slice(self, layer: int, start: int, end: int):
         if not self.quantized:
