@@ -285,7 +285,7 @@ def test_node_handler_survives_mutated_and_random_messages(node, data):
 def test_node_rejects_assign_outside_the_model(node):
     sink = _Sink()
     node._handle(sink, wire.Assign(9, 0, 2**40, 0))   # would allocate terabytes if trusted
-    assert node.pending is None or node.pending.epoch != 9
+    assert node.slices.pending is None or node.slices.pending.epoch != 9
 
 
 # ---------------------------------------------------------------- live garbage while generating

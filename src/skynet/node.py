@@ -12,17 +12,16 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
 from . import datalink, faults, wire
+from .assembly import LostBase, Slices
 from .auth import Keyring
 from .config import NodeConfig, parse_hostport
 from .mlp import F32Format, QFormat
 from .polling import wait_readable
-from .progress import Progress
 
 log = logging.getLogger("skynet.node")
 
@@ -35,25 +34,12 @@ class Refused(RuntimeError):
     """The server refused this node (wrong cluster key, incompatible version...)."""
 
 
-@dataclass
-class Pending:
-    """An epoch being assembled: target range and per-layer (gate, up, down) buffers."""
-
-    epoch: int
-    start: int
-    end: int
-    bufs: list     # per layer: the format's three buffers for neurons [start, end)
-    missing: list  # per layer: neurons still to arrive
-    progress: Progress | None = None
-
-
 class Node:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
         self.ctx = zmq.Context.instance()
         self.keyring = Keyring(cfg.cluster_key)
-        self.slices: dict[int, list] = {}   # epoch -> per-layer SliceLayer | QSliceLayer
-        self.pending: Pending | None = None
+        self.slices: Slices | None = None   # what this session serves and assembles
         self.link: datalink.DataConn | None = None   # the direct data link, when the server offers one
         self.stopping = False
         self.served = 0
@@ -91,8 +77,7 @@ class Node:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://{self.cfg.server}")
-        self.slices.clear()
-        self.pending = None
+        self.slices = None
         try:
             if not self._register(sock):
                 return
@@ -140,8 +125,9 @@ class Node:
         """The model's shape and the weights' layout, as the server's Welcome states them."""
         self.welcome = w
         self.limits = wire.Limits(hidden=w.hidden, layers=w.layers, qtypes=w.qtypes)
-        self.format = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
-                       else F32Format(w.hidden))
+        fmt = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
+               else F32Format(w.hidden))
+        self.slices = Slices(w, fmt, self.cfg.name)
 
     def _link(self, w: wire.Welcome, token: bytes) -> None:
         """Open the direct data link the server offers; without it, Mlp comes over ZeroMQ."""
@@ -237,73 +223,32 @@ class Node:
 
     def _handle(self, sock, msg) -> None:
         if isinstance(msg, wire.Mlp):
-            layers = self.slices.get(msg.epoch)
-            if layers is None:
-                log.warning("mlp for epoch %d, which I don't hold (have %s)", msg.epoch, list(self.slices))
-                return
-            if self.cfg.delay_ms:
-                time.sleep(self.cfg.delay_ms / 1000)
-            x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
-            y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
-            out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y)
-            sock.send_multipart(wire.encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
-            self.served += 1
-            for old in [e for e in self.slices if e < msg.epoch]:
-                del self.slices[old]   # the server has switched: older rows can go
+            self._mlp(sock, msg)
         elif isinstance(msg, wire.Ping):
             sock.send_multipart(wire.encode(wire.Pong(msg.ts)))
-        elif isinstance(msg, wire.Assign):
-            self._assign(sock, msg)
-        elif isinstance(msg, wire.Load):
-            self._load(sock, msg)
+        elif isinstance(msg, (wire.Assign, wire.Load)):
+            try:
+                done = self.slices.assign(msg) if isinstance(msg, wire.Assign) else self.slices.load(msg)
+            except LostBase as e:
+                log.error("%s; re-registering", e)
+                sock.send_multipart(wire.encode(wire.Bye("lost base epoch")))
+                raise _Rejoin() from e
+            if done is not None:
+                sock.send_multipart(wire.encode(wire.Ready(done)))
 
-    def _assign(self, sock, a: wire.Assign) -> None:
-        """Start assembling epoch a.epoch from rows we hold plus rows the server will send."""
-        w, n, fmt = self.welcome, a.end - a.start, self.format
-        if not 0 <= a.start < a.end <= w.neurons or a.start % fmt.granule or a.end % fmt.granule:
-            log.warning("dropped assign [%d, %d): outside the model's %d neurons or off %d-neuron blocks",
-                        a.start, a.end, w.neurons, fmt.granule)
+    def _mlp(self, sock, msg: wire.Mlp) -> None:
+        layers = self.slices.layers(msg.epoch)
+        if layers is None:
+            log.warning("mlp for epoch %d, which I don't hold (have %s)", msg.epoch, list(self.slices.served))
             return
-        p = Pending(a.epoch, a.start, a.end, [fmt.empty(li, n) for li in range(w.layers)], [n] * w.layers)
-        held = self.slices.get(a.base) if a.base else None
-        if a.base and held is None:
-            log.error("assigned on top of epoch %d, which I no longer hold; re-registering", a.base)
-            sock.send_multipart(wire.encode(wire.Bye("lost base epoch")))
-            raise _Rejoin()
-        if held:
-            s, e = max(a.start, held[0].start), min(a.end, held[0].end)
-            for li, sl in enumerate(held if e > s else []):
-                kept = fmt.get(li, sl.rows(), s - sl.start, e - sl.start)
-                fmt.put(li, p.bufs[li], s - a.start, e - a.start, kept)
-                p.missing[li] -= e - s
-        todo = sum(m * fmt.bytes_per_neuron(li) for li, m in enumerate(p.missing))
-        p.progress = Progress(f"node {self.cfg.name}: epoch {a.epoch} weights", todo) if todo else None
-        self.pending = p
-        log.info("assigned neurons [%d, %d) for epoch %d; %.1f MB to receive",
-                 a.start, a.end, a.epoch, todo / 1e6)
-        self._maybe_ready(sock)
-
-    def _load(self, sock, m: wire.Load) -> None:
-        p = self.pending
-        if p is None or m.epoch != p.epoch or m.start < p.start or m.end > p.end:
-            log.warning("load for epoch %d [%d, %d) does not match my assignment", m.epoch, m.start, m.end)
-            return
-        self.format.put(m.layer, p.bufs[m.layer], m.start - p.start, m.end - p.start, (m.gate, m.up, m.down_t))
-        p.missing[m.layer] -= m.end - m.start
-        if p.progress:
-            p.progress.update(m.gate.nbytes + m.up.nbytes + m.down_t.nbytes)
-        self._maybe_ready(sock)
-
-    def _maybe_ready(self, sock) -> None:
-        p = self.pending
-        if p is None or any(p.missing):
-            return
-        self.slices[p.epoch] = [self.format.build(i, p.start, p.end, b) for i, b in enumerate(p.bufs)]
-        if p.progress:
-            p.progress.close()
-        self.pending = None
-        sock.send_multipart(wire.encode(wire.Ready(p.epoch)))
-        log.info("epoch %d ready: neurons [%d, %d)", p.epoch, p.start, p.end)
+        if self.cfg.delay_ms:
+            time.sleep(self.cfg.delay_ms / 1000)
+        x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
+        y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
+        out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y)
+        sock.send_multipart(wire.encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
+        self.served += 1
+        self.slices.switched(msg.epoch)   # the server has switched: older rows can go
 
 
 def measure_gflops(seconds: float = 0.25, rounds: int = 5) -> float:
