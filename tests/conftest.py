@@ -19,6 +19,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 os.environ["SKYNET_NO_PROGRESS"] = "1"   # inherited by every process the tests spawn
+os.environ["SKYNET_NO_CACHE"] = "1"      # nodes keep no slices on disk unless a test gives --cache-dir
 threadpool_limits(1)   # few, shared cores: BLAS threads in this process only spin against each other
 
 REPO = Path(__file__).resolve().parents[1]

@@ -48,6 +48,8 @@ class ScriptedNode(threading.Thread):
                     need = rows_to_ship((m.start, m.end), self.held if m.base else None)
                     self.epoch, self.missing = m.epoch, sum(e - s for s, e in need) * LAYERS
                     self.assigned = (m.start, m.end)
+                elif isinstance(m, wire.Welcome):   # nothing cached: it is planned on this
+                    self.sock.send_multipart(wire.encode(wire.Holding(m.model_hash)))
                 elif isinstance(m, wire.Load):
                     self.missing -= m.end - m.start
                 elif isinstance(m, wire.Mlp):

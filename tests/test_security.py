@@ -160,6 +160,7 @@ def handshake(c: Cluster, ident: bytes = PEER):
     c.handle([ident, *wire.encode(wire.Hello("peer", 2, 1 << 30, 1.0, 0.0, mine))])
     challenge = c.ctrl.sock.sent[ident][-1]
     c.handle([ident, *wire.encode(wire.Challenge(b"", keys.proof(b"node", challenge.nonce, mine)))])
+    c.handle([ident, *wire.encode(wire.Holding(c.ctrl.sock.sent[ident][2].model_hash))])   # nothing cached
     proof, welcome, assign = c.ctrl.sock.sent[ident][1:4]
     assert keys.check(b"server", mine, challenge.nonce, proof.proof)
     assert isinstance(welcome, wire.Welcome) and isinstance(assign, wire.Assign)

@@ -22,7 +22,7 @@ SAMPLES = {
     "ready": wire.Ready(epoch=3),
     "mlp_out": wire.MlpOut(step=7, epoch=1, layer=2, y=f32(2, 5, H)),
     "welcome": wire.Welcome(node_id=4, model="smollm2", hidden=H, layers=30, neurons=1536, heartbeat_s=0.5,
-                            data_port=7001, data_token=b"t" * 32),
+                            data_port=7001, data_token=b"t" * 32, model_hash=b"\xab" * 32),
     "assign": wire.Assign(epoch=2, start=10, end=20, base=1),
     "load": wire.Load(epoch=2, layer=29, start=10, end=13, gate=f32(3, H), up=f32(3, H), down_t=f32(3, H)),
     "mlp": wire.Mlp(step=7, epoch=1, layer=0, x=f32(5, H)),
@@ -31,6 +31,7 @@ SAMPLES = {
     "bye": wire.Bye(reason="shutting down ✓"),
     "challenge": wire.Challenge(nonce=bytes(range(32)), proof=b"\xff" * 32),
     "data_hello": wire.DataHello(node_id=4, token=b"\x01" * 32),
+    "holding": wire.Holding(model_hash=b"\xab" * 32, start=256, end=1024),
 }
 LIMITS = Limits(hidden=H, layers=30)
 
@@ -293,3 +294,10 @@ def test_welcome_block_types_are_validated():
     for bad in (bytes([3, 3, 2]), bytes([3, 3, 7] * 2)):
         rejects(frames_of(wire.Welcome(node_id=1, model="m", hidden=HB, layers=2, neurons=64, heartbeat_s=1.0,
                                        qtypes=bad)), match="qtypes")
+
+
+def test_holding_range_is_checked():
+    ok = wire.Holding(model_hash=b"h" * 32)
+    assert decode(frames_of(ok)) == ok   # (0, 0): nothing cached
+    rejects(with_header(ok, start=5, end=5), match="holding: bad range")
+    rejects(with_header(ok, start=8, end=4), match="holding: bad range")

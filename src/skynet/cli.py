@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from .config import ConfigError, NodeConfig, ServerConfig
+from .config import DEFAULT_CACHE_MAX_BYTES, ConfigError, NodeConfig, ServerConfig
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -98,7 +98,8 @@ def cmd_node(a) -> int:
     cfg = NodeConfig(server=a.server, name=name, weight=a.weight, max_memory=a.max_memory,
                      cluster_key=a.cluster_key, threads=a.threads, delay_ms=a.delay_ms, gflops=a.gflops,
                      spin_us=a.spin_us, direct=not a.no_direct, link_delay_ms=a.link_delay_ms,
-                     cpus=a.cpus)
+                     cpus=a.cpus, cache_dir=a.cache_dir, cache_max_bytes=a.cache_max_bytes,
+                     no_cache=a.no_cache)
     _pin(cfg.cpus)
     _threads(cfg.threads)
     from .node import Node
@@ -184,6 +185,11 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--spin-us", type=float, default=0.0, help="spin this long for the next request before blocking")
     n.add_argument("--cpus", default="", help="pin the node to these CPUs, e.g. 1 or 2-3")
     n.add_argument("--no-direct", action="store_true", help="ignore the server's direct data link")
+    n.add_argument("--cache-dir", default=None,
+                   help="slice cache (default: env SKYNET_CACHE_DIR or ~/.cache/skynet/slices)")
+    n.add_argument("--cache-max-bytes", type=int, default=DEFAULT_CACHE_MAX_BYTES,
+                   help="cap on the slice cache; least recently used models are evicted first")
+    n.add_argument("--no-cache", action="store_true", help="keep no slices on disk")
     n.add_argument("--link-delay-ms", type=float, default=0.0,
                    help="benchmarks: added one-way delay each way on the data link")
     n.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow node

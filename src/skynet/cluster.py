@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import wire
+from . import cachepolicy, slicecache, wire
 from .auth import Keyring
 from .config import ServerConfig
 from .epochs import Epochs
@@ -55,6 +55,9 @@ class Cluster:
         if self.links:
             cfg.data_port = self.links.port
         self.qtypes = weights.format.qtype_bytes() if weights.quantized else b""
+        t0 = time.perf_counter()
+        self.model_hash = slicecache.content_hash(weights, max(2, cfg.threads))
+        log.info("model content hash %s (%.2fs)", self.model_hash.hex()[:16], time.perf_counter() - t0)
         self.limits = wire.Limits(hidden=weights.hidden, layers=weights.layers)
         self.members = Membership()
         self.guard = PeerGuard()
@@ -268,6 +271,8 @@ class Cluster:
             return Reply(node, msg)
         elif isinstance(msg, wire.Ready):
             self._ready(node, msg.epoch)
+        elif isinstance(msg, wire.Holding):
+            return self._holding(node, ident, msg)
         elif isinstance(msg, wire.Ping):
             self.send(node, wire.Pong(msg.ts))
         elif isinstance(msg, wire.Bye):
@@ -314,10 +319,23 @@ class Cluster:
         sent = b"" if self.keyring.enabled else secrets.token_bytes(32)
         n.data_token = self.keyring.proof(b"data", n.nonce, n.server_nonce) if self.keyring.enabled else sent
         self.send(n, wire.Welcome(n.id, self.model_name, w.hidden, w.layers, w.neurons, self.cfg.heartbeat_s,
-                                  self.qtypes, self.links.port if self.links else 0, sent))
+                                  self.qtypes, self.links.port if self.links else 0, sent, self.model_hash))
         log.info("node %d %r joined: %d cores, %.1f GB free, %.1f GFLOP/s%s", n.id, n.name, n.cores,
                  n.mem_bytes / 1e9, n.gflops, f", weight {n.weight_override}" if n.weight_override else "")
+
+    def _holding(self, n: NodeState, ident: bytes, h: wire.Holding) -> Reply | None:
+        """What a welcomed node has cached: counted on if the hash is ours; then it is planned in."""
+        if n.state != NodeStatus.LOADING or n.reported:
+            return self._refuse(n, ident, "a second holding")
+        w, n.reported = self.weights, True
+        n.cached = cachepolicy.reported_range(self.model_hash, h.model_hash, h.start, h.end, w.neurons, w.granule)
+        if n.cached:
+            log.info("node %d %r has neurons [%d, %d) cached", n.id, n.name, *n.cached)
+        elif h.end:
+            log.warning("node %d %r reported a cache for another model or an invalid range: shipping all",
+                        n.id, n.name)
         self.replan(f"node {n.name} joined")
+        return None
 
     def _ready(self, n: NodeState, epoch: int) -> None:
         if epoch in n.assigned:   # the switch itself waits for the next step boundary

@@ -106,6 +106,22 @@ class ServerConfig:
                                   f"set --api-key (or pass --insecure)")
 
 
+DEFAULT_CACHE_DIR = "~/.cache/skynet/slices"
+DEFAULT_CACHE_MAX_BYTES = 8 << 30
+
+
+def resolve_cache_dir(given: str | None, disabled: bool) -> str | None:
+    """The node's slice-cache directory, or None for no cache: --no-cache wins; then --cache-dir;
+    then SKYNET_NO_CACHE=1 (the test suite sets it) and SKYNET_CACHE_DIR; then the default."""
+    if disabled or given == "":
+        return None
+    if given:
+        return os.path.expanduser(given)
+    if os.environ.get("SKYNET_NO_CACHE", "") not in ("", "0"):
+        return None
+    return os.path.expanduser(os.environ.get("SKYNET_CACHE_DIR") or DEFAULT_CACHE_DIR)
+
+
 @dataclass
 class NodeConfig:
     server: str = "127.0.0.1:7000"
@@ -122,9 +138,14 @@ class NodeConfig:
     link_delay_ms: float = 0.0       # benchmarks: added one-way delay on each data-link reply
     register_timeout_s: float = 10.0
     leave_timeout_s: float = 30.0
+    cache_dir: str | None = None     # the slice cache; None = env SKYNET_CACHE_DIR or DEFAULT_CACHE_DIR
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    no_cache: bool = False           # keep nothing on disk (env SKYNET_NO_CACHE=1 too, unless cache_dir is given)
 
     def __post_init__(self):
         self.cluster_key = self.cluster_key or os.environ.get("SKYNET_CLUSTER_KEY") or None
+        self.cache_dir = resolve_cache_dir(self.cache_dir, self.no_cache)
+        _positive("--cache-max-bytes", self.cache_max_bytes)
         host, port = parse_hostport(self.server, 7000)
         self.server = f"{host}:{port}"
         _positive("--weight", self.weight, zero_ok=True)

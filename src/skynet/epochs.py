@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import placement, wire
+from . import cachepolicy, placement, wire
 from .config import ServerConfig
 from .membership import Membership, NodeState, NodeStatus
 from .mlp import MLPWeights
@@ -49,7 +49,12 @@ class Epochs:
         return plan(self.weights.neurons, members, self.cfg.local_weight, self.weights.granule)
 
     def _members(self) -> list[Member]:
-        cands = [n.candidate() for n in self.members.plannable()]
+        """Planning members in layout order: join order, unless a node brings cached rows
+        (cachepolicy.sticky_order)."""
+        nodes = {n.id: n for n in self.members.plannable() if n.reported}
+        order = cachepolicy.sticky_order([(n.id, cachepolicy.rows_source(n.held(), n.cached), n.held() is None)
+                                          for n in nodes.values()])
+        cands = [nodes[i].candidate() for i in order]
         return placement.planning_members(cands, self.weights.bytes_per_neuron())
 
     def reweight(self) -> None:
@@ -100,7 +105,7 @@ class Epochs:
         held = n.held()
         self.send(n, wire.Assign(epoch, rng[0], rng[1], max(n.ready_epoch, 0) if held else 0))
         w, sent = self.weights, 0
-        chunks = placement.load_chunks(placement.rows_to_ship(rng, held),
+        chunks = placement.load_chunks(placement.rows_to_ship(rng, cachepolicy.rows_source(held, n.cached)),
                                        max(1, w.bytes_per_neuron() // w.layers), LOAD_FRAME_BYTES, w.granule)
         for layer in range(w.layers):
             for a, b in chunks:

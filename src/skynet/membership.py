@@ -47,6 +47,8 @@ class NodeState:
     bad: int = 0
     misses: int = 0                   # consecutive missed step deadlines
     bytes_sent: int = 0
+    reported: bool = False                  # it sent its Holding: only then is it planned
+    cached: tuple[int, int] | None = None   # rows its slice cache holds (Holding), before it serves any
 
     @property
     def weight(self) -> float:

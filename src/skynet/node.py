@@ -21,6 +21,7 @@ from .assembly import LostBase, Slices
 from .auth import Keyring
 from .config import NodeConfig, parse_hostport
 from .mlp import F32Format, QFormat
+from .nodecache import NodeCache
 from .polling import wait_readable
 
 log = logging.getLogger("skynet.node")
@@ -45,6 +46,7 @@ class Node:
         self.served = 0
         self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
         self._poller, self._polled = None, None
+        self.cache = NodeCache(cfg.cache_dir, cfg.cache_max_bytes)   # a no-op without a directory
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -57,6 +59,7 @@ class Node:
                 served_before = self.served
                 self._session()
                 if self.stopping:
+                    self.cache.flush()
                     return 0
                 backoff = 0.2 if self.served > served_before else min(backoff * 2, 5.0)
             except Refused as e:
@@ -86,6 +89,7 @@ class Node:
             pass
         finally:
             self._unlink("session over")
+            self.cache.release()
             sock.close(0)
 
     def _register(self, sock) -> bool:
@@ -117,6 +121,7 @@ class Node:
                 log.info("registered as node %d with %s (%d layers, %d neurons)",
                          msg.node_id, msg.model, msg.layers, msg.neurons)
                 self._link(msg, self.keyring.proof(b"data", mine, theirs) if verified else msg.data_token)
+                sock.send_multipart(wire.encode(self.cache.holding(msg.model_hash)))
                 return True
         log.warning("no answer from %s", self.cfg.server)
         return False
@@ -128,6 +133,7 @@ class Node:
         fmt = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
                else F32Format(w.hidden))
         self.slices = Slices(w, fmt, self.cfg.name)
+        self.cache.open(w.model_hash, fmt, w.layers)
 
     def _link(self, w: wire.Welcome, token: bytes) -> None:
         """Open the direct data link the server offers; without it, Mlp comes over ZeroMQ."""
@@ -233,10 +239,16 @@ class Node:
                 log.error("%s; re-registering", e)
                 sock.send_multipart(wire.encode(wire.Bye("lost base epoch")))
                 raise _Rejoin() from e
+            if isinstance(msg, wire.Assign) and msg.base:
+                self.cache.release()   # the server has our Ready: it ships against served rows now
+            elif isinstance(msg, wire.Assign) and done is None:
+                done = self.cache.fill(self.slices, msg)
             if done is not None:
                 sock.send_multipart(wire.encode(wire.Ready(done)))
+                self.cache.save(self.slices, done, self.welcome.model_hash)
 
     def _mlp(self, sock, msg: wire.Mlp) -> None:
+        self.cache.release()   # the server serves an epoch of ours: it has our Ready
         layers = self.slices.layers(msg.epoch)
         if layers is None:
             log.warning("mlp for epoch %d, which I don't hold (have %s)", msg.epoch, list(self.slices.served))

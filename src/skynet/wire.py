@@ -84,6 +84,18 @@ class MlpOut(Message):
     y: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
 
 
+@dataclass(frozen=True)
+class Holding(Message):
+    """After a Welcome: the rows this node has cached for the model whose hash the Welcome named,
+    neurons [start, end) of every layer (0, 0 = none). The server plans it in once this arrives
+    and ships only the rows outside that range; the node fills the rest from its cache."""
+
+    TYPE: ClassVar[str] = "holding"
+    model_hash: bytes
+    start: int = 0
+    end: int = 0
+
+
 # ---------------------------------------------------------------- server -> node
 @dataclass(frozen=True)
 class Welcome(Message):
@@ -99,6 +111,7 @@ class Welcome(Message):
     qtypes: bytes = b""   # empty: float32 weights (exact); else 3 ggml type ids per layer (fast)
     data_port: int = 0    # the direct data link's TCP port (datalink.py), 0 = none: Mlp over ZeroMQ
     data_token: bytes = b""  # what the link's DataHello presents; empty with a cluster key (derived)
+    model_hash: bytes = b""  # sha256 of the MLP weights as shipped, with their format (slicecache.py)
 
 
 @dataclass(frozen=True)
@@ -189,7 +202,7 @@ class Challenge(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Ready, MlpOut, Welcome, Assign, Load, Mlp, Ping, Pong, Bye, Challenge,
-                         DataHello)
+                         DataHello, Holding)
 }
 _PY_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bytes": (bytes,)}
 
@@ -306,6 +319,8 @@ def _check_semantics(msg: Message, limits: Limits) -> None:
     layer = getattr(msg, "layer", None)
     if layer is not None and limits.layers is not None and layer >= limits.layers:
         raise WireError(f"{msg.TYPE}: layer {layer} out of range (model has {limits.layers})")
+    if isinstance(msg, Holding) and (msg.end < msg.start or (msg.end == msg.start and msg.start)):
+        raise WireError(f"holding: bad range [{msg.start}, {msg.end})")
     if isinstance(msg, (Assign, Load)) and msg.end <= msg.start:
         raise WireError(f"{msg.TYPE}: empty range [{msg.start}, {msg.end})")
     if isinstance(msg, Welcome) and msg.qtypes:
