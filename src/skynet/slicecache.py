@@ -77,12 +77,17 @@ class Cached:
     def close(self) -> None:
         self.layers = []
         if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:   # a caller still holds a view: the map goes with it
-                pass
-            os.close(self._fd)
+            _close(self._mm, self._fd)
             self._mm = None
+
+
+def _close(mm: mmap.mmap, fd: int) -> None:
+    """Unmap (unless a view is still alive: then the map goes with the last one) and unlock."""
+    try:
+        mm.close()
+    except BufferError:
+        pass
+    os.close(fd)
 
 
 class SliceCache:
@@ -147,8 +152,7 @@ class SliceCache:
         try:
             return Cached(path, start, end, _verify(mm, key, fmt, layers, start, end), mm, fd)
         except BaseException:
-            mm.close()
-            os.close(fd)
+            _close(mm, fd)
             raise
 
     # ------------------------------------------------------------------ write
