@@ -98,6 +98,9 @@ def test_quick_bench_writes_results(tmp_path, default_model_dir):
     mlp_f32 = layers * 3 * cfg["intermediate_size"] * hidden * 4
     assert 0 < e["bytes_moved"] <= e["bytes_shipped"] < mlp_f32
     assert r["llama_cpp"].get("threads_tok_s") or r["llama_cpp"]["note"]
+    # a node restarted with its slice cache: its range again, nothing shipped, the same text
+    assert e["restart_same_range"] and e["restart_identical"] and e["slice_bytes"] > 0, e
+    assert e["restart_bytes_ratio"] <= 0.01 and e["restart_to_active_s"] > 0, e
 
     names = [t["name"] for t in r["targets"]]
-    assert len(names) == 10 and all(t["met"] in (True, False) for t in r["targets"]), r["targets"]
+    assert len(names) == 12 and all(t["met"] in (True, False) for t in r["targets"]), r["targets"]

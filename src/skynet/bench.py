@@ -33,7 +33,7 @@ QUICK_TOKENS = 16
 STREAMS = (1, 4, 8)
 SCALING = (0, 1, 2)
 KILL_TOKENS, KILL_AFTER = 64, 15
-ENV = {"SKYNET_NO_PROGRESS": "1"}
+ENV = {"SKYNET_NO_PROGRESS": "1", "SKYNET_NO_CACHE": "1"}   # no node reuses an earlier run's slices
 
 
 def say(msg: str) -> None:
@@ -388,6 +388,13 @@ def main(args) -> int:
         cold_model = str(model_dir)   # a hub id: its files live in the HF cache we empty
     resources["cold_start"] = cold_start(args, precision, cold_model)
     say(f"  cold start to /health: {resources['cold_start']['seconds']:.2f} s")
+    from .bench_cache import restart_figures
+    say("  elastic: a node restarts with its slice cache ...")
+    logs = Path(args.out) / f"logs-{precision}-restart"
+    logs.mkdir(parents=True, exist_ok=True)
+    elastic.update(restart_figures(args.model, precision, ENV, str(logs), PROMPT))
+    say(f"  restart: {elastic['restart_bytes_shipped']} of {elastic['slice_bytes']} bytes shipped, "
+        f"{elastic['restart_to_active_s']:.2f} s to active")
     llama = llama_cpp_figures(n, reps)
     say(f"  llama.cpp: {llama.get('threads_tok_s') or llama.get('note')}")
     phase("cold+llama.cpp")
@@ -443,6 +450,8 @@ def targets(r: dict) -> list[dict]:
         row("bytes shipped when a 3rd node joins 2 (MB)",
             e["bytes_moved"] / MB if "bytes_moved" in e else None, "<=", 40),
         row("cold start to /health, empty cache (s)", res.get("cold_start", {}).get("seconds"), "<=", 5),
+        row("node restarted with its cache: bytes shipped / its slice", e.get("restart_bytes_ratio"), "<=", 0.01),
+        row("node restarted with its cache: process start -> active (s)", e.get("restart_to_active_s"), "<=", 1.5),
         row("teacher-forced agreement, fast (%)", 100 * q["fast"]["agreement"], ">=",
             100 * q["target_fast"]),
         row("fast agreement - ideal Q8_0 reference (points)",
@@ -536,6 +545,12 @@ def report(r: dict) -> str:
                      ["  fallbacks", e["fallbacks"]],
                      ["  recovery rebalance (s)", e["recovery_rebalance_s"]],
                      ["  rebalances after the kill", len(e["rebalances_after_kill"])]]
+        if "restart_bytes_ratio" in e:
+            rows += [["node restarted with its cache: bytes shipped / slice", e["restart_bytes_ratio"]],
+                     ["  bytes shipped / slice bytes", f"{e['restart_bytes_shipped']} / {e['slice_bytes']}"],
+                     ["  start -> active, restart / first start (s)",
+                      f"{e['restart_to_active_s']:.2f} / {e['first_start_to_active_s']:.2f}"],
+                     ["  same range, text identical", f"{e['restart_same_range']}, {e['restart_identical']}"]]
         out.append(table("elastic", ["event", "value"], rows))
     out.append(table("targets (issue 9)", ["figure", "value", "target", "met"],
                      [[t["name"], t["value"], t["target"],

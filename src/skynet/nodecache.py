@@ -46,11 +46,11 @@ class NodeCache:
             return None
         s, e = max(a.start, c.start), min(a.end, c.end)
         done, fmt = None, slices.format
+        if e > s:
+            log.info("neurons [%d, %d) of epoch %d come from the cache", s, e, a.epoch)
         for li, pieces in enumerate(c.layers if e > s else []):
             g, u, d = fmt.get(li, pieces, s - c.start, e - c.start)
             done = slices.load(wire.Load(a.epoch, li, s, e, g, u, d))
-        if e > s:
-            log.info("neurons [%d, %d) of epoch %d came from the cache", s, e, a.epoch)
         return done
 
     def save(self, slices, epoch: int, model_hash: bytes) -> None:
