@@ -199,3 +199,40 @@ def test_a_restarted_node_ships_nothing_and_a_corrupt_cache_is_refetched(tmp_pat
         for name in lc.nodes:
             lc.signal_node(name, signal.SIGKILL)
         lc.stop()
+
+
+def test_a_node_returning_with_a_weight_change_is_shipped_only_the_rows_it_lacks(nodes, tiny_model, tmp_path):
+    """Exact precision, in-process server: n1 holds one half and caches it, leaves, and comes back
+    with 3x the weight. Sticky order puts it on the same side of n0: its new range (3/4 of the
+    neurons) holds its cached half, so only the other 250 neurons are shipped, and the sum is exact."""
+    from conftest import load_model, spawn_node, stop_procs
+    from skynet.mlp import LocalMLP
+    model = load_model(tiny_model("llama"))
+    w, cache = model.mlp_weights, tmp_path / "cache"
+    with nodes(model, 2, extra=[[], ["--cache-dir", str(cache)]]) as nc:
+        c = nc.cluster
+        held = nc.ranges()["n1"]   # (0, 500) or (500, 1000): whichever registered second is laid out last
+        back = (0, 750) if held == (0, 500) else (250, 1000)
+
+        def settle(what, cond):
+            end = time.monotonic() + 60
+            while not (cond() and c.pending is None):
+                assert time.monotonic() < end, f"{what}\n{nc.logs()}"
+                c.poll(20)
+
+        settle("the cache file", lambda: list(cache.glob(f"*/{held[0]}-{held[1]}.slice")))
+        nc.procs[1].send_signal(signal.SIGTERM)
+        settle("n1 released", lambda: nc.ranges() == {"n0": (0, 1000)} and nc.procs[1].poll() == 0)
+        nc.procs.append(spawn_node(c.cfg.node_port, "n1", tmp_path, 3.0, extra=["--cache-dir", str(cache)]))
+        settle("n1 back", lambda: nc.ranges().get("n1") == back
+               and all(n.state == "active" for n in c.nodes.values()))
+        n1 = next(n for n in c.nodes.values() if n.name == "n1")
+        assert n1.cached == held and n1.bytes_sent == w.nbytes(0, 250)
+        nc.mlp.begin_step()
+        x = np.random.default_rng(3).standard_normal((3, model.arch.hidden)).astype(np.float32)
+        for layer in range(w.layers):
+            np.testing.assert_allclose(nc.mlp(layer, x), LocalMLP(w)(layer, x), rtol=1e-5, atol=1e-5)
+        assert nc.mlp.stats["fallbacks"] == 0
+        settle("the new range cached", lambda: list(cache.glob(f"*/{back[0]}-{back[1]}.slice")))
+        assert not list(cache.glob(f"*/{held[0]}-{held[1]}.slice"))   # inside the new one: deleted
+        stop_procs(nc.procs[2:])
