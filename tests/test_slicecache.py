@@ -132,6 +132,18 @@ def test_store_evicts_least_recently_used_models_over_the_cap(tmp_path):
     assert SliceCache(tmp_path, size // 2).store(keys[1], fmt, 0, 16, rows) is None   # over the cap alone
 
 
+def test_a_dead_writers_temp_file_is_swept(tmp_path):
+    fmt = F32Format(H)
+    cache = SliceCache(tmp_path, 1 << 30)
+    d = tmp_path / KEY.hex()
+    d.mkdir()
+    dead, alive = d / ".0-16.4194305.tmp", d / f".0-16.{os.getpid()}.tmp"   # above pid_max: no such process
+    dead.write_bytes(b"half a file")
+    alive.write_bytes(b"being written")
+    cache.store(KEY, fmt, 16, 32, _pieces(fmt, 16, 4))
+    assert not dead.exists() and alive.exists()
+
+
 def test_content_hash_covers_every_weight_and_the_format():
     rng = np.random.default_rng(0)
     mats = [[rng.standard_normal((32, H), dtype=np.float32) for _ in range(LAYERS)] for _ in range(3)]

@@ -170,6 +170,7 @@ class SliceCache:
             if final.exists():
                 return final
             d.mkdir(parents=True, exist_ok=True)
+            _sweep(d)
             tmp = d / f".{start}-{end}.{os.getpid()}.tmp"
             try:
                 _write(tmp, {"key": key, **_describe(fmt), "start": start, "end": end, "n": n}, layers)
@@ -196,6 +197,17 @@ class SliceCache:
         for k in evict(self.models(), self.max_bytes, keep):
             log.info("cache over %.1f MB: evicting model %s", self.max_bytes / 1e6, k[:12])
             shutil.rmtree(self.root / k, ignore_errors=True)
+
+
+def _sweep(d: Path) -> None:
+    """Delete the temp files of writers that died (killed mid-write): `.<range>.<pid>.tmp`."""
+    for p in d.glob(".*.tmp"):
+        try:
+            os.kill(int(p.suffixes[-2][1:]), 0)
+        except (ProcessLookupError, ValueError, IndexError):
+            p.unlink(missing_ok=True)
+        except PermissionError:   # alive, another user's
+            pass
 
 
 def _pad(f) -> None:
