@@ -52,12 +52,13 @@ def test_rows_source_prefers_served_rows():
 
 
 def test_sticky_order_places_a_returning_node_where_its_rows_lie():
-    # no cache anywhere: join order, whatever the served rows
-    assert sticky_order([(1, (500, 1000), False), (2, (0, 500), False), (3, None, False)]) == [1, 2, 3]
-    # node 1 left, node 2 took everything, node 3 returns with [0, 500) cached: 3 goes first
-    assert sticky_order([(2, (0, 1000), False), (3, (0, 500), True)]) == [3, 2]
-    # nodes without rows follow, in join order
-    assert sticky_order([(4, None, False), (2, (500, 1000), False), (3, (0, 500), True)]) == [3, 2, 4]
+    # a cluster that only grew: join order
+    assert sticky_order([(1, (0, 300)), (2, (300, 700)), (3, (700, 1000)), (4, None)]) == [1, 2, 3, 4]
+    # node 1 left, node 2 took everything, node 3 returns with [0, 500) cached: 3 goes first ...
+    assert sticky_order([(2, (0, 1000)), (3, (0, 500))]) == [3, 2]
+    # ... and stays first once it serves [0, 250); nodes without rows follow, in join order
+    assert sticky_order([(5, None), (2, (250, 1000)), (3, (0, 250)), (4, None)]) == [3, 2, 5, 4]
+    assert sticky_order([(1, (0, 500)), (2, (0, 500))]) == [1, 2]   # ties: join order
 
 
 # ---------------------------------------------------------------- files

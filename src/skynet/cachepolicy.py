@@ -75,16 +75,15 @@ def rows_source(held: tuple[int, int] | None, cached: tuple[int, int] | None) ->
     return held if held is not None else cached
 
 
-def sticky_order(nodes: list[tuple[int, tuple[int, int] | None, bool]]) -> list[int]:
-    """Node ids in the order plan() should lay them out, given (id, rows it holds or has cached,
-    whether those are only cached) in join order.
+def sticky_order(nodes: list[tuple[int, tuple[int, int] | None]]) -> list[int]:
+    """Node ids in the order plan() should lay them out, given (id, the rows it serves or, before
+    it serves any, has cached) in join order.
 
     plan() gives contiguous ranges in list order, so a node placed where its rows lie keeps
-    them. When no node brings cached rows the join order is kept as it is. Otherwise nodes with
-    rows are sorted by the midpoint of their rows, and nodes without rows follow in join order.
+    them: nodes with rows are sorted by the midpoint of their rows (ties: join order), and nodes
+    without rows follow in join order. For a cluster that only ever grew, that is the join order
+    itself; a returning node with a cache lands where its cached rows are, and stays there.
     Weights still decide how wide each range is."""
-    if not any(rows is not None and only_cached for _, rows, only_cached in nodes):
-        return [nid for nid, _, _ in nodes]
-    with_rows = [(rows[0] + rows[1], i, nid) for i, (nid, rows, _) in enumerate(nodes) if rows is not None]
-    without = [nid for nid, rows, _ in nodes if rows is None]
+    with_rows = [(rows[0] + rows[1], i, nid) for i, (nid, rows) in enumerate(nodes) if rows is not None]
+    without = [nid for nid, rows in nodes if rows is None]
     return [nid for _, _, nid in sorted(with_rows)] + without

@@ -49,10 +49,10 @@ class Epochs:
         return plan(self.weights.neurons, members, self.cfg.local_weight, self.weights.granule)
 
     def _members(self) -> list[Member]:
-        """Planning members in layout order: join order, unless a node brings cached rows
-        (cachepolicy.sticky_order)."""
+        """Planning members in layout order: where their served or cached rows lie, then newcomers
+        in join order (cachepolicy.sticky_order). A node is planned once it said what it caches."""
         nodes = {n.id: n for n in self.members.plannable() if n.reported}
-        order = cachepolicy.sticky_order([(n.id, cachepolicy.rows_source(n.held(), n.cached), n.held() is None)
+        order = cachepolicy.sticky_order([(n.id, cachepolicy.rows_source(n.held(), n.cached))
                                           for n in nodes.values()])
         cands = [nodes[i].candidate() for i in order]
         return placement.planning_members(cands, self.weights.bytes_per_neuron())
