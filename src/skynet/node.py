@@ -133,7 +133,7 @@ class Node:
         fmt = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
                else F32Format(w.hidden))
         self.slices = Slices(w, fmt, self.cfg.name)
-        self.cache.open(w.model_hash, fmt, w.layers)
+        self.cache.open(w.model_hash, fmt, w.layers, w.neurons)
 
     def _link(self, w: wire.Welcome, token: bytes) -> None:
         """Open the direct data link the server offers; without it, Mlp comes over ZeroMQ."""

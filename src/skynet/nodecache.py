@@ -14,6 +14,7 @@ import threading
 import time
 
 from . import wire
+from .cachepolicy import reported_range
 from .slicecache import Cached, SliceCache
 
 log = logging.getLogger("skynet.node")
@@ -25,14 +26,18 @@ class NodeCache:
         self.cached: Cached | None = None
         self._writers: list[threading.Thread] = []
 
-    def open(self, model_hash: bytes, fmt, layers: int) -> None:
-        """Welcomed: find and verify the best cached range of this model (corrupt files go)."""
+    def open(self, model_hash: bytes, fmt, layers: int, neurons: int) -> None:
+        """Welcomed: find and verify the best cached range of this model (corrupt files go). It is
+        reported only if the server will count on it (the same check as the server's)."""
         self.release()
         if self.store is None or not model_hash:
             return
-        self.cached = self.store.lookup(model_hash, fmt, layers)
-        if self.cached is not None:
-            log.info("the cache holds neurons [%d, %d) of this model", self.cached.start, self.cached.end)
+        self.cached = c = self.store.lookup(model_hash, fmt, layers)
+        if c is not None and reported_range(model_hash, model_hash, c.start, c.end, neurons, fmt.granule) is None:
+            log.warning("cached range [%d, %d) does not fit this model: not used", c.start, c.end)
+            self.release()
+        elif c is not None:
+            log.info("the cache holds neurons [%d, %d) of this model", c.start, c.end)
 
     def holding(self, model_hash: bytes) -> wire.Holding:
         c = self.cached
