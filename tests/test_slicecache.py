@@ -154,6 +154,39 @@ def test_content_hash_covers_every_weight_and_the_format():
     assert content_hash(MLPWeights(*mats)) != h
 
 
+def test_node_cache_fills_the_overlap_and_the_shipped_rows_complete_the_epoch(tmp_path):
+    """The node's half of the contract: an Assign on no base takes the overlap with the reported
+    range from disk; the rows the server ships (rows_to_ship against that range) complete it."""
+    from skynet import wire
+    from skynet.assembly import Slices
+    from skynet.nodecache import NodeCache
+    from skynet.placement import rows_to_ship
+    rng = np.random.default_rng(5)
+    w = MLPWeights(*[[rng.standard_normal((96, H), dtype=np.float32) for _ in range(LAYERS)] for _ in range(3)])
+    key = content_hash(w)
+    SliceCache(tmp_path, 1 << 30).store(key, w.format, 32, 96, [w.rows(li, 32, 96) for li in range(LAYERS)])
+    welcome = wire.Welcome(1, "m", H, LAYERS, 96, 1.0, model_hash=key)
+    too_small = NodeCache(str(tmp_path), 1 << 30)
+    too_small.open(key, w.format, LAYERS, 64)            # [32, 96) is outside a 64-neuron model
+    assert too_small.holding(key) == wire.Holding(key, 0, 0)
+    nc = NodeCache(str(tmp_path), 1 << 30)
+    nc.open(key, w.format, LAYERS, 96)
+    assert nc.holding(key) == wire.Holding(key, 32, 96)
+    slices, a = Slices(welcome, w.format), wire.Assign(7, 0, 64, 0)
+    assert slices.assign(a) is None and nc.fill(slices, a) is None     # [32, 64) from disk
+    done = None
+    for s0, e0 in rows_to_ship((0, 64), (32, 96)):
+        assert (s0, e0) == (0, 32)
+        for li in range(LAYERS):
+            done = slices.load(wire.Load(7, li, s0, e0, *w.rows(li, s0, e0)))
+    assert done == 7
+    x = rng.standard_normal((2, H)).astype(np.float32)
+    for li, layer in enumerate(slices.layers(7)):
+        np.testing.assert_allclose(layer(x), w.slice(li, 0, 64)(x), rtol=1e-6, atol=1e-6)
+    nc.release()
+    too_small.release()
+
+
 # ---------------------------------------------------------------- a real node, restarted
 def _node_view(lc, name: str) -> dict | None:
     return next((n for n in lc.cluster().get("nodes", []) if n["name"] == name and n["state"] == "active"
