@@ -61,6 +61,10 @@ class Slices:
         held = self.served.get(a.base) if a.base else None
         if a.base and held is None:
             raise LostBase(f"assigned on top of epoch {a.base}, which I no longer hold")
+        if held and (held[0].start, held[0].end) == (a.start, a.end):   # same rows: share, copy nothing
+            self.pending, self.served[a.epoch] = None, held
+            log.info("assigned neurons [%d, %d) for epoch %d: the rows I hold", a.start, a.end, a.epoch)
+            return a.epoch
         p = Pending(a.epoch, a.start, a.end, [fmt.empty(li, n) for li in range(w.layers)], [n] * w.layers)
         if held:
             s, e = max(a.start, held[0].start), min(a.end, held[0].end)

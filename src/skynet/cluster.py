@@ -59,8 +59,10 @@ class Cluster:
         self.guard = PeerGuard()
         self.epochs = Epochs(cfg, weights, self.members, self.send, self._forget)
         self.handshake = Handshake(self.keyring, self.members, self.send, self._welcome_msg,
-                                   lambda n: self.replan(f"node {n.name} joined"), self.lose, self._forget)
+                                   lambda n: self.epochs.joined(n.name, time.monotonic()),
+                                   self.lose, self._forget)
         self.last_ping = 0.0
+        self.drained_at = time.monotonic()   # when the control socket was last read empty
         self.last_reweight = time.monotonic()
         self.unreachable: dict[int, str] = {}   # node id -> why a send failed; lost at the next tick
 
@@ -107,6 +109,8 @@ class Cluster:
         """Idle: handle whatever nodes sent (waiting up to timeout_ms), then a step boundary."""
         if self.ctrl.poll(timeout_ms):
             self._drain_control()
+        else:
+            self.drained_at = time.monotonic()
         if self.links:
             self.guard.dropped += self.links.accept(self.handshake.link_owner)
         self.tick()
@@ -126,9 +130,10 @@ class Cluster:
             self.last_ping = now
             for n in list(self.nodes.values()):
                 self.send(n, wire.Ping(time.time()))
-        for n in list(self.nodes.values()):
-            if now - n.last_seen > 3 * self.cfg.heartbeat_s:
-                self.lose(n, f"no heartbeat for {now - n.last_seen:.1f}s")
+        for n in list(self.nodes.values()):   # silence counts only while we listened
+            if self.drained_at - n.last_seen > 3 * self.cfg.heartbeat_s:
+                self.lose(n, f"no heartbeat for {self.drained_at - n.last_seen:.1f}s")
+        self.epochs.plan_joins(now)
         self.epochs.maybe_switch()
         if now - self.last_reweight >= self.cfg.reweight_s:
             self.last_reweight = now
@@ -140,6 +145,7 @@ class Cluster:
             r = self.handle_frames(*self.ctrl.recv())
             if r is not None:
                 replies.append(r)
+        self.drained_at = time.monotonic()
         for r in replies:   # idle: nobody asked, so every reply is late
             if r.msg is not None:
                 self.guard.dropped += 1

@@ -21,9 +21,11 @@ from .assembly import LostBase, Slices
 from .auth import Keyring
 from .config import NodeConfig, parse_hostport
 from .mlp import F32Format, QFormat
+from .placement import LOAD_FRAMES_IN_FLIGHT
 from .polling import wait_readable
 
 log = logging.getLogger("skynet.node")
+STALL_HEARTBEATS = 10   # an assembly with no Assign/Load for this many heartbeats has stalled
 
 
 class _Rejoin(Exception):
@@ -45,6 +47,7 @@ class Node:
         self.served = 0
         self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
         self._poller, self._polled = None, None
+        self.last_transfer = time.monotonic()   # the last Assign or Load
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -76,6 +79,7 @@ class Node:
     def _session(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, LOAD_FRAMES_IN_FLIGHT)   # Load frames wait on the server, not here
         sock.connect(f"tcp://{self.cfg.server}")
         self.slices = None
         try:
@@ -192,6 +196,9 @@ class Node:
             if asked_leave and time.monotonic() > leave_deadline:
                 log.warning("server did not release me in time; leaving anyway")
                 return
+            if self._stalled():
+                sock.send_multipart(wire.encode(wire.Bye("transfer stalled")))
+                return
             ready = self._wait(sock, 0.1)
             if not ready:
                 if time.monotonic() - last_heard > quiet_limit:
@@ -213,6 +220,16 @@ class Node:
                 return
             self._handle(sock, msg)
 
+    def _stalled(self) -> bool:
+        """An epoch is being assembled but no rows came for STALL_HEARTBEATS heartbeats: the
+        server dropped us (its bye may sit behind rows it queued) or lost track; start afresh."""
+        quiet = time.monotonic() - self.last_transfer
+        if self.slices is None or self.slices.pending is None or quiet < STALL_HEARTBEATS * self.welcome.heartbeat_s:
+            return False
+        log.warning("no rows for %.1fs while assembling epoch %d; registering again", quiet,
+                    self.slices.pending.epoch)
+        return True
+
     # ------------------------------------------------------------------ messages
     def _decode(self, frames, limits=wire.Limits()):
         try:
@@ -227,6 +244,7 @@ class Node:
         elif isinstance(msg, wire.Ping):
             sock.send_multipart(wire.encode(wire.Pong(msg.ts)))
         elif isinstance(msg, (wire.Assign, wire.Load)):
+            self.last_transfer = time.monotonic()
             try:
                 done = self.slices.assign(msg) if isinstance(msg, wire.Assign) else self.slices.load(msg)
             except LostBase as e:
