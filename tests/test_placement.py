@@ -24,7 +24,7 @@ def test_memory_caps_count_whole_rows_and_at_least_one():
                                       Candidate(3, 1.0)], row_bytes=100)
     assert [m.cap for m in got] == [5, 1, None]   # half: the old and the new epoch fit together
     got = placement.planning_members([Candidate(1, 1.0, mem_bytes=1000)], row_bytes=100, frame_bytes=100)
-    assert got[0].cap == 4                        # (1000 - 2 frames) / 2 = 400 bytes
+    assert got[0].cap == 3                        # (1000 - 3 frames) / 2 = 350 bytes
 
 
 @settings(max_examples=300, deadline=None)

@@ -91,7 +91,7 @@ def test_rebalance_stays_within_the_offered_memory(tiny_model):
         alone = lc.complete(PROMPT, 8)["choices"][0]["text"]
         lc.add_node("b")
         lc.wait_active(1, 60)
-        tight = lc.add_node("a", ["--max-memory", str(offered)])
+        tight = lc.add_node("a", ["--max-memory", str(offered), "--weight", "12"])   # 3x b: its share is 3/4
         lc.wait(lambda: any(n["name"] == "a" for n in lc.cluster().get("nodes", [])), 30, "a to register")
         base = _status(tight.pid, "VmRSS")   # registered, no rows yet (the plan waits --settle-s)
         assert not any(n["name"] == "a" and n["neurons"] for n in lc.cluster()["nodes"]), "rows came too soon"
@@ -102,6 +102,7 @@ def test_rebalance_stays_within_the_offered_memory(tiny_model):
         after = next(n for n in lc.cluster()["nodes"] if n["name"] == "a")
         assert lc.complete(PROMPT, 8)["choices"][0]["text"] == alone
         peak = _status(tight.pid, "VmHWM") - base
+        print(f"node a: baseline {base / MB:.1f} MiB, peak above it {peak / MB:.1f} MiB, ranges {before['neurons']} -> {after['neurons']}")
     assert before["neurons"] != after["neurons"], (before, after)   # a rebalance that moved its rows
     assert peak <= offered, f"node a peaked {peak / MB:.1f} MiB above its baseline; offered {offered / MB:.0f}"
 

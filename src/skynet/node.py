@@ -79,7 +79,7 @@ class Node:
     def _session(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, LOAD_FRAMES_IN_FLIGHT)   # Load frames wait on the server, not here
+        sock.setsockopt(zmq.RCVHWM, LOAD_FRAMES_IN_FLIGHT - 1)   # more Load frames wait on the server
         sock.connect(f"tcp://{self.cfg.server}")
         self.slices = None
         try:

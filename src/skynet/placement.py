@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .plan import Member
 
 REWEIGHT_MIN_SAMPLES = 60     # MLP replies since the last switch before latency counts
-LOAD_FRAMES_IN_FLIGHT = 2     # Load frames a node may hold beside its slices (its receive queue)
+LOAD_FRAMES_IN_FLIGHT = 3     # Load frames a node may hold beside its slices: queued + being copied
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def slice_cap_bytes(offered: int, frame_bytes: int) -> int:
     """Bytes of slices a node offering `offered` bytes may be planned to hold.
 
     During a rebalance a node holds the epoch it serves (old, <= cap), the epoch it assembles
-    (new, <= cap) and up to LOAD_FRAMES_IN_FLIGHT frames being received, so
+    (new, <= cap) and up to LOAD_FRAMES_IN_FLIGHT frames (its socket queues all but one), so
         peak <= 2 * cap + LOAD_FRAMES_IN_FLIGHT * frame_bytes <= offered
     with cap = (offered - LOAD_FRAMES_IN_FLIGHT * frame_bytes) // 2 (0 when nothing fits)."""
     return max(0, offered - LOAD_FRAMES_IN_FLIGHT * frame_bytes) // 2
