@@ -57,9 +57,12 @@ class Epochs:
         return placement.planning_members(cands, w.bytes_per_neuron(), frame)
 
     def joined(self, name: str, now: float) -> None:
-        """A node was welcomed: plan it with whoever joins with it (plan_joins)."""
+        """A node was welcomed: plan it with whoever joins with it (plan_joins); with
+        settle_s 0, at once."""
         first, _, names = self.joins or (now, now, [])
         self.joins = (first, now, [*names, name])
+        if self.cfg.settle_s == 0:
+            self.replan("")
 
     def plan_joins(self, now: float) -> None:
         """Plan the joins waiting once placement.joins_due says they have settled."""
