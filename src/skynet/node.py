@@ -48,6 +48,7 @@ class Node:
         self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
         self._poller, self._polled = None, None
         self.last_transfer = time.monotonic()   # the last Assign or Load
+        self.sock, self.last_alive = None, time.monotonic()   # this session's control socket
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -81,7 +82,7 @@ class Node:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, LOAD_FRAMES_IN_FLIGHT - 1)   # more Load frames wait on the server
         sock.connect(f"tcp://{self.cfg.server}")
-        self.slices = None
+        self.slices, self.sock = None, sock
         try:
             if not self._register(sock):
                 return
@@ -90,6 +91,7 @@ class Node:
             pass
         finally:
             self._unlink("session over")
+            self.sock = None
             sock.close(0)
 
     def _register(self, sock) -> bool:
@@ -131,7 +133,7 @@ class Node:
         self.limits = wire.Limits(hidden=w.hidden, layers=w.layers, qtypes=w.qtypes)
         fmt = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
                else F32Format(w.hidden))
-        self.slices = Slices(w, fmt, self.cfg.name)
+        self.slices = Slices(w, fmt, self.cfg.name, self._keepalive)
 
     def _link(self, w: wire.Welcome, token: bytes) -> None:
         """Open the direct data link the server offers; without it, Mlp comes over ZeroMQ."""
@@ -180,16 +182,20 @@ class Node:
         except datalink.LinkError as e:
             self._unlink(str(e))
 
+    def _keepalive(self) -> None:
+        """The server's pings queue behind weight loads on this one socket: while rows are being
+        worked through, say we are alive on our own every half heartbeat, or it declares us dead.
+        Called from the serve loop and between layers of bulk work (assembly.Slices)."""
+        if self.sock is not None and time.monotonic() - self.last_alive >= self.welcome.heartbeat_s / 2:
+            self.sock.send_multipart(wire.encode(wire.Pong(time.time())))
+            self.last_alive = time.monotonic()
+
     def _serve(self, sock) -> None:
         quiet_limit = 3 * self.welcome.heartbeat_s + 1.0
-        last_heard = last_alive = time.monotonic()
+        last_heard = self.last_alive = time.monotonic()
         asked_leave = False
         while True:
-            # The server's pings queue behind weight loads on this one socket: while a big load
-            # is being worked through, say we are alive on our own, or it declares us dead.
-            if time.monotonic() - last_alive >= self.welcome.heartbeat_s / 2:
-                sock.send_multipart(wire.encode(wire.Pong(time.time())))
-                last_alive = time.monotonic()
+            self._keepalive()
             if self.stopping and not asked_leave:
                 sock.send_multipart(wire.encode(wire.Bye("leaving")))
                 asked_leave, leave_deadline = True, time.monotonic() + self.cfg.leave_timeout_s
