@@ -114,6 +114,7 @@ def test_rebalance_stays_within_the_offered_memory(tiny_model):
 def test_six_nodes_settle_at_the_seeds_scale(tmp_path_factory):
     model = bench_settle.random_model(tmp_path_factory.mktemp("qwen05") / "model")
     r = bench_settle.settle(model, 6, timeout=120)
+    print("six nodes at the seed's scale:", r)
     assert r["settled_s"] is not None and r["settled_s"] <= 60, r
     assert r["plans"] <= 3 and r["same_text_as_alone"], r
 
