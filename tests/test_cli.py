@@ -13,7 +13,9 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_NEURONS, child_env, load_model
+from skynet.epochs import LOAD_FRAME_BYTES
 from skynet.launch import LocalCluster
+from skynet.placement import LOAD_FRAMES_IN_FLIGHT
 
 CAPPED = 100
 PROMPT = "Hello world"
@@ -39,13 +41,20 @@ def row_bytes(model_dir) -> int:
     return load_model(model_dir).mlp_weights.bytes_per_neuron()   # one neuron of every layer
 
 
+def offered(row_bytes: int, layers: int = 3) -> int:
+    """The --max-memory planned as CAPPED neurons (and half a neuron): the old and the new epoch
+    and the Load frames in flight must fit it (placement.slice_cap_bytes, inverted)."""
+    frame = min(LOAD_FRAME_BYTES, row_bytes // layers * TINY_NEURONS)
+    return 2 * (CAPPED * row_bytes + row_bytes // 2) + LOAD_FRAMES_IN_FLIGHT * frame
+
+
 @pytest.fixture(scope="module")
 def lc(model_dir, row_bytes, tmp_path_factory):
     c = LocalCluster(str(model_dir), 0, node_args=["--weight", "1"], env=child_env(),
                      log_dir=str(tmp_path_factory.mktemp("cli")))
     try:
         c.start_server(timeout=120)
-        c.add_node("node0", ["--max-memory", str(CAPPED * row_bytes + row_bytes // 2)])
+        c.add_node("node0", ["--max-memory", str(offered(row_bytes))])
         c.add_node("node1")
         c.wait_active(2, 120)
         yield c
@@ -61,7 +70,7 @@ def test_max_memory_caps_the_range_and_is_reported(lc, row_bytes):
     assert (e0 - s0, e1 - s1) == (CAPPED, TINY_NEURONS - CAPPED)
     assert sorted([s0, e0, s1, e1]) == [0, min(e0, e1), min(e0, e1), TINY_NEURONS]   # they tile
     assert view["local_neurons"] == []
-    assert nodes["node0"]["mem_bytes"] == CAPPED * row_bytes + row_bytes // 2
+    assert nodes["node0"]["mem_bytes"] == offered(row_bytes)
     # without the flag a node offers its free memory (MemAvailable when it registered)
     free = mem_available()
     assert 0.5 * free < nodes["node1"]["mem_bytes"] < 1.5 * free, (nodes["node1"]["mem_bytes"], free)
@@ -81,9 +90,9 @@ def test_status_prints_the_cluster(lc, row_bytes):
     for name, share in (("node0", " 10.0% "), ("node1", " 90.0% ")):
         s, e = ranges[name]
         assert row[name].split()[2:4] == ["active", f"[{s},{e})"] and share in row[name], row[name]
-    assert "230 KB / 232 KB" in row["node0"]   # held / offered: 100 neurons of 2304 bytes; the cap
+    assert "230 KB / 2.8 MB" in row["node0"]   # held / offered: 100 neurons of 2304 bytes; offered(): the cap
     assert row["server"].split()[2:4] == ["local", "-"] and " 0.0% " in row["server"]
-    assert "rebalances (latest last):" in lines and "node node1 joined" in r.stdout
+    assert "rebalances (latest last):" in lines and "node1 joined" in r.stdout   # alone, or folded with node0
 
     j = skynet("status", "--url", lc.url, "--json")
     assert j.returncode == 0 and {n["name"] for n in json.loads(j.stdout)["nodes"]} == {"node0", "node1"}

@@ -22,7 +22,27 @@ def test_members_without_observations_use_gflops_with_a_floor():
 def test_memory_caps_count_whole_rows_and_at_least_one():
     got = placement.planning_members([Candidate(1, 1.0, mem_bytes=1000), Candidate(2, 1.0, mem_bytes=10),
                                       Candidate(3, 1.0)], row_bytes=100)
-    assert [m.cap for m in got] == [10, 1, None]
+    assert [m.cap for m in got] == [5, 1, None]   # half: the old and the new epoch fit together
+    got = placement.planning_members([Candidate(1, 1.0, mem_bytes=1000)], row_bytes=100, frame_bytes=100)
+    assert got[0].cap == 3                        # (1000 - 3 frames) / 2 = 350 bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**10), st.integers(0, 10**8), st.integers(1, 10**6))
+def test_old_and_new_epoch_and_frames_in_flight_fit_the_offered_memory(offered, frame, row):
+    cap = placement.slice_cap_bytes(offered, frame)
+    rows = cap // row
+    assert 2 * rows * row + placement.LOAD_FRAMES_IN_FLIGHT * frame <= max(offered, placement.LOAD_FRAMES_IN_FLIGHT * frame)
+    assert cap >= (offered - placement.LOAD_FRAMES_IN_FLIGHT * frame) // 2   # and no more is held back
+
+
+def test_joins_fold_until_quiet_or_the_longest_wait():
+    due = placement.joins_due
+    assert not due(10.5, 10.0, 10.0, 1.0, 5.0)      # one join, 0.5 s ago: wait for others
+    assert due(11.0, 10.0, 10.0, 1.0, 5.0)          # quiet for settle_s
+    assert not due(12.5, 10.0, 12.0, 1.0, 5.0)      # another came at 12: wait again
+    assert due(15.0, 10.0, 14.5, 1.0, 5.0)          # joins keep coming: plan at max_wait_s anyway
+    assert due(10.0, 10.0, 10.0, 0.0, 5.0)          # settle_s 0: at once
 
 
 def test_rows_to_ship():

@@ -144,7 +144,7 @@ PEER = b"P"
 def keyed_cluster():
     rng = np.random.default_rng(1)
     mats = [[rng.standard_normal((NEURONS, H), dtype=np.float32) for _ in range(LAYERS)] for _ in range(3)]
-    c = Cluster(ServerConfig(node_port=0, cluster_key=CLUSTER_KEY), MLPWeights(*mats), "fuzz")
+    c = Cluster(ServerConfig(node_port=0, cluster_key=CLUSTER_KEY, settle_s=0), MLPWeights(*mats), "fuzz")
     c.ctrl.sock.close(0)
     c.ctrl.sock = _Recorder()
     try:

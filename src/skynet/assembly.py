@@ -37,8 +37,9 @@ class Slices:
     """The epochs a node can serve (epoch -> per-layer SliceLayer | QSliceLayer) and the one
     being assembled."""
 
-    def __init__(self, welcome: wire.Welcome, fmt, name: str = "node"):
+    def __init__(self, welcome: wire.Welcome, fmt, name: str = "node", alive=None):
         self.welcome, self.format, self.name = welcome, fmt, name
+        self.alive = alive or (lambda: None)   # called between layers of bulk work (heartbeats)
         self.served: dict[int, list] = {}
         self.pending: Pending | None = None
 
@@ -61,6 +62,10 @@ class Slices:
         held = self.served.get(a.base) if a.base else None
         if a.base and held is None:
             raise LostBase(f"assigned on top of epoch {a.base}, which I no longer hold")
+        if held and (held[0].start, held[0].end) == (a.start, a.end):   # same rows: share, copy nothing
+            self.pending, self.served[a.epoch] = None, held
+            log.info("assigned neurons [%d, %d) for epoch %d: the rows I hold", a.start, a.end, a.epoch)
+            return a.epoch
         p = Pending(a.epoch, a.start, a.end, [fmt.empty(li, n) for li in range(w.layers)], [n] * w.layers)
         if held:
             s, e = max(a.start, held[0].start), min(a.end, held[0].end)
@@ -68,6 +73,7 @@ class Slices:
                 kept = fmt.get(li, sl.rows(), s - sl.start, e - sl.start)
                 fmt.put(li, p.bufs[li], s - a.start, e - a.start, kept)
                 p.missing[li] -= e - s
+                self.alive()
         todo = sum(m * fmt.bytes_per_neuron(li) for li, m in enumerate(p.missing))
         p.progress = Progress(f"node {self.name}: epoch {a.epoch} weights", todo) if todo else None
         self.pending = p
@@ -92,6 +98,7 @@ class Slices:
         if p is None or any(p.missing):
             return None
         self.served[p.epoch] = [self.format.build(i, p.start, p.end, b) for i, b in enumerate(p.bufs)]
+        self.alive()
         if p.progress:
             p.progress.close()
         self.pending = None

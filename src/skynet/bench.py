@@ -352,7 +352,12 @@ def main(args) -> int:
         if not args.quick and args.nodes >= 1:
             say("  elastic: a node dies mid-request ...")
             elastic.update(kill_figures(lc, PROMPT, "node0", len(lc.active_nodes()) - 1))
-        phase("elastic")
+    if not args.quick:   # issue 11 item 7: six nodes started together on a 0.5B-shaped model
+        from . import bench_settle
+        say("  elastic: 6 nodes started together (Qwen2.5-0.5B shape, random float32) ...")
+        elastic["settle"] = bench_settle.settle(bench_settle.random_model(Path(args.out) / "qwen05-shape"), 6)
+        say(f"  settled in {elastic['settle']['settled_s']} s through {elastic['settle']['plans']} plan(s)")
+    phase("elastic")
 
     if precision == "exact":
         exact = sky
@@ -551,6 +556,12 @@ def report(r: dict) -> str:
                      ["  start -> active, restart / first start (s)",
                       f"{e['restart_to_active_s']:.2f} / {e['first_start_to_active_s']:.2f}"],
                      ["  same range, text identical", f"{e['restart_same_range']}, {e['restart_identical']}"]]
+        if e.get("settle"):
+            st = e["settle"]
+            rows += [[f"{st['nodes']} nodes started together: all active (s)", st["settled_s"]],
+                     ["  plans / losses", f"{st['plans']} / {st['losses']}"],
+                     ["  bytes shipped", st["bytes_shipped"]],
+                     ["  text identical to the server alone", "yes" if st["same_text_as_alone"] else "NO"]]
         out.append(table("elastic", ["event", "value"], rows))
     out.append(table("targets (issue 9)", ["figure", "value", "target", "met"],
                      [[t["name"], t["value"], t["target"],

@@ -42,7 +42,7 @@ def cmd_server(a) -> int:
                        node_port=a.node_port, data_port=a.data_port, direct=not a.no_direct,
                        cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
-                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us,
+                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, settle_s=a.settle_s, spin_us=a.spin_us,
                        overlap=a.overlap, cpus=a.cpus, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
                        precision=a.precision, max_body_bytes=a.max_body_bytes)
@@ -160,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
     s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")
+    s.add_argument("--settle-s", type=float, default=1.0,
+                   help="plan a join once no other came for this long (nodes started together: one plan)")
     s.add_argument("--spin-us", type=float, default=0.0, help="spin this long for node replies before blocking")
     s.add_argument("--cpus", default="", help="pin the server to these CPUs, e.g. 0 or 0-1")
     s.add_argument("--overlap", action="store_true",

@@ -1,16 +1,14 @@
-"""The server's view of the cluster: the handshake, membership changes, heartbeats, and the
-links the dispatch layer scatters and gathers over.
+"""The server's view of the cluster: membership changes, heartbeats, and the links the
+dispatch layer scatters and gathers over.
 
 The engine thread owns it: `poll()` when idle, `step_boundary()` before each step (the only
 place a plan switches), and `send_mlp()` / `receive()` during a step. Plans, epochs and weight
 shipping are in epochs.py (policy in placement.py); the control socket in transport.py, the
-data links in links.py.
+data links in links.py; the handshake in handshake.py.
 """
 from __future__ import annotations
 
-import hmac
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from . import cachepolicy, slicecache, wire
 from .auth import Keyring
 from .config import ServerConfig
 from .epochs import Epochs
+from .handshake import Handshake
 from .datalink import FramingError, LinkError
 from .links import DataLinks
 from .membership import Membership, NodeState, NodeStatus
@@ -62,7 +61,11 @@ class Cluster:
         self.members = Membership()
         self.guard = PeerGuard()
         self.epochs = Epochs(cfg, weights, self.members, self.send, self._forget)
+        self.handshake = Handshake(self.keyring, self.members, self.send, self._welcome_msg,
+                                   lambda n: None,   # planned once its Holding arrives
+                                   self.lose, self._forget)
         self.last_ping = 0.0
+        self.drained_at = time.monotonic()   # when the control socket was last read empty
         self.last_reweight = time.monotonic()
         self.unreachable: dict[int, str] = {}   # node id -> why a send failed; lost at the next tick
 
@@ -109,8 +112,10 @@ class Cluster:
         """Idle: handle whatever nodes sent (waiting up to timeout_ms), then a step boundary."""
         if self.ctrl.poll(timeout_ms):
             self._drain_control()
+        else:
+            self.drained_at = time.monotonic()
         if self.links:
-            self.guard.dropped += self.links.accept(self._link_owner)
+            self.guard.dropped += self.links.accept(self.handshake.link_owner)
         self.tick()
 
     def step_boundary(self) -> tuple[int, Plan]:
@@ -128,9 +133,10 @@ class Cluster:
             self.last_ping = now
             for n in list(self.nodes.values()):
                 self.send(n, wire.Ping(time.time()))
-        for n in list(self.nodes.values()):
-            if now - n.last_seen > 3 * self.cfg.heartbeat_s:
-                self.lose(n, f"no heartbeat for {now - n.last_seen:.1f}s")
+        for n in list(self.nodes.values()):   # silence counts only while we listened
+            if self.drained_at - n.last_seen > 3 * self.cfg.heartbeat_s:
+                self.lose(n, f"no heartbeat for {self.drained_at - n.last_seen:.1f}s")
+        self.epochs.plan_joins(now)
         self.epochs.maybe_switch()
         if now - self.last_reweight >= self.cfg.reweight_s:
             self.last_reweight = now
@@ -142,6 +148,7 @@ class Cluster:
             r = self.handle_frames(*self.ctrl.recv())
             if r is not None:
                 replies.append(r)
+        self.drained_at = time.monotonic()
         for r in replies:   # idle: nobody asked, so every reply is late
             if r.msg is not None:
                 self.guard.dropped += 1
@@ -187,21 +194,6 @@ class Cluster:
             self.bad(n, f"data link: {msg.TYPE} is not an mlp_out")
             return Reply(n, None, f"{msg.TYPE} on the data link")
         return Reply(n, msg, direct=True)
-
-    def _link_owner(self, frames: list) -> tuple[NodeState | None, str]:
-        """The welcomed node a new data link's first message proves it is, or why not."""
-        try:
-            hello = wire.decode(frames, wire.Limits())
-        except wire.WireError as e:
-            return None, str(e)
-        if not isinstance(hello, wire.DataHello):
-            return None, f"{hello.TYPE} instead of data_hello"
-        n = self.nodes.get(hello.node_id)
-        if n is None or n.state == NodeStatus.JOINING or not n.data_token:
-            return None, f"no welcomed node {hello.node_id}"
-        if not hmac.compare_digest(hello.token, n.data_token):
-            return None, f"wrong token for node {hello.node_id}"
-        return n, ""
 
     def late(self) -> None:
         """A reply for a call no longer in flight: never summed, only counted."""
@@ -260,11 +252,11 @@ class Cluster:
         if node is not None:
             node.last_seen = time.monotonic()
         if isinstance(msg, wire.Hello):
-            self._hello(ident, msg)
+            self.handshake.hello(ident, msg)
         elif node is None:
             self._refuse(None, ident, f"{msg.TYPE} from an unregistered peer")
         elif isinstance(msg, wire.Challenge):
-            self._proof(node, msg)
+            self.handshake.proof(node, msg)
         elif node.state == NodeStatus.JOINING:
             return self._refuse(node, ident, f"{msg.TYPE} before the handshake finished")
         elif isinstance(msg, wire.MlpOut):
@@ -291,40 +283,14 @@ class Cluster:
                         " (ignoring this peer from now on)" if count == MAX_BAD_MESSAGES else "")
         return None
 
-    def _hello(self, ident: bytes, h: wire.Hello) -> None:
-        old = self.members.by_identity(ident)
-        if old is not None:
-            self.lose(old, "registered again")
-        n = self.members.add(ident, h.name, h.cores, h.mem_bytes, h.gflops, h.weight, h.nonce)
-        if self.keyring.enabled:   # the node proves first: no HMAC of ours for a stranger to attack
-            n.server_nonce = self.keyring.nonce()
-            self.send(n, wire.Challenge(n.server_nonce, b""))
-        else:
-            self._welcome(n)
-
-    def _proof(self, n: NodeState, c: wire.Challenge) -> None:
-        if n.state != NodeStatus.JOINING or not self.keyring.check(b"node", n.server_nonce, n.nonce, c.proof):
-            log.warning("node %r (%s) refused: wrong cluster key", n.name, n.ident.hex()[:10])
-            self.send(n, wire.Bye("wrong cluster key"))
-            self._forget(n)
-            return
-        # now the server proves it holds the key too, before anything else moves
-        self.send(n, wire.Challenge(b"", self.keyring.proof(b"server", n.nonce, n.server_nonce)))
-        self._welcome(n)
-
-    def _welcome(self, n: NodeState) -> None:
+    def _welcome_msg(self, n: NodeState, token: bytes) -> wire.Welcome:
         w = self.weights
-        n.state = NodeStatus.LOADING
-        # the data link's token: derived from the handshake with a key (never sent), else random
-        sent = b"" if self.keyring.enabled else secrets.token_bytes(32)
-        n.data_token = self.keyring.proof(b"data", n.nonce, n.server_nonce) if self.keyring.enabled else sent
-        self.send(n, wire.Welcome(n.id, self.model_name, w.hidden, w.layers, w.neurons, self.cfg.heartbeat_s,
-                                  self.qtypes, self.links.port if self.links else 0, sent, self.model_hash))
-        log.info("node %d %r joined: %d cores, %.1f GB free, %.1f GFLOP/s%s", n.id, n.name, n.cores,
-                 n.mem_bytes / 1e9, n.gflops, f", weight {n.weight_override}" if n.weight_override else "")
+        return wire.Welcome(n.id, self.model_name, w.hidden, w.layers, w.neurons, self.cfg.heartbeat_s,
+                            self.qtypes, self.links.port if self.links else 0, token, self.model_hash)
 
     def _holding(self, n: NodeState, ident: bytes, h: wire.Holding) -> Reply | None:
-        """What a welcomed node has cached: counted on if the hash is ours; then it is planned in."""
+        """What a welcomed node has cached: counted on if the hash is ours; then it is planned in
+        (with whoever joins with it: Epochs.joined)."""
         if n.state != NodeStatus.LOADING or n.reported:
             return self._refuse(n, ident, "a second holding")
         w, n.reported = self.weights, True
@@ -334,7 +300,7 @@ class Cluster:
         elif h.end:
             log.warning("node %d %r reported a cache for another model or an invalid range: shipping all",
                         n.id, n.name)
-        self.replan(f"node {n.name} joined")
+        self.epochs.joined(n.name, time.monotonic())
         return None
 
     def _ready(self, n: NodeState, epoch: int) -> None:

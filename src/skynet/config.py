@@ -69,6 +69,7 @@ class ServerConfig:
     heartbeat_s: float = 1.0
     step_deadline_ms: float = 300.0  # floor of the per-step deadline for node replies
     reweight_s: float = 10.0         # how often node weights are re-estimated from latency
+    settle_s: float = 1.0            # a join is planned once no other came for this long
     spin_us: float = 0.0             # spin (yielding) this long for node replies before blocking
     overlap: bool = False            # steps of 2+ sequences as two pipelined micro-batches
     max_batch: int = 16
@@ -90,6 +91,7 @@ class ServerConfig:
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
         _positive("--reweight-s", self.reweight_s)
+        _positive("--settle-s", self.settle_s, zero_ok=True)
         _positive("--max-body-bytes", self.max_body_bytes, zero_ok=True)
         for name in ("max_batch", "max_step_tokens", "max_queue", "threads"):
             if getattr(self, name) < 1:

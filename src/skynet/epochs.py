@@ -20,6 +20,7 @@ from .plan import Member, Plan, PlanError, plan, reweigh
 
 log = logging.getLogger("skynet.cluster")
 LOAD_FRAME_BYTES = 16 << 20
+MAX_SETTLE = 5   # joins arriving together wait at most MAX_SETTLE * settle_s for their plan
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Epochs:
         self.pending: Pending | None = None
         self.history: list[dict] = []
         self.reweight_streak = 0
+        self.joins: tuple[float, float, list[str]] | None = None   # unplanned joins: first, last, names
 
     def planned(self, nid: int) -> bool:
         """In the serving plan or the pending one."""
@@ -55,7 +57,23 @@ class Epochs:
         order = cachepolicy.sticky_order([(n.id, cachepolicy.rows_source(n.held(), n.cached))
                                           for n in nodes.values()])
         cands = [nodes[i].candidate() for i in order]
-        return placement.planning_members(cands, self.weights.bytes_per_neuron())
+        w = self.weights
+        frame = min(LOAD_FRAME_BYTES, w.bytes_per_neuron() // w.layers * w.neurons)
+        return placement.planning_members(cands, w.bytes_per_neuron(), frame)
+
+    def joined(self, name: str, now: float) -> None:
+        """A node was welcomed and said what it caches: plan it with whoever joins with it
+        (plan_joins); with settle_s 0, at once."""
+        first, _, names = self.joins or (now, now, [])
+        self.joins = (first, now, [*names, name])
+        if self.cfg.settle_s == 0:
+            self.replan("")
+
+    def plan_joins(self, now: float) -> None:
+        """Plan the joins waiting once placement.joins_due says they have settled."""
+        if self.joins and placement.joins_due(now, self.joins[0], self.joins[1], self.cfg.settle_s,
+                                               MAX_SETTLE * max(self.cfg.settle_s, 0.2)):
+            self.replan("")
 
     def reweight(self) -> None:
         """Re-estimate node weights from observed latency (neurons served per second), once every
@@ -82,6 +100,11 @@ class Epochs:
     def replan(self, reason: str) -> None:
         """Plan the current members under a new epoch and start shipping rows; the switch itself
         happens at a step boundary (tick)."""
+        if self.joins:   # this plan takes every waiting join in
+            names = self.joins[2]
+            self.joins = None
+            joined = f"node {names[0]} joined" if len(names) == 1 else f"nodes {', '.join(names)} joined"
+            reason = f"{joined}; {reason}" if reason else joined
         members = self._members()
         try:
             new = self._plan(members)

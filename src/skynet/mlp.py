@@ -45,6 +45,18 @@ class SliceLayer:
         self.wgu_t = np.ascontiguousarray(np.concatenate([gate, up], axis=0).T, dtype=np.float32)  # (H, 2n)
         self.down_t = np.ascontiguousarray(down_t, dtype=np.float32)                             # (n, H)
 
+    @classmethod
+    def wrap(cls, start: int, end: int, wgu_t: np.ndarray, down_t: np.ndarray) -> "SliceLayer":
+        """A slice over buffers already in this layout (no copy): wgu_t (H, 2n), down_t (n, H)."""
+        n = end - start
+        if not (wgu_t.shape == (down_t.shape[1], 2 * n) and down_t.shape[0] == n
+                and wgu_t.dtype == down_t.dtype == np.float32 and wgu_t.flags.c_contiguous
+                and down_t.flags.c_contiguous):
+            raise ValueError(f"slice [{start},{end}): buffers {wgu_t.shape} {down_t.shape}")
+        self = cls.__new__(cls)
+        self.start, self.end, self.wgu_t, self.down_t = start, end, wgu_t, down_t
+        return self
+
     @property
     def n(self) -> int:
         return self.end - self.start
@@ -91,7 +103,9 @@ class QSliceLayer:
 
 # ---------------------------------------------------------------- formats
 class F32Format:
-    """Neuron rows as float32: gate (n, H), up (n, H), down_t (n, H)."""
+    """Neuron rows as float32, shipped as gate (n, H), up (n, H), down_t (n, H) and assembled
+    straight into SliceLayer's layout, wgu_t (H, 2n) and down_t (n, H): building the slice copies
+    nothing, so a node never holds a second copy of gate and up."""
 
     name, granule = "float32", 1
 
@@ -99,19 +113,23 @@ class F32Format:
         self.hidden = hidden
 
     def empty(self, layer: int, n: int) -> tuple[np.ndarray, ...]:
-        return tuple(np.empty((n, self.hidden), np.float32) for _ in range(3))
+        return np.empty((self.hidden, 2 * n), np.float32), np.empty((n, self.hidden), np.float32)
 
     def put(self, layer: int, bufs, a: int, b: int, pieces) -> None:
-        """Write the pieces of neurons [a, b) (offsets within the buffers) into bufs."""
-        for dst, src in zip(bufs, pieces):
-            dst[a:b] = src
+        """Write the pieces (gate, up, down_t rows) of neurons [a, b) (offsets within the
+        buffers) into bufs: gate^T to wgu_t[:, a:b], up^T to wgu_t[:, n+a:n+b]."""
+        wgu, down = bufs
+        n = down.shape[0]
+        wgu[:, a:b] = pieces[0].T
+        wgu[:, n + a:n + b] = pieces[1].T
+        down[a:b] = pieces[2]
 
     def get(self, layer: int, pieces, a: int, b: int) -> tuple[np.ndarray, ...]:
         """The pieces of neurons [a, b) (offsets within `pieces`)."""
         return tuple(p[a:b] for p in pieces)
 
     def build(self, layer: int, start: int, end: int, bufs) -> SliceLayer:
-        return SliceLayer(start, end, *bufs)
+        return SliceLayer.wrap(start, end, *bufs)
 
     def bytes_per_neuron(self, layer: int) -> int:
         return 3 * self.hidden * 4

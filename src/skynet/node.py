@@ -22,9 +22,11 @@ from .auth import Keyring
 from .config import NodeConfig, parse_hostport
 from .mlp import F32Format, QFormat
 from .nodecache import NodeCache
+from .placement import LOAD_FRAMES_IN_FLIGHT
 from .polling import wait_readable
 
 log = logging.getLogger("skynet.node")
+STALL_HEARTBEATS = 10   # an assembly with no Assign/Load for this many heartbeats has stalled
 
 
 class _Rejoin(Exception):
@@ -47,6 +49,8 @@ class Node:
         self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
         self._poller, self._polled = None, None
         self.cache = NodeCache(cfg.cache_dir, cfg.cache_max_bytes)   # a no-op without a directory
+        self.last_transfer = time.monotonic()   # the last Assign or Load
+        self.sock, self.last_alive = None, time.monotonic()   # this session's control socket
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -79,8 +83,9 @@ class Node:
     def _session(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, LOAD_FRAMES_IN_FLIGHT - 1)   # more Load frames wait on the server
         sock.connect(f"tcp://{self.cfg.server}")
-        self.slices = None
+        self.slices, self.sock = None, sock
         try:
             if not self._register(sock):
                 return
@@ -90,6 +95,7 @@ class Node:
         finally:
             self._unlink("session over")
             self.cache.release()
+            self.sock = None
             sock.close(0)
 
     def _register(self, sock) -> bool:
@@ -132,7 +138,7 @@ class Node:
         self.limits = wire.Limits(hidden=w.hidden, layers=w.layers, qtypes=w.qtypes)
         fmt = (QFormat.from_bytes(w.hidden, w.layers, w.qtypes, self.cfg.threads) if w.qtypes
                else F32Format(w.hidden))
-        self.slices = Slices(w, fmt, self.cfg.name)
+        self.slices = Slices(w, fmt, self.cfg.name, self._keepalive)
         self.cache.open(w.model_hash, fmt, w.layers, w.neurons)
 
     def _link(self, w: wire.Welcome, token: bytes) -> None:
@@ -182,21 +188,28 @@ class Node:
         except datalink.LinkError as e:
             self._unlink(str(e))
 
+    def _keepalive(self) -> None:
+        """The server's pings queue behind weight loads on this one socket: while rows are being
+        worked through, say we are alive on our own every half heartbeat, or it declares us dead.
+        Called from the serve loop and between layers of bulk work (assembly.Slices)."""
+        if self.sock is not None and time.monotonic() - self.last_alive >= self.welcome.heartbeat_s / 2:
+            self.sock.send_multipart(wire.encode(wire.Pong(time.time())))
+            self.last_alive = time.monotonic()
+
     def _serve(self, sock) -> None:
         quiet_limit = 3 * self.welcome.heartbeat_s + 1.0
-        last_heard = last_alive = time.monotonic()
+        last_heard = self.last_alive = time.monotonic()
         asked_leave = False
         while True:
-            # The server's pings queue behind weight loads on this one socket: while a big load
-            # is being worked through, say we are alive on our own, or it declares us dead.
-            if time.monotonic() - last_alive >= self.welcome.heartbeat_s / 2:
-                sock.send_multipart(wire.encode(wire.Pong(time.time())))
-                last_alive = time.monotonic()
+            self._keepalive()
             if self.stopping and not asked_leave:
                 sock.send_multipart(wire.encode(wire.Bye("leaving")))
                 asked_leave, leave_deadline = True, time.monotonic() + self.cfg.leave_timeout_s
             if asked_leave and time.monotonic() > leave_deadline:
                 log.warning("server did not release me in time; leaving anyway")
+                return
+            if self._stalled():
+                sock.send_multipart(wire.encode(wire.Bye("transfer stalled")))
                 return
             ready = self._wait(sock, 0.1)
             if not ready:
@@ -219,6 +232,16 @@ class Node:
                 return
             self._handle(sock, msg)
 
+    def _stalled(self) -> bool:
+        """An epoch is being assembled but no rows came for STALL_HEARTBEATS heartbeats: the
+        server dropped us (its bye may sit behind rows it queued) or lost track; start afresh."""
+        quiet = time.monotonic() - self.last_transfer
+        if self.slices is None or self.slices.pending is None or quiet < STALL_HEARTBEATS * self.welcome.heartbeat_s:
+            return False
+        log.warning("no rows for %.1fs while assembling epoch %d; registering again", quiet,
+                    self.slices.pending.epoch)
+        return True
+
     # ------------------------------------------------------------------ messages
     def _decode(self, frames, limits=wire.Limits()):
         try:
@@ -233,6 +256,7 @@ class Node:
         elif isinstance(msg, wire.Ping):
             sock.send_multipart(wire.encode(wire.Pong(msg.ts)))
         elif isinstance(msg, (wire.Assign, wire.Load)):
+            self.last_transfer = time.monotonic()
             try:
                 done = self.slices.assign(msg) if isinstance(msg, wire.Assign) else self.slices.load(msg)
             except LostBase as e:

@@ -2,6 +2,9 @@
 
 - `planning_members`: each joining or serving node's planning weight and memory cap.
 - `rows_to_ship`, `load_chunks`: which neuron rows a node lacks for a new range, in frames.
+- `joins_due`: when joins that arrive together are folded into one plan.
+- `slice_cap_bytes`: how much of a node's offered memory its range may fill, so that the old
+  epoch, the new one and the frames in flight fit together during a rebalance.
 
 Whether observed latency is worth a re-plan is `plan.reweigh` (tests/test_plan.py).
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from .plan import Member
 
 REWEIGHT_MIN_SAMPLES = 60     # MLP replies since the last switch before latency counts
+LOAD_FRAMES_IN_FLIGHT = 3     # Load frames a node may hold beside its slices: queued + being copied
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,26 @@ class Candidate:
     observed: float = 0.0          # neurons per second from observed latency, 0 = none yet
 
 
-def planning_members(nodes: list[Candidate], row_bytes: int) -> list[Member]:
-    """Planning weights and caps, in the order given.
+def slice_cap_bytes(offered: int, frame_bytes: int) -> int:
+    """Bytes of slices a node offering `offered` bytes may be planned to hold.
+
+    During a rebalance a node holds the epoch it serves (old, <= cap), the epoch it assembles
+    (new, <= cap) and up to LOAD_FRAMES_IN_FLIGHT frames (its socket queues all but one), so
+        peak <= 2 * cap + LOAD_FRAMES_IN_FLIGHT * frame_bytes <= offered
+    with cap = (offered - LOAD_FRAMES_IN_FLIGHT * frame_bytes) // 2 (0 when nothing fits)."""
+    return max(0, offered - LOAD_FRAMES_IN_FLIGHT * frame_bytes) // 2
+
+
+def joins_due(now: float, first: float, last: float, settle_s: float, max_wait_s: float) -> bool:
+    """Whether to plan the joins not yet planned (the first at `first`, the latest at `last`):
+    once none arrived for settle_s, or max_wait_s after the first, whichever is sooner. Nodes
+    started together so get one plan and one shipment, not one epoch per join."""
+    return now - last >= settle_s or now - first >= max_wait_s
+
+
+def planning_members(nodes: list[Candidate], row_bytes: int, frame_bytes: int = 0) -> list[Member]:
+    """Planning weights and caps, in the order given. A node offering memory is capped at
+    `slice_cap_bytes` of it (at least one neuron; the planner refuses what cannot hold one).
 
     Observed weights are neurons/s, measured ones GFLOP/s: unobserved nodes are put on the
     observed scale through the observed nodes' average ratio."""
@@ -37,7 +59,7 @@ def planning_members(nodes: list[Candidate], row_bytes: int) -> list[Member]:
     out = []
     for n in nodes:
         weight = n.weight_override or n.observed or max(n.gflops, 1e-3) * scale
-        cap = max(1, n.mem_bytes // max(1, row_bytes)) if n.mem_bytes else None
+        cap = max(1, slice_cap_bytes(n.mem_bytes, frame_bytes) // max(1, row_bytes)) if n.mem_bytes else None
         out.append(Member(n.id, weight, cap))
     return out
 
