@@ -66,7 +66,7 @@ def _pieces(fmt, n: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
     out = []
     for li in range(LAYERS):
-        bufs = fmt.empty(li, n)
+        bufs = fmt.pieces(li, n)
         for b in bufs:
             b[...] = rng.integers(0, 255, b.shape).astype(b.dtype) if b.dtype == np.uint8 else \
                 rng.standard_normal(b.shape).astype(b.dtype)

@@ -115,6 +115,10 @@ class F32Format:
     def empty(self, layer: int, n: int) -> tuple[np.ndarray, ...]:
         return np.empty((self.hidden, 2 * n), np.float32), np.empty((n, self.hidden), np.float32)
 
+    def pieces(self, layer: int, n: int) -> tuple[np.ndarray, ...]:
+        """Empty arrays shaped like the shipped pieces of n neurons: gate, up, down_t (n, H)."""
+        return tuple(np.empty((n, self.hidden), np.float32) for _ in range(3))
+
     def put(self, layer: int, bufs, a: int, b: int, pieces) -> None:
         """Write the pieces (gate, up, down_t rows) of neurons [a, b) (offsets within the
         buffers) into bufs: gate^T to wgu_t[:, a:b], up^T to wgu_t[:, n+a:n+b]."""
@@ -155,6 +159,10 @@ class QFormat:
         h = self.hidden
         return (np.empty((n, self._rb(g, h)), np.uint8), np.empty((n, self._rb(u, h)), np.uint8),
                 np.empty((h, self._rb(d, n)), np.uint8))
+
+    def pieces(self, layer: int, n: int) -> tuple[np.ndarray, ...]:
+        """Empty arrays shaped like the shipped pieces of n neurons: the same as the buffers."""
+        return self.empty(layer, n)
 
     def _cols(self, layer: int, a: int, b: int) -> slice:
         d = self.qtypes[layer][2]

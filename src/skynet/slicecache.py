@@ -248,7 +248,7 @@ def _verify(mm, key: bytes, fmt, layers: int, start: int, end: int) -> list:
     out, it = [], iter(h["pieces"])
     for li in range(layers):
         views = []
-        for like in fmt.empty(li, end - start):   # shapes and dtypes only: np.empty touches no page
+        for like in fmt.pieces(li, end - start):   # shapes and dtypes only: np.empty touches no page
             off, nbytes, crc = next(it)
             if nbytes != like.nbytes or off % ALIGN or off + nbytes > size - TRAILER.size - hlen:
                 raise CorruptCache(f"layer {li}: piece of {nbytes} bytes at {off}")
