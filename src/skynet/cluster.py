@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import wire
+from . import fastframe, wire
 from .auth import Keyring
 from .config import ServerConfig
 from .epochs import Epochs
@@ -176,7 +176,7 @@ class Cluster:
             return Reply(n, None, str(e), "link lost")
         n.last_seen = time.monotonic()
         try:
-            msg = wire.decode(frames, self.limits)
+            msg = fastframe.decode(frames, self.limits)   # a fixed or a msgpack header
         except wire.WireError as e:
             self.bad(n, f"data link: {e}")
             return Reply(n, None, str(e))

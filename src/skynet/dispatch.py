@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import wire
+from . import fastframe, wire
 from .cluster import Cluster, Reply
 
 log = logging.getLogger("skynet.dispatch")
@@ -85,7 +85,7 @@ class ClusterMLP:
         """Send x (N, H) of micro-batch `micro` to every planned node; nothing is computed yet."""
         call = Call((MICRO * self.step + micro, self.epoch, layer), x, time.perf_counter(), list(self.plan.local))
         if self.plan.ranges:
-            frames = wire.encode(wire.Mlp(call.key[0], self.epoch, layer, x))
+            frames = fastframe.encode(wire.Mlp(call.key[0], self.epoch, layer, x))   # nodes read it on both transports
             for nid, rng in self.plan.ranges.items():
                 n = self.c.serving(nid)
                 # a node still receiving rows for the next epoch would answer late: compute here

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import zmq
 
-from . import datalink, faults, wire
+from . import datalink, faults, fastframe, wire
 from .assembly import LostBase, Slices
 from .auth import Keyring
 from .config import NodeConfig, parse_hostport
@@ -24,6 +24,7 @@ from .mlp import F32Format, QFormat
 from .polling import wait_readable
 
 log = logging.getLogger("skynet.node")
+LINK_WAIT_S = 0.01   # longest wait on the data link alone before the control socket is looked at
 
 
 class _Rejoin(Exception):
@@ -44,7 +45,6 @@ class Node:
         self.stopping = False
         self.served = 0
         self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
-        self._poller, self._polled = None, None
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -148,22 +148,25 @@ class Node:
             self.link = None
 
     def _wait(self, sock, timeout_s: float) -> list:
-        """Which of the control socket and the data link are readable (spin first if asked)."""
+        """Which of the control socket and the data link are readable (spin first if asked).
+
+        With a link, only the link carries Mlp: once the control socket has nothing queued, wait
+        on the link's socket alone (a plain poll, no zmq), LINK_WAIT_S at a time, then look at the
+        control socket again. A control message waits at most that long while no Mlp comes."""
         if self.link is None:
             return [sock] if wait_readable(sock, timeout_s, self.cfg.spin_us / 1e6) else []
         if self.link.buffered:
             return [self.link.fileno()]
-        if self._poller is None or self._polled is not self.link:
-            self._poller, self._polled = zmq.Poller(), self.link
-            self._poller.register(sock, zmq.POLLIN)
-            self._poller.register(self.link.fileno(), zmq.POLLIN)
+        if sock.poll(0):
+            return [sock]
         end = time.perf_counter() + self.cfg.spin_us / 1e6
         while time.perf_counter() < end:
-            got = self._poller.poll(0)
-            if got:
-                return [h for h, _ in got]
+            if self.link.readable(0.0):
+                return [self.link.fileno()]
             os.sched_yield()
-        return [h for h, _ in self._poller.poll(max(1, int(timeout_s * 1000)))]
+        if self.link.readable(min(timeout_s, LINK_WAIT_S)):
+            return [self.link.fileno()]
+        return [sock] if sock.poll(0) else []
 
     def _serve_link(self) -> None:
         """One message from the data link: only Mlp belongs there; a broken link is closed."""
@@ -216,7 +219,7 @@ class Node:
     # ------------------------------------------------------------------ messages
     def _decode(self, frames, limits=wire.Limits()):
         try:
-            return wire.decode(frames, limits)
+            return fastframe.decode(frames, limits)   # a fixed or a msgpack header
         except wire.WireError as e:
             log.warning("dropped a bad message: %s", e)
             return None
@@ -246,7 +249,8 @@ class Node:
         x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
         y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
         out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y)
-        sock.send_multipart(wire.encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
+        encode = fastframe.encode if sock is self.link else wire.encode   # the server's zmq side reads msgpack
+        sock.send_multipart(encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
         self.served += 1
         self.slices.switched(msg.epoch)   # the server has switched: older rows can go
 

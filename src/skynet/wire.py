@@ -252,7 +252,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
         kwargs[name] = value
     kwargs.update(_decode_tensors(cls, header.get("tensors"), frames[1:], limits))
     msg = cls(**kwargs)
-    _check_semantics(msg, limits)
+    check_semantics(msg, limits)
     return msg
 
 
@@ -302,7 +302,8 @@ _FLOAT32 = (DTYPES["float32"],)
 _FLOAT_REPLY = (DTYPES["float32"], DTYPES["float64"])
 
 
-def _check_semantics(msg: Message, limits: Limits) -> None:
+def check_semantics(msg: Message, limits: Limits) -> None:
+    """What a decoded message must satisfy beyond its framing (fastframe.py decodes into it too)."""
     layer = getattr(msg, "layer", None)
     if layer is not None and limits.layers is not None and layer >= limits.layers:
         raise WireError(f"{msg.TYPE}: layer {layer} out of range (model has {limits.layers})")
