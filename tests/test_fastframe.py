@@ -107,3 +107,10 @@ def test_fuzz_every_flipped_header_byte(pos, xor):
     except wire.WireError:
         return
     assert msg.y.nbytes == 2 * H * 8 and msg.y.shape[-1] == H   # only step/epoch/layer/rows may differ
+
+
+def test_outgoing_is_fixed_on_the_link_and_msgpack_on_zeromq():
+    out = fastframe.Outgoing(wire.Mlp(4, 2, 1, np.ones((1, H), np.float32)))
+    assert out.link[0][0] == fastframe.MAGIC and out._zmq is None    # msgpack only when needed
+    assert wire.decode(out.zmq, LIMITS) == out.msg == fastframe.decode(out.link, LIMITS)
+    assert out.zmq is out.zmq                                          # encoded once

@@ -145,10 +145,10 @@ class Cluster:
         return replies
 
     # ------------------------------------------------------------------ data plane (dispatch.py)
-    def send_mlp(self, n: NodeState, frames: list, timeout_s: float = 1.0) -> bool:
-        """Send one encoded Mlp to a serving node: over its data link when it has one, else (or
-        if the link breaks now) over ZeroMQ; False if it cannot be reached at all."""
-        return (self.links is not None and self.links.send(n, frames, timeout_s)) or self.send_frames(n, frames)
+    def send_mlp(self, n: NodeState, out: fastframe.Outgoing, timeout_s: float = 1.0) -> bool:
+        """Send one Mlp to a serving node: over its data link (fixed header) when it has one,
+        else (or if the link breaks now) over ZeroMQ (msgpack); False if it cannot be reached."""
+        return (self.links is not None and self.links.send(n, out.link, timeout_s)) or self.send_frames(n, out.zmq)
 
     def receive(self, waiting: list[int], timeout_s: float, spin_s: float = 0.0) -> list[Reply]:
         """Wait up to timeout_s for the nodes in `waiting`; returns the replies (and refusals)

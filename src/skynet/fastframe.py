@@ -19,7 +19,8 @@ on both ends of every layer's round trip. On the data link the two hot messages 
 The same checks as wire.decode apply (version, kind, dtype whitelist, byte length against shape,
 frame cap, then wire's per-message semantics: dtype per kind, hidden size, layer index), and the
 result is the same frozen `wire.Mlp` / `wire.MlpOut`. Anything else on the link (the hello, or a
-tensor that is not 2-D) keeps the msgpack header: `decode` reads both.
+tensor that is not 2-D) keeps the msgpack header: `decode` reads both. ZeroMQ carries msgpack
+headers only (`Outgoing`), so peers that speak only wire.py keep working over it.
 """
 from __future__ import annotations
 
@@ -49,6 +50,21 @@ def encode(msg: wire.Message) -> list:
     a = np.ascontiguousarray(a)
     head = HEADER.pack(MAGIC, wire.VERSION, kind, code, a.shape[0], a.shape[1], msg.step, msg.epoch, msg.layer)
     return [head, a.data]
+
+
+class Outgoing:
+    """One Mlp for many nodes, encoded once per transport: `link` (fixed header, data links)
+    now, `zmq` (msgpack, what any ZeroMQ peer reads) only if some node needs it."""
+
+    def __init__(self, msg: wire.Message):
+        self.msg, self.link = msg, encode(msg)
+        self._zmq: list | None = None
+
+    @property
+    def zmq(self) -> list:
+        if self._zmq is None:
+            self._zmq = wire.encode(self.msg)
+        return self._zmq
 
 
 def decode(frames: list, limits: wire.Limits = wire.Limits()) -> wire.Message:
