@@ -37,3 +37,15 @@ def test_more_machines_split_the_mlp_but_load_the_servers_nic(shape):
 def test_machines_must_be_positive():
     with pytest.raises(ValueError, match="machines"):
         t_token_ms(QWEN25_7B, Setup(), 0)
+
+
+def test_the_emulation_predicts_delayed_points_from_the_zero_delay_one_and_prints_them():
+    from skynet.bench_emul import predict, table
+    assert predict(40.0, 30, 0.25) == pytest.approx(40.0 + 30 * 2 * 0.25)
+    row = lambda tok_s: {"tok_s_1": tok_s, "tok_s_8": 3 * tok_s}   # noqa: E731
+    r = {"pinned": {"spin_us": 0.0, "alone": row(20.0), "pinned": row(17.0), "ratio_1": 0.85, "ratio_8": 0.85},
+         "delayed": [{"delay_ms": 0.25, "tok_s": 18.0, "ms_per_token": 55.6, "model_ms_per_token": 55.0,
+                      "measured_over_model": 1.011}]}
+    text = table(r)
+    assert "| 1 | 20.0 | 17.0 | 0.85 |" in text and "| 8 | 60.0 | 51.0 | 0.85 |" in text
+    assert "| 0.25 ms | 18.0 | 55.6 | 55.0 | 1.011 |" in text
