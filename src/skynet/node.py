@@ -137,6 +137,8 @@ class Node:
         try:
             self.link = datalink.connect(host, w.data_port, wire.DataHello(w.node_id, token))
             self.link.delay_s = self.cfg.link_delay_ms / 1000   # not on the hello
+            if self.link.delay_s:
+                datalink.precise_timers()
             log.info("direct data link to %s:%d", host, w.data_port)
         except OSError as e:   # LinkError is one
             log.warning("no direct data link to %s:%d (%s); Mlp comes over ZeroMQ", host, w.data_port, e)
