@@ -6,6 +6,10 @@
 - delayed: the same pair, with an added one-way delay d on the node's data link
   (`--link-delay-ms d`, datalink.pause), single stream, d in 0, 0.1, 0.25, 0.5 ms.
 
+The pinned server runs with `--overlap` (unless args.overlap is False): with 8 streams its
+attention for one micro-batch runs while the node computes the other's MLP (overlap.py);
+a single stream is not split.
+
 The latency model (docs/benchmarks.md), per generated token:
 
     t_token(d) ≈ t_server + max_k t_node_k + layers · RTT(d),   RTT(d) = RTT(0) + 2 d
@@ -45,13 +49,14 @@ def _run(lc, n: int, reps: int, nodes: int, streams: bool) -> dict:
 
 def pinned(args, precision: str, n: int, reps: int, spin_us: float = 0.0) -> dict:
     """Server alone on core 0 vs server on core 0 + 1 node on core 1: tok/s at 1 and 8 streams."""
-    out = {"spin_us": spin_us}
+    out = {"spin_us": spin_us, "overlap": getattr(args, "overlap", True)}
     say("  emulation, pinned: the server alone on core 0 ...")
     with _cluster(args, 0, precision, "alone") as lc:
         out["alone"] = _run(lc, n, reps, 0, True)
     say("  emulation, pinned: server on core 0 + 1 node on core 1 ...")
     spin = ["--spin-us", str(spin_us)]
-    with _cluster(args, 1, precision, "pinned", node_args=spin, server_args=spin) as lc:
+    overlap = ["--overlap"] if getattr(args, "overlap", True) else []   # 8 streams: two micro-batches
+    with _cluster(args, 1, precision, "pinned", node_args=spin, server_args=[*spin, *overlap]) as lc:
         out["pinned"] = _run(lc, n, reps, 1, True)
     for k in ("1", str(PIN_STREAMS)):
         out[f"ratio_{k}"] = out["pinned"][f"tok_s_{k}"] / out["alone"][f"tok_s_{k}"]
@@ -90,7 +95,7 @@ def table(r: dict) -> str:
     if p:
         a, b = p["alone"], p["pinned"]
         out += ["two machines emulated: pinned (server core 0, node core 1; spin "
-                f"{p['spin_us']:.0f} µs) vs the server alone on core 0",
+                f"{p['spin_us']:.0f} µs, overlap {'on' if p.get('overlap') else 'off'}) vs the server alone on core 0",
                 "| streams | server alone tok/s | server + 1 node tok/s | ratio |", "|---|---|---|---|",
                 f"| 1 | {a['tok_s_1']:.1f} | {b['tok_s_1']:.1f} | {p['ratio_1']:.2f} |",
                 f"| {PIN_STREAMS} | {a[f'tok_s_{PIN_STREAMS}']:.1f} | {b[f'tok_s_{PIN_STREAMS}']:.1f} | "

@@ -259,6 +259,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--spin-us", type=float, default=0.0, help="server and node spin this long before blocking")
     be.add_argument("--delays", default="", help="one-way link delays in ms (default 0,0.1,0.25,0.5; -1 = none)")
     be.add_argument("--no-pinned", action="store_true", help="skip the pinned comparison")
+    be.add_argument("--no-overlap", dest="overlap", action="store_false",
+                    help="pinned server without --overlap (two micro-batches for 2+ streams)")
     be.add_argument("--out", default="bench-out", help="folder for the clusters' logs")
     be.add_argument("--json", action="store_true")
     be.set_defaults(fn=cmd_bench_emul)
