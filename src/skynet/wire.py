@@ -21,7 +21,8 @@ import numpy as np
 
 from . import quant
 
-VERSION = 3          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello)
+VERSION = 4          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello);
+                     # 4: fixed header of mlp/mlp_out on the data link (fastframe.py)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 4
