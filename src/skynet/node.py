@@ -157,10 +157,11 @@ class Node:
         control socket again. A control message waits at most that long while no Mlp comes."""
         if self.link is None:
             return [sock] if wait_readable(sock, timeout_s, self.cfg.spin_us / 1e6) else []
-        if self.link.buffered:
-            return [self.link.fileno()]
-        if sock.poll(0):
-            return [sock]
+        ready = [self.link.fileno()] if self.link.readable(0.0) else []
+        if sock.poll(0):   # both, when both have a message: a burst of loads does not hold up mlp
+            return ready + [sock]
+        if ready:
+            return ready
         end = time.perf_counter() + self.cfg.spin_us / 1e6
         while time.perf_counter() < end:
             if self.link.readable(0.0):
