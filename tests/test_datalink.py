@@ -323,3 +323,31 @@ def test_cpus_are_parsed_strictly():
     for bad in ("a", "1-x", "-1"):
         with pytest.raises(ConfigError):
             parse_cpus(bad)
+
+
+def test_a_node_waits_on_its_link_and_still_sees_the_control_socket(node):
+    ctx = zmq.Context.instance()
+    server_side, ctrl = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    server_side.bind("inproc://node-wait")
+    ctrl.connect("inproc://node-wait")
+    ours, theirs = _pair()
+    node.link = ours
+    try:
+        t0 = time.perf_counter()
+        assert node._wait(ctrl, 5.0) == []                      # nothing: back within LINK_WAIT_S
+        assert time.perf_counter() - t0 < 1.0
+        theirs.send_multipart(fastframe.encode(wire.Mlp(1, 1, 0, np.ones((1, H), np.float32))))
+        server_side.send(b"ping")
+        time.sleep(0.05)
+        assert node._wait(ctrl, 5.0) == [ours.fileno(), ctrl]   # both, so loads cannot starve mlp
+        ctrl.recv()
+        assert node._wait(ctrl, 5.0) == [ours.fileno()]
+        ours.recv_multipart()
+        server_side.send(b"load")
+        assert node._wait(ctrl, 5.0) == [ctrl]
+    finally:
+        node.link = None
+        ours.close()
+        theirs.close()
+        server_side.close(0)
+        ctrl.close(0)
