@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import load_model
-from skynet import datalink, wire
+from skynet import datalink, fastframe, wire
 from skynet.cluster import Cluster
 from skynet.config import NodeConfig, ServerConfig
 from skynet.datalink import DataConn, LinkError
@@ -42,13 +42,14 @@ def _weights() -> MLPWeights:
 
 
 # ---------------------------------------------------------------- framing
+@pytest.mark.parametrize("encode", [wire.encode, fastframe.encode])
 @pytest.mark.parametrize("msg", [wire.Mlp(3, 1, 0, np.ones((2, H), np.float32)),
                                  wire.MlpOut(3, 1, 1, np.zeros((0, H), np.float64)),
                                  wire.DataHello(7, b"t" * 32)])
-def test_round_trip(msg):
+def test_round_trip(msg, encode):
     a, b = _pair()
-    a.send_multipart(wire.encode(msg))
-    got = wire.decode(b.recv_multipart(), wire.Limits(hidden=H, layers=LAYERS))
+    a.send_multipart(encode(msg))
+    got = fastframe.decode(b.recv_multipart(), wire.Limits(hidden=H, layers=LAYERS))
     assert got == msg
     for name in msg.TENSORS:
         np.testing.assert_array_equal(getattr(got, name), getattr(msg, name))
@@ -108,7 +109,7 @@ def test_reader_fuzz(data):
         except LinkError:
             break
         try:
-            wire.decode(frames, wire.Limits(hidden=H, layers=LAYERS))
+            fastframe.decode(frames, wire.Limits(hidden=H, layers=LAYERS))
         except wire.WireError:
             pass
     b.close()
@@ -117,7 +118,7 @@ def test_reader_fuzz(data):
 def _valid_link_bytes() -> list[bytes]:
     msgs = [wire.MlpOut(1, 1, 0, np.ones((2, H), np.float32)), wire.Mlp(1, 1, 1, np.ones((1, H), np.float32)),
             wire.DataHello(1, b"k" * 32), wire.Ping(1.0)]
-    return [b"".join(bytes(f) for f in datalink.pack(wire.encode(m))) for m in msgs]
+    return [b"".join(bytes(f) for f in datalink.pack(enc(m))) for m in msgs for enc in (wire.encode, fastframe.encode)]
 
 
 def _mutate(data, blob: bytes) -> bytes:
@@ -322,3 +323,31 @@ def test_cpus_are_parsed_strictly():
     for bad in ("a", "1-x", "-1"):
         with pytest.raises(ConfigError):
             parse_cpus(bad)
+
+
+def test_a_node_waits_on_its_link_and_still_sees_the_control_socket(node):
+    ctx = zmq.Context.instance()
+    server_side, ctrl = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    server_side.bind("inproc://node-wait")
+    ctrl.connect("inproc://node-wait")
+    ours, theirs = _pair()
+    node.link = ours
+    try:
+        t0 = time.perf_counter()
+        assert node._wait(ctrl, 5.0) == []                      # nothing: back within LINK_WAIT_S
+        assert time.perf_counter() - t0 < 1.0
+        theirs.send_multipart(fastframe.encode(wire.Mlp(1, 1, 0, np.ones((1, H), np.float32))))
+        server_side.send(b"ping")
+        time.sleep(0.05)
+        assert node._wait(ctrl, 5.0) == [ours.fileno(), ctrl]   # both, so loads cannot starve mlp
+        ctrl.recv()
+        assert node._wait(ctrl, 5.0) == [ours.fileno()]
+        ours.recv_multipart()
+        server_side.send(b"load")
+        assert node._wait(ctrl, 5.0) == [ctrl]
+    finally:
+        node.link = None
+        ours.close()
+        theirs.close()
+        server_side.close(0)
+        ctrl.close(0)

@@ -409,6 +409,13 @@ def main(args) -> int:
     if not args.quick:
         rtt["delays"] = bench_rtt.measure_delays()
     phase("rtt")
+    emul = None
+    if not args.quick and (os.cpu_count() or 1) >= 2:
+        from . import bench_emul
+        say("  two machines emulated: pinned cores, then added link delays ...")
+        emul = {"pinned": bench_emul.pinned(args, precision, n, reps),
+                "delayed": bench_emul.delayed(args, precision, n, reps)}
+        phase("emulation")
 
     results = {
         "meta": {"model": loader.model_name(model_dir, args.model), "model_dir": str(model_dir),
@@ -419,7 +426,8 @@ def main(args) -> int:
                  "hf_threads": hf["threads"], "seconds": time.perf_counter() - t_start,
                  "phases_s": phases},
         "hf": hf, "skynet": sky, "exact": exact, "scaling": scaling, "elastic": elastic or None,
-        "quality": quality, "resources": resources, "llama_cpp": llama, "rtt": rtt}
+        "quality": quality, "resources": resources, "llama_cpp": llama, "rtt": rtt,
+        "emulation": emul}
     results["targets"] = targets(results)
     say("[7/7] report")
     print(report(results))
@@ -569,4 +577,7 @@ def report(r: dict) -> str:
     if r.get("rtt"):
         from .bench_rtt import table as rtt_table
         out.append(rtt_table(r["rtt"]))
+    if r.get("emulation"):
+        from .bench_emul import table as emul_table
+        out.append(emul_table(r["emulation"]))
     return "\n\n".join(out)

@@ -121,6 +121,20 @@ def cmd_bench_rtt(a) -> int:
     return 0
 
 
+def cmd_bench_emul(a) -> int:
+    from .bench_emul import DELAYS_MS, delayed, pinned, table
+    from .loader import open_model
+    precision = open_model(a.model).precision(a.precision)
+    r = {"precision": precision}
+    if not a.no_pinned:
+        r["pinned"] = pinned(a, precision, a.tokens, a.reps, a.spin_us)
+    delays = [float(d) for d in a.delays.split(",")] if a.delays else list(DELAYS_MS)
+    if delays != [-1.0]:
+        r["delayed"] = delayed(a, precision, a.tokens, a.reps, delays, a.spin_us)
+    print(json.dumps(r, indent=2) if a.json else table(r))
+    return 0
+
+
 def cmd_status(a) -> int:
     from .client import get_json, print_status
     view = get_json(a.url + "/v1/cluster", a.api_key)
@@ -245,6 +259,19 @@ def parser() -> argparse.ArgumentParser:
     br.add_argument("--delays", default="", help="also the direct link with these added one-way delays (ms), e.g. 0,0.1,0.25,0.5")
     br.add_argument("--json", action="store_true")
     br.set_defaults(fn=cmd_bench_rtt)
+    be = sub.add_parser("bench-emul", help="two machines emulated: pinned cores and added link delays")
+    be.add_argument("--model", default=None, help="as the server's --model")
+    be.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto")
+    be.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    be.add_argument("--reps", type=int, default=2, help="timed requests per figure")
+    be.add_argument("--spin-us", type=float, default=0.0, help="server and node spin this long before blocking")
+    be.add_argument("--delays", default="", help="one-way link delays in ms (default 0,0.1,0.25,0.5; -1 = none)")
+    be.add_argument("--no-pinned", action="store_true", help="skip the pinned comparison")
+    be.add_argument("--no-overlap", dest="overlap", action="store_false",
+                    help="pinned server without --overlap (two micro-batches for 2+ streams)")
+    be.add_argument("--out", default="bench-out", help="folder for the clusters' logs")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(fn=cmd_bench_emul)
     return p
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import cachepolicy, slicecache, wire
+from . import cachepolicy, fastframe, slicecache, wire
 from .auth import Keyring
 from .config import ServerConfig
 from .epochs import Epochs
@@ -155,10 +155,10 @@ class Cluster:
         return replies
 
     # ------------------------------------------------------------------ data plane (dispatch.py)
-    def send_mlp(self, n: NodeState, frames: list, timeout_s: float = 1.0) -> bool:
-        """Send one encoded Mlp to a serving node: over its data link when it has one, else (or
-        if the link breaks now) over ZeroMQ; False if it cannot be reached at all."""
-        return (self.links is not None and self.links.send(n, frames, timeout_s)) or self.send_frames(n, frames)
+    def send_mlp(self, n: NodeState, out: fastframe.Outgoing, timeout_s: float = 1.0) -> bool:
+        """Send one Mlp to a serving node: over its data link (fixed header) when it has one,
+        else (or if the link breaks now) over ZeroMQ (msgpack); False if it cannot be reached."""
+        return (self.links is not None and self.links.send(n, out.link, timeout_s)) or self.send_frames(n, out.zmq)
 
     def receive(self, waiting: list[int], timeout_s: float, spin_s: float = 0.0) -> list[Reply]:
         """Wait up to timeout_s for the nodes in `waiting`; returns the replies (and refusals)
@@ -186,7 +186,7 @@ class Cluster:
             return Reply(n, None, str(e), "link lost")
         n.last_seen = time.monotonic()
         try:
-            msg = wire.decode(frames, self.limits)
+            msg = fastframe.decode(frames, self.limits)   # a fixed or a msgpack header
         except wire.WireError as e:
             self.bad(n, f"data link: {e}")
             return Reply(n, None, str(e))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import wire
+from . import fastframe, wire
 from .cluster import Cluster, Reply
 
 log = logging.getLogger("skynet.dispatch")
@@ -85,13 +85,13 @@ class ClusterMLP:
         """Send x (N, H) of micro-batch `micro` to every planned node; nothing is computed yet."""
         call = Call((MICRO * self.step + micro, self.epoch, layer), x, time.perf_counter(), list(self.plan.local))
         if self.plan.ranges:
-            frames = wire.encode(wire.Mlp(call.key[0], self.epoch, layer, x))
+            out = fastframe.Outgoing(wire.Mlp(call.key[0], self.epoch, layer, x))
             for nid, rng in self.plan.ranges.items():
                 n = self.c.serving(nid)
                 # a node still receiving rows for the next epoch would answer late: compute here
-                if n is not None and not n.loading_rows and self.c.send_mlp(n, frames, self.min_deadline_s):
+                if n is not None and not n.loading_rows and self.c.send_mlp(n, out, self.min_deadline_s):
                     call.waiting[nid] = rng
-                    self.stats["bytes_out"] += len(frames[0]) + x.nbytes
+                    self.stats["bytes_out"] += len(out.link[0]) + x.nbytes
                 else:
                     self._count("not serving" if n is None else "loading rows" if n.loading_rows
                                 else "send failed")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import zmq
 
-from . import datalink, faults, wire
+from . import datalink, faults, fastframe, wire
 from .assembly import LostBase, Slices
 from .auth import Keyring
 from .config import NodeConfig, parse_hostport
@@ -27,6 +27,7 @@ from .polling import wait_readable
 
 log = logging.getLogger("skynet.node")
 STALL_HEARTBEATS = 10   # an assembly with no Assign/Load for this many heartbeats has stalled
+LINK_WAIT_S = 0.01   # longest wait on the data link alone before the control socket is looked at
 
 
 class _Rejoin(Exception):
@@ -47,7 +48,6 @@ class Node:
         self.stopping = False
         self.served = 0
         self.lie = faults.lie_mode()   # test-only: malformed replies (see faults.py)
-        self._poller, self._polled = None, None
         self.cache = NodeCache(cfg.cache_dir, cfg.cache_max_bytes)   # a no-op without a directory
         self.last_transfer = time.monotonic()   # the last Assign or Load
         self.sock, self.last_alive = None, time.monotonic()   # this session's control socket
@@ -149,6 +149,8 @@ class Node:
         try:
             self.link = datalink.connect(host, w.data_port, wire.DataHello(w.node_id, token))
             self.link.delay_s = self.cfg.link_delay_ms / 1000   # not on the hello
+            if self.link.delay_s:
+                datalink.precise_timers()
             log.info("direct data link to %s:%d", host, w.data_port)
         except OSError as e:   # LinkError is one
             log.warning("no direct data link to %s:%d (%s); Mlp comes over ZeroMQ", host, w.data_port, e)
@@ -160,22 +162,26 @@ class Node:
             self.link = None
 
     def _wait(self, sock, timeout_s: float) -> list:
-        """Which of the control socket and the data link are readable (spin first if asked)."""
+        """Which of the control socket and the data link are readable (spin first if asked).
+
+        With a link, only the link carries Mlp: once the control socket has nothing queued, wait
+        on the link's socket alone (a plain poll, no zmq), LINK_WAIT_S at a time, then look at the
+        control socket again. A control message waits at most that long while no Mlp comes."""
         if self.link is None:
             return [sock] if wait_readable(sock, timeout_s, self.cfg.spin_us / 1e6) else []
-        if self.link.buffered:
-            return [self.link.fileno()]
-        if self._poller is None or self._polled is not self.link:
-            self._poller, self._polled = zmq.Poller(), self.link
-            self._poller.register(sock, zmq.POLLIN)
-            self._poller.register(self.link.fileno(), zmq.POLLIN)
+        ready = [self.link.fileno()] if self.link.readable(0.0) else []
+        if sock.poll(0):   # both, when both have a message: a burst of loads does not hold up mlp
+            return ready + [sock]
+        if ready:
+            return ready
         end = time.perf_counter() + self.cfg.spin_us / 1e6
         while time.perf_counter() < end:
-            got = self._poller.poll(0)
-            if got:
-                return [h for h, _ in got]
+            if self.link.readable(0.0):
+                return [self.link.fileno()]
             os.sched_yield()
-        return [h for h, _ in self._poller.poll(max(1, int(timeout_s * 1000)))]
+        if self.link.readable(min(timeout_s, LINK_WAIT_S)):
+            return [self.link.fileno()]
+        return [sock] if sock.poll(0) else []
 
     def _serve_link(self) -> None:
         """One message from the data link: only Mlp belongs there; a broken link is closed."""
@@ -245,7 +251,7 @@ class Node:
     # ------------------------------------------------------------------ messages
     def _decode(self, frames, limits=wire.Limits()):
         try:
-            return wire.decode(frames, limits)
+            return fastframe.decode(frames, limits)   # a fixed or a msgpack header
         except wire.WireError as e:
             log.warning("dropped a bad message: %s", e)
             return None
@@ -282,7 +288,8 @@ class Node:
         x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
         y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
         out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y)
-        sock.send_multipart(wire.encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
+        encode = fastframe.encode if sock is self.link else wire.encode   # the server's zmq side reads msgpack
+        sock.send_multipart(encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
         self.served += 1
         self.slices.switched(msg.epoch)   # the server has switched: older rows can go
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import quant
 
-VERSION = 3          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello)
+VERSION = 4          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello);
+                     # 4: fixed header of mlp/mlp_out on the data link (fastframe.py)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 4
@@ -265,7 +266,7 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
         kwargs[name] = value
     kwargs.update(_decode_tensors(cls, header.get("tensors"), frames[1:], limits))
     msg = cls(**kwargs)
-    _check_semantics(msg, limits)
+    check_semantics(msg, limits)
     return msg
 
 
@@ -315,7 +316,8 @@ _FLOAT32 = (DTYPES["float32"],)
 _FLOAT_REPLY = (DTYPES["float32"], DTYPES["float64"])
 
 
-def _check_semantics(msg: Message, limits: Limits) -> None:
+def check_semantics(msg: Message, limits: Limits) -> None:
+    """What a decoded message must satisfy beyond its framing (fastframe.py decodes into it too)."""
     layer = getattr(msg, "layer", None)
     if layer is not None and limits.layers is not None and layer >= limits.layers:
         raise WireError(f"{msg.TYPE}: layer {layer} out of range (model has {limits.layers})")
