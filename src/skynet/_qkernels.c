@@ -33,9 +33,9 @@
  * SIMD kernels: decode kernels for 1..3 activation rows (lane = weight row) and tile kernels that
  * re-lay out the activations (lane = activation row; see struct tact).
  *
- * threads > 1: POSIX threads started for the call take activation units and then chunks of weight
- * rows from atomic counters and wait on a condition variable (never spin); small calls stay on the
- * calling thread. No thread pool is left behind to compete with other processes for the cores.
+ * threads > 1: the calling thread and persistent POSIX workers (started on first use) take
+ * activation units and then chunks of weight rows from atomic counters; small calls stay on the
+ * calling thread. Idle workers spin ~200 µs after a job, then block: an idle process burns no core.
  *
  * Build with -ffp-contract=off: neither the reference dequantizers nor the terms may fuse a*b+c.
  */
@@ -1291,7 +1291,7 @@ static void tile_plan(int T, int N, int *L, int *n0)
 /* One matmul call's work: phase 1 quantizes activation rows (if x) and lays out the tiles, in
  * units; phase 2, once every unit is done, runs the kernel over chunks of weight rows. Threads
  * take units and chunks from atomic counters (no fixed split: a thread the OS descheduled holds
- * nothing up), and wait on a condition variable, never spinning. */
+ * nothing up). */
 typedef struct {
     mm_args *a;
     tact *act;
@@ -1300,10 +1300,6 @@ typedef struct {
     qa_fn qa;
     int units, unit_rows, chunks, chunk_rows;
     int next_unit, next_chunk, units_done, err;
-#ifdef SK_THREADS
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-#endif
 } job_t;
 
 static void job_unit(job_t *j, int u)
@@ -1332,32 +1328,153 @@ static void job_chunks(job_t *j)
 }
 
 #ifdef SK_THREADS
-static void *job_worker(void *p)
+#include <sched.h>
+#include <time.h>
+
+static inline void cpu_relax(void)
 {
-    job_t *j = p;
+#ifdef SK_X86
+    _mm_pause();
+#endif
+}
+
+static double now_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e6 + t.tv_nsec * 1e-3;
+}
+
+/* Wait until *v == want: spin a little, then yield the core (a peer the OS descheduled). */
+static void wait_eq(int *v, int want)
+{
+    for (int i = 0; __atomic_load_n(v, __ATOMIC_ACQUIRE) != want; i++) {
+        if (i < 256) cpu_relax();
+        else sched_yield();
+    }
+}
+
+static void job_run(job_t *j)
+{
     for (;;) {
         int u = __atomic_fetch_add(&j->next_unit, 1, __ATOMIC_RELAXED);
         if (u >= j->units) break;
         job_unit(j, u);
-        pthread_mutex_lock(&j->mu);
-        if (++j->units_done == j->units) pthread_cond_broadcast(&j->cv);
-        pthread_mutex_unlock(&j->mu);
+        __atomic_fetch_add(&j->units_done, 1, __ATOMIC_ACQ_REL);
     }
-    pthread_mutex_lock(&j->mu);
-    while (j->units_done < j->units) pthread_cond_wait(&j->cv, &j->mu);
-    pthread_mutex_unlock(&j->mu);
+    wait_eq(&j->units_done, j->units);
     job_chunks(j);
+}
+
+/* The persistent workers of this process: started on the first call that asks for threads, kept
+ * for the next ones. A worker that finds no new job spins for up to POOL_SPIN_US (a decode step
+ * calls the kernels every few tens of µs), then blocks on a condition variable: an idle server
+ * burns no core. A job is open while its caller works on it; a worker enters it (refs) only while
+ * it is open, and the caller, once every unit and chunk is taken and its own are done, closes it
+ * and waits only for the workers inside (so never for one still asleep). One call at a time uses
+ * the pool (`busy`); a concurrent caller runs alone. A forked child starts with no workers. */
+#define POOL_SPIN_US 200.0
+#define MAX_THREADS 64
+#define POOL_OPEN 256u
+
+static struct {
+    pthread_mutex_t mu, busy;
+    pthread_cond_t cv;
+    int started;          /* workers started */
+    unsigned gen;         /* job counter << 9 | POOL_OPEN while open | helper count (workers 0..count-1) */
+    int refs;             /* workers inside the current job */
+    int sleeping;         /* workers blocked on cv */
+    job_t *job;
+} P_ = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* Spin until P_.gen differs from `seen`, then block; returns the new value. */
+static unsigned pool_next(unsigned seen)
+{
+    unsigned g;
+    double t0 = now_us();
+    for (int i = 0; (g = __atomic_load_n(&P_.gen, __ATOMIC_ACQUIRE)) == seen; i++) {
+        cpu_relax();
+        if ((i & 63) == 63 && now_us() - t0 > POOL_SPIN_US) {
+            pthread_mutex_lock(&P_.mu);
+            __atomic_fetch_add(&P_.sleeping, 1, __ATOMIC_SEQ_CST);
+            while (__atomic_load_n(&P_.gen, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&P_.cv, &P_.mu);
+            __atomic_fetch_sub(&P_.sleeping, 1, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&P_.mu);
+            t0 = now_us();
+        }
+    }
+    return g;
+}
+
+static void *pool_worker(void *arg)
+{
+    int me = (int)(intptr_t)arg;
+    unsigned g = __atomic_load_n(&P_.gen, __ATOMIC_ACQUIRE);
+    for (;;) {
+        g = pool_next(g);
+        if (!(g & POOL_OPEN) || me >= (int)(g & 255)) continue;
+        __atomic_fetch_add(&P_.refs, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&P_.gen, __ATOMIC_SEQ_CST) == g) job_run(P_.job);   /* still open: the caller waits for us */
+        __atomic_fetch_sub(&P_.refs, 1, __ATOMIC_RELEASE);
+    }
     return NULL;
 }
+
+static void pool_atfork_child(void)
+{
+    pthread_mutex_init(&P_.mu, NULL);
+    pthread_mutex_init(&P_.busy, NULL);
+    pthread_cond_init(&P_.cv, NULL);
+    P_.started = P_.sleeping = P_.refs = 0;
+}
+
+/* Run j on the calling thread and up to `helpers` pool workers; alone when the pool is busy. */
+static void pool_run(job_t *j, int helpers)
+{
+    static int atfork_set;
+    if (pthread_mutex_trylock(&P_.busy)) {
+        job_run(j);
+        return;
+    }
+    if (!atfork_set) {
+        pthread_atfork(NULL, NULL, pool_atfork_child);
+        atfork_set = 1;
+    }
+    while (P_.started < helpers) {
+        pthread_t t;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &at, pool_worker, (void *)(intptr_t)P_.started);
+        pthread_attr_destroy(&at);
+        if (rc) break;   /* fewer threads: still correct */
+        P_.started++;
+    }
+    if (helpers > P_.started) helpers = P_.started;
+    unsigned next = ((P_.gen >> 9) + 1) << 9 | (unsigned)helpers;
+    P_.job = j;
+    __atomic_store_n(&P_.gen, next | POOL_OPEN, __ATOMIC_SEQ_CST);
+    if (helpers && __atomic_load_n(&P_.sleeping, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&P_.mu);
+        pthread_cond_broadcast(&P_.cv);
+        pthread_mutex_unlock(&P_.mu);
+    }
+    job_run(j);   /* returns once every unit and chunk is taken and its own are done */
+    __atomic_store_n(&P_.gen, next, __ATOMIC_SEQ_CST);
+    wait_eq(&P_.refs, 0);
+    pthread_mutex_unlock(&P_.busy);
+}
+#else
+#define MAX_THREADS 1
 #endif
 
 #ifndef RB
 #define RB 64
 #endif
 
-/* Below this many multiply-adds a call stays on the calling thread: starting threads costs more. */
-#define MIN_THREAD_WORK (2u << 20)
-#define MAX_THREADS 64
+/* Below this many multiply-adds (or 64 weight rows) a call stays on the calling thread: handing
+ * a share to a spinning worker costs ~1 µs, to a sleeping one ~20-50 µs. */
+#define MIN_THREAD_WORK (256u << 10)
 
 /* Quantize x (if given) into a->q/dx/sx, then run the kernel, on up to `threads` threads (each
  * output is computed by one thread in the canonical way: the split does not change any bit).
@@ -1373,7 +1490,7 @@ static int run_matmul(mm_args *a, const float *x, int threads)
         a->act = &act;
     }
     job_t j = {.a = a, .act = L ? &act : NULL, .x = x, .fn = K_.mm[a->type], .qa = K_.qa};
-    if ((double)a->rows * a->K * (a->N ? a->N : 1) < MIN_THREAD_WORK || a->rows < 32) threads = 1;
+    if ((double)a->rows * a->K * (a->N ? a->N : 1) < MIN_THREAD_WORK || a->rows < 64) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads <= 1) {
         if (x) K_.qa(x, 0, a->N, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
@@ -1383,26 +1500,11 @@ static int run_matmul(mm_args *a, const float *x, int threads)
 #ifdef SK_THREADS
         j.unit_rows = L ? L : 16;
         j.units = 1 + (a->N - n0 + j.unit_rows - 1) / j.unit_rows;
-        /* tile kernels: one row block per chunk; else about 8 chunks per thread, multiples of 16 rows */
-        j.chunk_rows = L ? RB : (a->rows / (8 * threads) + 15) & ~15;
+        /* tile kernels: one row block per chunk; else about 4 chunks per thread, multiples of 16 rows */
+        j.chunk_rows = L ? RB : (a->rows / (4 * threads) + 15) & ~15;
         if (j.chunk_rows < 16) j.chunk_rows = 16;
         j.chunks = (a->rows + j.chunk_rows - 1) / j.chunk_rows;
-        pthread_mutex_init(&j.mu, NULL);
-        pthread_cond_init(&j.cv, NULL);
-        pthread_t tid[MAX_THREADS];
-        int started = 0;
-        for (int i = 1; i < threads; i++) {
-            if (pthread_create(&tid[started], NULL, job_worker, &j)) break;   /* fewer threads: still correct */
-            started++;
-        }
-        job_worker(&j);
-        for (int i = 0; i < started; i++) pthread_join(tid[i], NULL);
-        pthread_cond_destroy(&j.cv);
-        pthread_mutex_destroy(&j.mu);
-#else
-        if (x) K_.qa(x, 0, a->N, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
-        if (L) tact_fill(&act, a, 0, a->N - n0);
-        j.err = j.fn(a, 0, a->rows);
+        pool_run(&j, threads - 1);
 #endif
     }
     if (L) free(act.mem);
