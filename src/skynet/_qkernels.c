@@ -1317,14 +1317,16 @@ static void job_unit(job_t *j, int u)
     if (j->act && e > s && u > 0) tact_fill(j->act, a, s - n0, e - n0);
 }
 
-static void job_chunks(job_t *j)
+static int job_chunks(job_t *j)
 {
-    for (;;) {
+    int ran = 0;
+    for (;; ran++) {
         int c = __atomic_fetch_add(&j->next_chunk, 1, __ATOMIC_RELAXED);
         if (c >= j->chunks) break;
         int r0 = c * j->chunk_rows, r1 = r0 + j->chunk_rows < j->a->rows ? r0 + j->chunk_rows : j->a->rows;
         if (j->fn(j->a, r0, r1)) __atomic_store_n(&j->err, 1, __ATOMIC_RELAXED);
     }
+    return ran;
 }
 
 #ifdef SK_THREADS
@@ -1354,7 +1356,7 @@ static void wait_eq(int *v, int want)
     }
 }
 
-static void job_run(job_t *j)
+static int job_run(job_t *j)
 {
     for (;;) {
         int u = __atomic_fetch_add(&j->next_unit, 1, __ATOMIC_RELAXED);
@@ -1363,17 +1365,19 @@ static void job_run(job_t *j)
         __atomic_fetch_add(&j->units_done, 1, __ATOMIC_ACQ_REL);
     }
     wait_eq(&j->units_done, j->units);
-    job_chunks(j);
+    return job_chunks(j);
 }
 
 /* The persistent workers of this process: started on the first call that asks for threads, kept
  * for the next ones. A worker that finds no new job spins for up to POOL_SPIN_US (a decode step
- * calls the kernels every few tens of µs), then blocks on a condition variable: an idle server
+ * calls the kernels every few tens of µs; past POOL_PAUSE_US it yields the core at each turn, so
+ * on a busy machine it does not keep the caller from running), then blocks on a condition variable: an idle server
  * burns no core. A job is open while its caller works on it; a worker enters it (refs) only while
  * it is open, and the caller, once every unit and chunk is taken and its own are done, closes it
  * and waits only for the workers inside (so never for one still asleep). One call at a time uses
  * the pool (`busy`); a concurrent caller runs alone. A forked child starts with no workers. */
 #define POOL_SPIN_US 200.0
+#define POOL_PAUSE_US 20.0   /* then spin with sched_yield */
 #define MAX_THREADS 64
 #define POOL_OPEN 256u
 
@@ -1385,6 +1389,7 @@ static struct {
     int refs;             /* workers inside the current job */
     int sleeping;         /* workers blocked on cv */
     job_t *job;
+    long long jobs, joined, chunks;   /* counters for pool_stats(): jobs, workers entering them, chunks they ran */
 } P_ = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 /* Spin until P_.gen differs from `seen`, then block; returns the new value. */
@@ -1392,9 +1397,14 @@ static unsigned pool_next(unsigned seen)
 {
     unsigned g;
     double t0 = now_us();
+    int yielding = 0;
     for (int i = 0; (g = __atomic_load_n(&P_.gen, __ATOMIC_ACQUIRE)) == seen; i++) {
-        cpu_relax();
-        if ((i & 63) == 63 && now_us() - t0 > POOL_SPIN_US) {
+        if (yielding) sched_yield();   /* a thread waiting for this core (the caller?) runs first */
+        else cpu_relax();
+        if ((i & 63) != 63 && !yielding) continue;
+        double dt = now_us() - t0;
+        yielding = dt > POOL_PAUSE_US;
+        if (dt > POOL_SPIN_US) {
             pthread_mutex_lock(&P_.mu);
             __atomic_fetch_add(&P_.sleeping, 1, __ATOMIC_SEQ_CST);
             while (__atomic_load_n(&P_.gen, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&P_.cv, &P_.mu);
@@ -1414,7 +1424,11 @@ static void *pool_worker(void *arg)
         g = pool_next(g);
         if (!(g & POOL_OPEN) || me >= (int)(g & 255)) continue;
         __atomic_fetch_add(&P_.refs, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&P_.gen, __ATOMIC_SEQ_CST) == g) job_run(P_.job);   /* still open: the caller waits for us */
+        if (__atomic_load_n(&P_.gen, __ATOMIC_SEQ_CST) == g) {   /* still open: the caller waits for us */
+            int ran = job_run(P_.job);
+            __atomic_fetch_add(&P_.joined, 1, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&P_.chunks, ran, __ATOMIC_RELAXED);
+        }
         __atomic_fetch_sub(&P_.refs, 1, __ATOMIC_RELEASE);
     }
     return NULL;
@@ -1426,6 +1440,7 @@ static void pool_atfork_child(void)
     pthread_mutex_init(&P_.busy, NULL);
     pthread_cond_init(&P_.cv, NULL);
     P_.started = P_.sleeping = P_.refs = 0;
+    P_.jobs = P_.joined = P_.chunks = 0;
 }
 
 /* Run j on the calling thread and up to `helpers` pool workers; alone when the pool is busy. */
@@ -1451,6 +1466,7 @@ static void pool_run(job_t *j, int helpers)
         P_.started++;
     }
     if (helpers > P_.started) helpers = P_.started;
+    P_.jobs++;
     unsigned next = ((P_.gen >> 9) + 1) << 9 | (unsigned)helpers;
     P_.job = j;
     __atomic_store_n(&P_.gen, next | POOL_OPEN, __ATOMIC_SEQ_CST);
@@ -1714,6 +1730,17 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+/* pool_stats() -> (workers, jobs, joined, chunks): how much the persistent workers took part. */
+static PyObject *py_pool_stats(PyObject *self, PyObject *unused)
+{
+#ifdef SK_THREADS
+    return Py_BuildValue("(iLLL)", P_.started, P_.jobs, __atomic_load_n(&P_.joined, __ATOMIC_RELAXED),
+                         __atomic_load_n(&P_.chunks, __ATOMIC_RELAXED));
+#else
+    return Py_BuildValue("(iLLL)", 0, 0LL, 0LL, 0LL);
+#endif
+}
+
 static PyObject *py_kernel_name(PyObject *self, PyObject *unused) { return PyUnicode_FromString(K_.name); }
 
 /* "generic" 0, "avx2" 1, "avx512" or "auto" 2; -1 otherwise. */
@@ -1748,6 +1775,7 @@ static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "dequantize(type, data, out, rows, cols)"},
     {"quantize_q8_0", (PyCFunction)(void (*)(void))py_quantize_q8_0, METH_FASTCALL, "quantize_q8_0(x, out, nvalues)"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
+    {"pool_stats", py_pool_stats, METH_NOARGS, "(workers, jobs, joined, chunks) of the persistent workers"},
     {"set_kernel", py_set_kernel, METH_O, "set_kernel('generic' | 'avx2' | 'avx512' | 'auto')"},
     {NULL, NULL, 0, NULL},
 };
