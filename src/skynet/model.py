@@ -13,6 +13,7 @@ chosen by the tensors given (layers.py); norms, RoPE, attention and softmax are 
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -226,9 +227,12 @@ class Model:
         return (sc @ V).reshape(1, -1)                                              # (1, nh D)
 
 
+@functools.lru_cache(maxsize=ATTN_BLOCK + 1)
 def _upper(m: int) -> np.ndarray:
-    """(m, m) bool, True above the diagonal: the keys a block's row may not see."""
-    return np.triu(np.ones((m, m), bool), 1)
+    """(m, m) bool, True above the diagonal: the keys a block's row may not see (read-only)."""
+    u = np.triu(np.ones((m, m), bool), 1)
+    u.flags.writeable = False
+    return u
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
