@@ -1178,11 +1178,75 @@ AVX512I void t16_tile(const tact *A, const wrow *W, int T, int R, int g, double 
     }
 }
 
+/* AVX-512 tile of 8 activation rows (Q4_0, Q4_1, Q8_0; tile g of an L = 8 tact): t16_tile's
+ * arithmetic with int32 lanes in 256-bit vpdpbusd and one 512-bit vector of float64 terms per
+ * weight row, so 5..8 rows do not pay for a 16-lane tile's dead lanes. */
+AVX512I void t8v_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob)
+{
+    int nb = A->nb;
+    __m512d F[TR];
+    for (int k = 0; k < R; k++) F[k] = _mm512_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        size_t tb = (size_t)g * nb + b;
+        const uint8_t *Q = A->qT + tb * 256;
+        __m256i I[TR];
+        for (int k = 0; k < R; k++) I[k] = _mm256_setzero_si256();
+        for (int t = 0; t < 8; t++) {
+            __m256i qv = _mm256_loadu_si256((const __m256i *)(Q + 32 * t));
+            for (int k = 0; k < R; k++)
+                I[k] = _mm256_dpbusd_epi32(I[k], _mm256_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t)), qv);
+        }
+        __m512d dx = _mm512_cvtps_pd(_mm256_loadu_ps(A->dx + tb * 8));
+        __m256i s8 = _mm256_loadu_si256((const __m256i *)(A->s + tb * 8));
+        for (int k = 0; k < R; k++) {
+            __m512d d = _mm512_set1_pd(W[k].d[b]), t;
+            if (T == T_Q4_1) {
+                t = _mm512_fmadd_pd(d, _mm512_mul_pd(dx, _mm512_cvtepi32_pd(I[k])),
+                                    _mm512_mul_pd(_mm512_set1_pd(W[k].m[b]), _mm512_loadu_pd(A->dxs + tb * 8)));
+            } else {
+                __m256i u = I[k];
+                if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 3));
+                if (T == T_Q8_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 7));
+                t = _mm512_mul_pd(_mm512_mul_pd(d, dx), _mm512_cvtepi32_pd(u));
+            }
+            F[k] = _mm512_add_pd(F[k], t);
+        }
+    }
+    for (int k = 0; k < R; k++) {
+        double v[8];
+        _mm512_storeu_pd(v, F[k]);
+        for (int j = 0; j < 8; j++) ob[j * OBS + k] = v[j];
+    }
+}
+
+/* Rows [r0, r1) against 8-row tiles with t8v_tile (Q4_0, Q4_1, Q8_0). */
+AVX512I int t8v_run(const mm_args *a, int T, int r0, int r1)
+{
+    const tact *A = a->act;
+    wrow W[RB];
+    void *mem = wrows_alloc(W, a->K, RB);
+    if (!mem) return -1;
+    double ob[8 * OBS];
+    for (int rb = r0; rb < r1; rb += RB) {
+        int re = rb + RB < r1 ? rb + RB : r1;
+        for (int i = 0; rb + i < re; i++)
+            w_unpack(T, 1, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
+        wrow Wt[RB];   /* a partial tile repeats the last row */
+        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
+        for (int g = 0; g < A->nt; g++) {
+            for (int r = rb; r < re; r += TR) t8v_tile(A, Wt + (r - rb), T, TR, g, ob + (r - rb));
+            tile_flush(a, ob, 8, A->n0 + 8 * g, rb, re);
+        }
+    }
+    free(mem);
+    return 0;
+}
+
 /* Rows [r0, r1) against the tiled activation rows: 16-row tiles, or the AVX2 8-row ones. */
 AVX512I int t16_run(const mm_args *a, int T, int r0, int r1)
 {
     const tact *A = a->act;
-    if (A->L == 8) return t8_run(a, T, r0, r1);
+    if (A->L == 8) return T <= T_Q8_0 ? t8v_run(a, T, r0, r1) : t8_run(a, T, r0, r1);
     wrow W[RB];
     void *mem = wrows_alloc(W, a->K, RB);
     if (!mem) return -1;
@@ -1280,7 +1344,7 @@ static void tile_plan(int T, int N, int *L, int *n0)
     *n0 = N;
     if (!K_.level) return;
     if (T <= T_Q8_0) {
-        int l = K_.level == 2 ? 16 : 8;
+        int l = K_.level == 2 && N > 8 ? 16 : 8;   /* AVX-512: 5..8 rows in one 8-row tile */
         if (N <= 4) return;
         *L = l;
         *n0 = N % l < 4 ? N % l : 0;
