@@ -104,3 +104,12 @@ def test_quick_bench_writes_results(tmp_path, default_model_dir):
 
     names = [t["name"] for t in r["targets"]]
     assert len(names) == 12 and all(t["met"] in (True, False) for t in r["targets"]), r["targets"]
+
+
+def test_server_threads_follow_the_budget():
+    """Alone the server takes the whole thread budget; each node on the box takes one core of it."""
+    from skynet.bench import server_threads
+    assert [server_threads(2, k) for k in (0, 1, 2, 3)] == [2, 1, 1, 1]
+    assert server_threads(4, 1) == 3
+    with pytest.raises(ValueError):
+        server_threads(0, 0)

@@ -109,3 +109,12 @@ def test_run_streams_one_answer_then_stops_everything(lc, model_dir):
     assert r.stderr.startswith("starting a local cluster: server + 1 node(s) ...\n")
     assert f"3 layers, hidden 64, {TINY_NEURONS} MLP neurons" in r.stderr   # the status table
     assert "24 distributed MLP calls, 0 fallbacks; logs in" in r.stderr      # 8 tokens x 3 layers
+
+
+def test_blas_threads_policy():
+    """exact runs its linear layers in BLAS (every thread); fast only its attention (one thread)."""
+    from skynet.config import ConfigError, blas_threads
+    assert blas_threads("exact", 2) == 2 and blas_threads("exact", 1) == 1
+    assert blas_threads("fast", 2) == 1 and blas_threads("fast", 1) == 1
+    with pytest.raises(ConfigError):
+        blas_threads("fast", 0)

@@ -84,6 +84,23 @@ def test_default_model_fast_keeps_blocks_and_tracks_exact():
     assert (picks[0] == picks[1]).mean() >= 0.9
 
 
+
+def test_default_model_logits_do_not_depend_on_threads():
+    """The default model in fast on 1 and on 2 kernel threads (its decode matmuls are big enough
+    for the persistent workers): the same tokens and bit-identical logits, prefill and decode."""
+    from skynet import _qkernels
+    src = loader.open_model(None)
+    arch, tensors = arch_from_config(src.config), src.tensors("fast")
+    runs = []
+    for threads in (1, 2):
+        m = Model(arch, tensors, threads)
+        jobs = _qkernels.pool_stats()[1]
+        runs.append(run_greedy(Engine(m, LocalMLP(m.mlp_weights)), PROMPT, 6))
+        if threads == 2:   # every 1-row matmul of SmolLM2 went through the pool
+            assert _qkernels.pool_stats()[1] - jobs >= 6 * arch.layers * 4
+    (out1, logits1), (out2, logits2) = runs
+    assert out1 == out2 and np.array_equal(logits1, logits2)
+
 # ---------------------------------------------------------------------------- tiny fast models
 @functools.lru_cache(maxsize=None)
 def _fast(model_dir) -> Model:

@@ -131,7 +131,7 @@ def test_paths_bit_identical(qtype, cols):
                     ref[dtype] = full
                 assert np.array_equal(bits(full), bits(ref[dtype])), (k, dtype)
                 assert np.array_equal(bits(full), bits(m(xq, dtype=dtype, threads=2)))
-                for n0, n1 in ((0, 1), (36, 37), (4, 11), (1, 4), (5, 10), (0, 17), (1, 19), (2, 34)):
+                for n0, n1 in ((0, 1), (36, 37), (4, 11), (1, 4), (6, 10), (5, 10), (2, 10), (0, 17), (1, 19), (2, 34)):
                     assert np.array_equal(bits(full[n0:n1]), bits(m(x[n0:n1], dtype=dtype))), (k, n0, n1)
                 for r0, r1 in ((0, 1), (3, 20), (9, 37), (30, 36)):
                     assert np.array_equal(bits(full[:, r0:r1]), bits(m.take_rows(r0, r1)(x, dtype=dtype)))
@@ -180,6 +180,51 @@ def test_threads_bit_identical(qtype, kernel):
         assert np.array_equal(bits(one[:17]), bits(m(x[:17], dtype=dtype, threads=2)))
         assert np.array_equal(bits(one[:1]), bits(m(x[:1], dtype=dtype, threads=2)))
 
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_pool_decode_rows_bit_identical(qtype, kernel):
+    """One- to three-row calls big enough to go to the persistent workers, repeated (the workers
+    spin, then sleep between calls) and from 3 Python threads at once (one holds the pool, the
+    others run alone): the same bits as one thread."""
+    import threading
+    import time
+    rng = np.random.default_rng(40 + qtype)
+    cols = 512
+    m = QMatrix(qtype, random_blocks(rng, qtype, 1024, cols), cols)
+    xs = [rng.standard_normal((n, cols)).astype(np.float32) for n in (1, 2, 3)]
+    ref = [m(x, dtype=np.float64) for x in xs]
+    for i in range(6):
+        for x, r in zip(xs, ref):
+            assert np.array_equal(bits(r), bits(m(x, dtype=np.float64, threads=2)))
+        if i == 3:
+            time.sleep(0.01)   # past the spin: the workers block and are woken
+    bad = []
+
+    def hammer():
+        for _ in range(20):
+            for x, r in zip(xs, ref):
+                if not np.array_equal(bits(r), bits(m(x, dtype=np.float64, threads=3))):
+                    bad.append(x.shape)
+    ts = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
+
+
+def test_pool_after_fork():
+    """A child forked after the workers started gets a pool of its own that works."""
+    import multiprocessing as mp
+    rng = np.random.default_rng(7)
+    m = QMatrix(QType.Q4_1, random_blocks(rng, QType.Q4_1, 1024, 512), 512)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    ref = m(x, threads=2)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(m.__call__, (x,), {"threads": 2})
+    assert np.array_equal(bits(ref), bits(got))
 
 def test_take_cols_and_rows():
     rng = np.random.default_rng(4)

@@ -101,7 +101,7 @@ def main() -> None:
     head = random_matrix(rng, QType.Q8_0, VOCAB, H)
     head_t = np.ascontiguousarray(head.dequantize().T)                                   # (H, V)
     cases = [(f"MLP x{args.layers} Q4_1 N={n}" + (f" {t}thr" if t > 1 else ""), n, t)
-             for n, t in ((1, 1), (8, 1), (256, 1), (256, 2))]
+             for n, t in ((1, 1), (1, 2), (8, 1), (8, 2), (256, 1), (256, 2))]
     print(f"{'case':<26}" + "".join(f"{p:>10}" for p in paths) + f"{'numpy f32':>11}")
     with threadpool_limits(1):
         for label, n, t in cases:

@@ -30,12 +30,12 @@
  * which NaN payload survives may then differ.) Everything else runs the formula as written.
  *
  * Paths: generic C (any CPU), AVX2 and AVX-512 VNNI (x86-64, chosen at run time). All formats have
- * SIMD kernels: decode kernels for 1..3 activation rows (lane = weight row) and tile kernels that
+ * SIMD kernels: decode kernels for 1..4 activation rows (lane = weight row) and tile kernels that
  * re-lay out the activations (lane = activation row; see struct tact).
  *
- * threads > 1: POSIX threads started for the call take activation units and then chunks of weight
- * rows from atomic counters and wait on a condition variable (never spin); small calls stay on the
- * calling thread. No thread pool is left behind to compete with other processes for the cores.
+ * threads > 1: the calling thread and persistent POSIX workers (started on first use) take
+ * activation units and then chunks of weight rows from atomic counters; small calls stay on the
+ * calling thread. Idle workers spin ~200 µs after a job, then block: an idle process burns no core.
  *
  * Build with -ffp-contract=off: neither the reference dequantizers nor the terms may fuse a*b+c.
  */
@@ -424,7 +424,7 @@ AVX2I int32_t hsum_i32(__m256i v)
     return _mm_cvtsi128_si32(s);
 }
 
-/* Decode tiles (activation rows before act->n0, at most 3; Q4_0, Q4_1, Q8_0): 8 weight rows x 1
+/* Decode tiles (activation rows before act->n0, at most 4; Q4_0, Q4_1, Q8_0): 8 weight rows x 1
  * activation row, lane k = row r + k; the integer sums of the 8 pairs are reduced into the lanes
  * of one vector, and each lane forms its pair's float64 term and adds it in block order exactly as
  * mm_generic does. Integer sums use maddubs (u8 x s8): Q4_0 as sum(n q) - 8 s, Q8_0 with the sign
@@ -1178,11 +1178,75 @@ AVX512I void t16_tile(const tact *A, const wrow *W, int T, int R, int g, double 
     }
 }
 
+/* AVX-512 tile of 8 activation rows (Q4_0, Q4_1, Q8_0; tile g of an L = 8 tact): t16_tile's
+ * arithmetic with int32 lanes in 256-bit vpdpbusd and one 512-bit vector of float64 terms per
+ * weight row, so 5..8 rows do not pay for a 16-lane tile's dead lanes. */
+AVX512I void t8v_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob)
+{
+    int nb = A->nb;
+    __m512d F[TR];
+    for (int k = 0; k < R; k++) F[k] = _mm512_setzero_pd();
+    for (int b = 0; b < nb; b++) {
+        size_t tb = (size_t)g * nb + b;
+        const uint8_t *Q = A->qT + tb * 256;
+        __m256i I[TR];
+        for (int k = 0; k < R; k++) I[k] = _mm256_setzero_si256();
+        for (int t = 0; t < 8; t++) {
+            __m256i qv = _mm256_loadu_si256((const __m256i *)(Q + 32 * t));
+            for (int k = 0; k < R; k++)
+                I[k] = _mm256_dpbusd_epi32(I[k], _mm256_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t)), qv);
+        }
+        __m512d dx = _mm512_cvtps_pd(_mm256_loadu_ps(A->dx + tb * 8));
+        __m256i s8 = _mm256_loadu_si256((const __m256i *)(A->s + tb * 8));
+        for (int k = 0; k < R; k++) {
+            __m512d d = _mm512_set1_pd(W[k].d[b]), t;
+            if (T == T_Q4_1) {
+                t = _mm512_fmadd_pd(d, _mm512_mul_pd(dx, _mm512_cvtepi32_pd(I[k])),
+                                    _mm512_mul_pd(_mm512_set1_pd(W[k].m[b]), _mm512_loadu_pd(A->dxs + tb * 8)));
+            } else {
+                __m256i u = I[k];
+                if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 3));
+                if (T == T_Q8_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 7));
+                t = _mm512_mul_pd(_mm512_mul_pd(d, dx), _mm512_cvtepi32_pd(u));
+            }
+            F[k] = _mm512_add_pd(F[k], t);
+        }
+    }
+    for (int k = 0; k < R; k++) {
+        double v[8];
+        _mm512_storeu_pd(v, F[k]);
+        for (int j = 0; j < 8; j++) ob[j * OBS + k] = v[j];
+    }
+}
+
+/* Rows [r0, r1) against 8-row tiles with t8v_tile (Q4_0, Q4_1, Q8_0). */
+AVX512I int t8v_run(const mm_args *a, int T, int r0, int r1)
+{
+    const tact *A = a->act;
+    wrow W[RB];
+    void *mem = wrows_alloc(W, a->K, RB);
+    if (!mem) return -1;
+    double ob[8 * OBS];
+    for (int rb = r0; rb < r1; rb += RB) {
+        int re = rb + RB < r1 ? rb + RB : r1;
+        for (int i = 0; rb + i < re; i++)
+            w_unpack(T, 1, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
+        wrow Wt[RB];   /* a partial tile repeats the last row */
+        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
+        for (int g = 0; g < A->nt; g++) {
+            for (int r = rb; r < re; r += TR) t8v_tile(A, Wt + (r - rb), T, TR, g, ob + (r - rb));
+            tile_flush(a, ob, 8, A->n0 + 8 * g, rb, re);
+        }
+    }
+    free(mem);
+    return 0;
+}
+
 /* Rows [r0, r1) against the tiled activation rows: 16-row tiles, or the AVX2 8-row ones. */
 AVX512I int t16_run(const mm_args *a, int T, int r0, int r1)
 {
     const tact *A = a->act;
-    if (A->L == 8) return t8_run(a, T, r0, r1);
+    if (A->L == 8) return T <= T_Q8_0 ? t8v_run(a, T, r0, r1) : t8_run(a, T, r0, r1);
     wrow W[RB];
     void *mem = wrows_alloc(W, a->K, RB);
     if (!mem) return -1;
@@ -1270,7 +1334,9 @@ static void select_kernels(int level)
 }
 
 /* Which activation rows go to the tile kernels: rows [*n0, N) in tiles of *L (0: none). Q4_0, Q4_1
- * and Q8_0 leave a remainder of 1..3 rows (and N < 4) to their decode tiles; the K-quants tile
+ * and Q8_0 leave a remainder of 1..3 rows (and N <= 4) to their decode tiles (4 rows, CPU time on
+ * AVX-512, SmolLM2's 60 gate/up matrices: decode ~10.8 ms against a 16-lane tile's 14.2; its Q8_0
+ * head ~6.3 against 9.2; from 5 rows the tile ties or wins); the K-quants tile
  * every row when N >= 4 (8-row tiles below 12 rows on AVX-512), else run their decode kernel. */
 static void tile_plan(int T, int N, int *L, int *n0)
 {
@@ -1278,8 +1344,8 @@ static void tile_plan(int T, int N, int *L, int *n0)
     *n0 = N;
     if (!K_.level) return;
     if (T <= T_Q8_0) {
-        int l = K_.level == 2 ? 16 : 8;
-        if (N < 4) return;
+        int l = K_.level == 2 && N > 8 ? 16 : 8;   /* AVX-512: 5..8 rows in one 8-row tile */
+        if (N <= 4) return;
         *L = l;
         *n0 = N % l < 4 ? N % l : 0;
     } else if (N >= 4) {
@@ -1291,7 +1357,7 @@ static void tile_plan(int T, int N, int *L, int *n0)
 /* One matmul call's work: phase 1 quantizes activation rows (if x) and lays out the tiles, in
  * units; phase 2, once every unit is done, runs the kernel over chunks of weight rows. Threads
  * take units and chunks from atomic counters (no fixed split: a thread the OS descheduled holds
- * nothing up), and wait on a condition variable, never spinning. */
+ * nothing up). */
 typedef struct {
     mm_args *a;
     tact *act;
@@ -1300,10 +1366,6 @@ typedef struct {
     qa_fn qa;
     int units, unit_rows, chunks, chunk_rows;
     int next_unit, next_chunk, units_done, err;
-#ifdef SK_THREADS
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-#endif
 } job_t;
 
 static void job_unit(job_t *j, int u)
@@ -1321,43 +1383,180 @@ static void job_unit(job_t *j, int u)
     if (j->act && e > s && u > 0) tact_fill(j->act, a, s - n0, e - n0);
 }
 
-static void job_chunks(job_t *j)
+static int job_chunks(job_t *j)
 {
-    for (;;) {
+    int ran = 0;
+    for (;; ran++) {
         int c = __atomic_fetch_add(&j->next_chunk, 1, __ATOMIC_RELAXED);
         if (c >= j->chunks) break;
         int r0 = c * j->chunk_rows, r1 = r0 + j->chunk_rows < j->a->rows ? r0 + j->chunk_rows : j->a->rows;
         if (j->fn(j->a, r0, r1)) __atomic_store_n(&j->err, 1, __ATOMIC_RELAXED);
     }
+    return ran;
 }
 
 #ifdef SK_THREADS
-static void *job_worker(void *p)
+#include <sched.h>
+#include <time.h>
+
+static inline void cpu_relax(void)
 {
-    job_t *j = p;
+#ifdef SK_X86
+    _mm_pause();
+#endif
+}
+
+static double now_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e6 + t.tv_nsec * 1e-3;
+}
+
+/* Wait until *v == want: spin a little, then yield the core (a peer the OS descheduled). */
+static void wait_eq(int *v, int want)
+{
+    for (int i = 0; __atomic_load_n(v, __ATOMIC_ACQUIRE) != want; i++) {
+        if (i < 256) cpu_relax();
+        else sched_yield();
+    }
+}
+
+static int job_run(job_t *j)
+{
     for (;;) {
         int u = __atomic_fetch_add(&j->next_unit, 1, __ATOMIC_RELAXED);
         if (u >= j->units) break;
         job_unit(j, u);
-        pthread_mutex_lock(&j->mu);
-        if (++j->units_done == j->units) pthread_cond_broadcast(&j->cv);
-        pthread_mutex_unlock(&j->mu);
+        __atomic_fetch_add(&j->units_done, 1, __ATOMIC_ACQ_REL);
     }
-    pthread_mutex_lock(&j->mu);
-    while (j->units_done < j->units) pthread_cond_wait(&j->cv, &j->mu);
-    pthread_mutex_unlock(&j->mu);
-    job_chunks(j);
+    wait_eq(&j->units_done, j->units);
+    return job_chunks(j);
+}
+
+/* The persistent workers of this process: started on the first call that asks for threads, kept
+ * for the next ones. A worker that finds no new job spins for up to POOL_SPIN_US (a decode step
+ * calls the kernels every few tens of µs; past POOL_PAUSE_US it yields the core at each turn, so
+ * on a busy machine it does not keep the caller from running), then blocks on a condition variable: an idle server
+ * burns no core. A job is open while its caller works on it; a worker enters it (refs) only while
+ * it is open, and the caller, once every unit and chunk is taken and its own are done, closes it
+ * and waits only for the workers inside (so never for one still asleep). One call at a time uses
+ * the pool (`busy`); a concurrent caller runs alone. A forked child starts with no workers. */
+#define POOL_SPIN_US 200.0
+#define POOL_PAUSE_US 20.0   /* then spin with sched_yield */
+#define MAX_THREADS 64
+#define POOL_OPEN 256u
+
+static struct {
+    pthread_mutex_t mu, busy;
+    pthread_cond_t cv;
+    int started;          /* workers started */
+    unsigned gen;         /* job counter << 9 | POOL_OPEN while open | helper count (workers 0..count-1) */
+    int refs;             /* workers inside the current job */
+    int sleeping;         /* workers blocked on cv */
+    job_t *job;
+    long long jobs, joined, chunks;   /* counters for pool_stats(): jobs, workers entering them, chunks they ran */
+} P_ = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* Spin until P_.gen differs from `seen`, then block; returns the new value. */
+static unsigned pool_next(unsigned seen)
+{
+    unsigned g;
+    double t0 = now_us();
+    int yielding = 0;
+    for (int i = 0; (g = __atomic_load_n(&P_.gen, __ATOMIC_ACQUIRE)) == seen; i++) {
+        if (yielding) sched_yield();   /* a thread waiting for this core (the caller?) runs first */
+        else cpu_relax();
+        if ((i & 63) != 63 && !yielding) continue;
+        double dt = now_us() - t0;
+        yielding = dt > POOL_PAUSE_US;
+        if (dt > POOL_SPIN_US) {
+            pthread_mutex_lock(&P_.mu);
+            __atomic_fetch_add(&P_.sleeping, 1, __ATOMIC_SEQ_CST);
+            while (__atomic_load_n(&P_.gen, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&P_.cv, &P_.mu);
+            __atomic_fetch_sub(&P_.sleeping, 1, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&P_.mu);
+            t0 = now_us();
+        }
+    }
+    return g;
+}
+
+static void *pool_worker(void *arg)
+{
+    int me = (int)(intptr_t)arg;
+    unsigned g = __atomic_load_n(&P_.gen, __ATOMIC_ACQUIRE);
+    for (;;) {
+        g = pool_next(g);
+        if (!(g & POOL_OPEN) || me >= (int)(g & 255)) continue;
+        __atomic_fetch_add(&P_.refs, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&P_.gen, __ATOMIC_SEQ_CST) == g) {   /* still open: the caller waits for us */
+            int ran = job_run(P_.job);
+            __atomic_fetch_add(&P_.joined, 1, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&P_.chunks, ran, __ATOMIC_RELAXED);
+        }
+        __atomic_fetch_sub(&P_.refs, 1, __ATOMIC_RELEASE);
+    }
     return NULL;
 }
+
+static void pool_atfork_child(void)
+{
+    pthread_mutex_init(&P_.mu, NULL);
+    pthread_mutex_init(&P_.busy, NULL);
+    pthread_cond_init(&P_.cv, NULL);
+    P_.started = P_.sleeping = P_.refs = 0;
+    P_.jobs = P_.joined = P_.chunks = 0;
+}
+
+/* Run j on the calling thread and up to `helpers` pool workers; alone when the pool is busy. */
+static void pool_run(job_t *j, int helpers)
+{
+    static int atfork_set;
+    if (pthread_mutex_trylock(&P_.busy)) {
+        job_run(j);
+        return;
+    }
+    if (!atfork_set) {
+        pthread_atfork(NULL, NULL, pool_atfork_child);
+        atfork_set = 1;
+    }
+    while (P_.started < helpers) {
+        pthread_t t;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &at, pool_worker, (void *)(intptr_t)P_.started);
+        pthread_attr_destroy(&at);
+        if (rc) break;   /* fewer threads: still correct */
+        P_.started++;
+    }
+    if (helpers > P_.started) helpers = P_.started;
+    P_.jobs++;
+    unsigned next = ((P_.gen >> 9) + 1) << 9 | (unsigned)helpers;
+    P_.job = j;
+    __atomic_store_n(&P_.gen, next | POOL_OPEN, __ATOMIC_SEQ_CST);
+    if (helpers && __atomic_load_n(&P_.sleeping, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&P_.mu);
+        pthread_cond_broadcast(&P_.cv);
+        pthread_mutex_unlock(&P_.mu);
+    }
+    job_run(j);   /* returns once every unit and chunk is taken and its own are done */
+    __atomic_store_n(&P_.gen, next, __ATOMIC_SEQ_CST);
+    wait_eq(&P_.refs, 0);
+    pthread_mutex_unlock(&P_.busy);
+}
+#else
+#define MAX_THREADS 1
 #endif
 
 #ifndef RB
 #define RB 64
 #endif
 
-/* Below this many multiply-adds a call stays on the calling thread: starting threads costs more. */
-#define MIN_THREAD_WORK (2u << 20)
-#define MAX_THREADS 64
+/* Below this many multiply-adds (or 64 weight rows) a call stays on the calling thread: handing
+ * a share to a spinning worker costs ~1 µs, to a sleeping one ~20-50 µs. */
+#define MIN_THREAD_WORK (256u << 10)
 
 /* Quantize x (if given) into a->q/dx/sx, then run the kernel, on up to `threads` threads (each
  * output is computed by one thread in the canonical way: the split does not change any bit).
@@ -1373,7 +1572,7 @@ static int run_matmul(mm_args *a, const float *x, int threads)
         a->act = &act;
     }
     job_t j = {.a = a, .act = L ? &act : NULL, .x = x, .fn = K_.mm[a->type], .qa = K_.qa};
-    if ((double)a->rows * a->K * (a->N ? a->N : 1) < MIN_THREAD_WORK || a->rows < 32) threads = 1;
+    if ((double)a->rows * a->K * (a->N ? a->N : 1) < MIN_THREAD_WORK || a->rows < 64) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads <= 1) {
         if (x) K_.qa(x, 0, a->N, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
@@ -1383,26 +1582,11 @@ static int run_matmul(mm_args *a, const float *x, int threads)
 #ifdef SK_THREADS
         j.unit_rows = L ? L : 16;
         j.units = 1 + (a->N - n0 + j.unit_rows - 1) / j.unit_rows;
-        /* tile kernels: one row block per chunk; else about 8 chunks per thread, multiples of 16 rows */
-        j.chunk_rows = L ? RB : (a->rows / (8 * threads) + 15) & ~15;
+        /* tile kernels: one row block per chunk; else about 4 chunks per thread, multiples of 16 rows */
+        j.chunk_rows = L ? RB : (a->rows / (4 * threads) + 15) & ~15;
         if (j.chunk_rows < 16) j.chunk_rows = 16;
         j.chunks = (a->rows + j.chunk_rows - 1) / j.chunk_rows;
-        pthread_mutex_init(&j.mu, NULL);
-        pthread_cond_init(&j.cv, NULL);
-        pthread_t tid[MAX_THREADS];
-        int started = 0;
-        for (int i = 1; i < threads; i++) {
-            if (pthread_create(&tid[started], NULL, job_worker, &j)) break;   /* fewer threads: still correct */
-            started++;
-        }
-        job_worker(&j);
-        for (int i = 0; i < started; i++) pthread_join(tid[i], NULL);
-        pthread_cond_destroy(&j.cv);
-        pthread_mutex_destroy(&j.mu);
-#else
-        if (x) K_.qa(x, 0, a->N, a->K, (int8_t *)a->q, (float *)a->dx, (int32_t *)a->sx);
-        if (L) tact_fill(&act, a, 0, a->N - n0);
-        j.err = j.fn(a, 0, a->rows);
+        pool_run(&j, threads - 1);
 #endif
     }
     if (L) free(act.mem);
@@ -1612,6 +1796,17 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+/* pool_stats() -> (workers, jobs, joined, chunks): how much the persistent workers took part. */
+static PyObject *py_pool_stats(PyObject *self, PyObject *unused)
+{
+#ifdef SK_THREADS
+    return Py_BuildValue("(iLLL)", P_.started, P_.jobs, __atomic_load_n(&P_.joined, __ATOMIC_RELAXED),
+                         __atomic_load_n(&P_.chunks, __ATOMIC_RELAXED));
+#else
+    return Py_BuildValue("(iLLL)", 0, 0LL, 0LL, 0LL);
+#endif
+}
+
 static PyObject *py_kernel_name(PyObject *self, PyObject *unused) { return PyUnicode_FromString(K_.name); }
 
 /* "generic" 0, "avx2" 1, "avx512" or "auto" 2; -1 otherwise. */
@@ -1646,6 +1841,7 @@ static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "dequantize(type, data, out, rows, cols)"},
     {"quantize_q8_0", (PyCFunction)(void (*)(void))py_quantize_q8_0, METH_FASTCALL, "quantize_q8_0(x, out, nvalues)"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
+    {"pool_stats", py_pool_stats, METH_NOARGS, "(workers, jobs, joined, chunks) of the persistent workers"},
     {"set_kernel", py_set_kernel, METH_O, "set_kernel('generic' | 'avx2' | 'avx512' | 'auto')"},
     {NULL, NULL, 0, NULL},
 };

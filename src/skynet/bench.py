@@ -34,6 +34,16 @@ STREAMS = (1, 4, 8)
 SCALING = (0, 1, 2)
 KILL_TOKENS, KILL_AFTER = 64, 15
 ENV = {"SKYNET_NO_PROGRESS": "1", "SKYNET_NO_CACHE": "1"}   # no node reuses an earlier run's slices
+THREAD_BUDGET = 2   # cores for each side: HF's torch threads, llama.cpp's figure we compare with
+
+
+def server_threads(budget: int, nodes: int) -> int:
+    """The server's --threads in the bench: the budget less one core per node (a node runs one
+    kernel thread), at least 1. Alone the server uses every core; beside two nodes it takes none
+    of theirs, so its worker threads do not steal a node's core."""
+    if budget < 1 or nodes < 0:
+        raise ValueError(f"need budget >= 1 and nodes >= 0, got {budget}, {nodes}")
+    return max(1, budget - nodes)
 
 
 def say(msg: str) -> None:
@@ -126,9 +136,12 @@ def single(lc, prompt: str, n: int, reps: int, nodes: int) -> dict:
 def cluster(args, nodes: int, precision: str):
     from .launch import LocalCluster
     logs = Path(args.out) / f"logs-{precision}-{nodes}-nodes"
-    say(f"starting a local cluster: server ({precision}) + {nodes} node(s) (logs in {logs}) ...")
+    say(f"starting a local cluster: server ({precision}, {server_threads(THREAD_BUDGET, nodes)} thread(s)) + {nodes} "
+        f"node(s) (logs in {logs}) ...")
     logs.mkdir(parents=True, exist_ok=True)
-    return LocalCluster(args.model, nodes, server_args=["--precision", precision], env=ENV, log_dir=str(logs))
+    threads = server_threads(THREAD_BUDGET, nodes)
+    return LocalCluster(args.model, nodes, server_args=["--precision", precision, "--threads", str(threads)],
+                        env=ENV, log_dir=str(logs))
 
 
 def rss_mib(pid: int) -> float | None:
@@ -423,7 +436,9 @@ def main(args) -> int:
                  "prompt_tokens": len(long_ids), "short_prompt_tokens": len(prompt_ids),
                  "reps": reps, "quick": bool(args.quick), "cpus": os.cpu_count(),
                  "machine": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "hf_threads": hf["threads"], "seconds": time.perf_counter() - t_start,
+                 "hf_threads": hf["threads"],
+                 "server_threads": {str(k): server_threads(THREAD_BUDGET, k) for k in sorted({args.nodes, *SCALING})},
+                 "seconds": time.perf_counter() - t_start,
                  "phases_s": phases},
         "hf": hf, "skynet": sky, "exact": exact, "scaling": scaling, "elastic": elastic or None,
         "quality": quality, "resources": resources, "llama_cpp": llama, "rtt": rtt,

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from .config import DEFAULT_CACHE_MAX_BYTES, ConfigError, NodeConfig, ServerConfig
+from .config import DEFAULT_CACHE_MAX_BYTES, ConfigError, NodeConfig, ServerConfig, blas_threads
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -56,7 +56,9 @@ def cmd_server(a) -> int:
     from .api import create_app
     from .runtime import Runtime
 
-    rt = Runtime(cfg).start()
+    rt = Runtime(cfg)
+    _threads(blas_threads(rt.precision, cfg.threads))   # the precision is known once the model is open
+    rt.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; under the default handler that kills
     # the process before `finally` runs, and the nodes never hear "server shutting down".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -157,3 +157,15 @@ class NodeConfig:
         parse_cpus(self.cpus)
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")
+
+
+def blas_threads(precision: str, threads: int) -> int:
+    """BLAS threads of a process whose kernels run `threads` threads in `precision`.
+
+    exact: the linear layers are BLAS GEMMs, so BLAS gets every thread. fast: the linear layers
+    are our kernels (their own --threads workers) and BLAS only multiplies the small attention
+    matrices, where a second OpenBLAS thread cost 4x the CPU of one on a 256-token prefill
+    (it spins, and fights the kernel workers for the cores): 1."""
+    if threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    return threads if precision == "exact" else 1

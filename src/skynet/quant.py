@@ -22,9 +22,10 @@ kernels regroup only products that are exact in double, which yields the same do
 (weight row, activation row) result is bit-identical whatever the other rows in the call, the
 thread count, the tiling, and the path: generic C, AVX2, or AVX-512 VNNI (every format). The C
 kernels (skynet._qkernels) pick the best path at run time with __builtin_cpu_supports;
-SKYNET_KERNEL=generic|avx2|avx512 caps it (for tests/benches). threads > 1 starts POSIX threads for
-the call (none on Windows builds; calls under ~2M multiply-adds stay on one thread); no idle
-thread pool spins afterwards.
+SKYNET_KERNEL=generic|avx2|avx512 caps it (for tests/benches). threads > 1 hands chunks of weight
+rows to threads - 1 persistent POSIX workers (none on Windows builds; calls under 256K
+multiply-adds or 64 rows stay on the calling thread); idle workers spin up to ~200 µs, yielding
+the core, then block, so an idle process burns no core.
 """
 from __future__ import annotations
 
