@@ -1,0 +1,86 @@
+"""Replica policy (replicas.py): every range held by min(R, nodes) nodes, holdings contiguous and
+within memory caps, and a latency-derived hedge / miss deadline that one slow reply cannot move far."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from skynet.plan import Member, plan
+from skynet.replicas import (HEDGE_FLOOR_S, MIN_SAMPLES, Latency, holders, hedge_after, miss_after, observe,
+                             replica_caps, replicate)
+
+
+def _within(r, h):
+    return h[0] <= r[0] and r[1] <= h[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 9), r=st.integers(1, 5), granule=st.sampled_from([1, 32]),
+       weights=st.lists(st.floats(0.1, 10), min_size=9, max_size=9), units=st.integers(10, 40),
+       local=st.sampled_from([0.0, 1.0]))
+def test_every_range_has_min_r_holders_and_holdings_are_contiguous(n, r, granule, weights, units, local):
+    nodes = [Member(i + 1, weights[i]) for i in range(n)]
+    p = replicate(plan(units * granule, nodes, local, granule), r)
+    assert p.covers()
+    hs = holders(p)
+    assert set(hs) == set(p.ranges.values())
+    for rng, who in hs.items():
+        assert len(who) >= min(r, n), (rng, who)
+        assert who[0] == next(i for i, x in p.ranges.items() if x == rng)   # primary first
+        assert all(_within(rng, p.held(i)) for i in who)
+    for nid, (s, e) in p.ranges.items():
+        hs_, he = p.held(nid)
+        assert hs_ <= s < e <= he and hs_ % granule == 0 and he % granule == 0
+        assert p.holds == {} or p.held(nid) == p.holds[nid]
+    if r == 1 or n == 1:
+        assert p.holds == {}
+
+
+def test_groups_of_r_and_the_remainder_joins_the_last():
+    p = replicate(plan(100, [Member(i, 1.0) for i in range(1, 6)]), 2)   # 5 nodes: groups 2 + 3
+    assert [p.held(i) for i in range(1, 6)] == [(0, 40), (0, 40), (40, 100), (40, 100), (40, 100)]
+    assert holders(p)[(0, 20)] == (1, 2) and holders(p)[(60, 80)] == (4, 3, 5)
+
+
+def test_more_replicas_than_nodes_means_every_node_holds_everything():
+    p = replicate(plan(60, [Member(1, 1.0), Member(2, 2.0)]), 3)
+    assert p.held(1) == p.held(2) == (0, 60)
+    assert all(len(w) == 2 for w in holders(p).values())
+
+
+def test_a_node_whose_cap_cannot_take_the_group_holds_only_its_primary():
+    p0 = plan(100, [Member(1, 1.0), Member(2, 1.0, cap=60)])
+    p = replicate(p0, 2, {1: None, 2: 60})
+    assert p.held(1) == (0, 100) and p.held(2) == (50, 100)
+    assert holders(p) == {(0, 50): (1,), (50, 100): (2, 1)}
+
+
+def test_replica_caps_leave_room_for_r_ranges_on_granule_bounds():
+    assert replica_caps({1: 100, 2: None, 3: 10}, 2, 32) == {1: 32, 2: None, 3: 32}
+    assert replica_caps({1: 100}, 2) == {1: 50}
+
+
+def test_bad_replica_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="replicas"):
+        replicate(plan(10, [Member(1, 1.0)]), 0)
+
+
+def test_hedge_deadline_follows_the_distribution_not_the_floor():
+    assert hedge_after(None, 1.0, 0.3) == 0.3                     # nothing observed: the fallback
+    lat = None
+    for _ in range(MIN_SAMPLES):
+        lat = observe(lat, 0.004)
+    assert HEDGE_FLOOR_S <= hedge_after(lat, 1.0, 0.3) < 0.05     # steady 4 ms: hedge within tens of ms
+    assert miss_after(lat, 1.0, 0.1, 0.3) == 0.1                  # ... and a miss counts after the floor
+    jittery = lat
+    for s in [0.004, 0.030] * 10:
+        jittery = observe(jittery, s)
+    assert hedge_after(jittery, 1.0, 0.3) > hedge_after(lat, 1.0, 0.3)   # noise widens it
+
+
+def test_one_slow_reply_does_not_make_the_next_normal_one_late():
+    lat = None
+    for _ in range(20):
+        lat = observe(lat, 0.005)
+    spiked = observe(lat, 0.250)   # one 250 ms hiccup
+    assert spiked.mean < 0.06
+    assert 0.005 < hedge_after(spiked, 1.0, 0.3)
+    assert miss_after(spiked, 1.0, 0.1, 0.3) >= 0.1   # never below the floor
