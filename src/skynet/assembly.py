@@ -40,6 +40,7 @@ class Slices:
     def __init__(self, welcome: wire.Welcome, fmt, name: str = "node"):
         self.welcome, self.format, self.name = welcome, fmt, name
         self.served: dict[int, list] = {}
+        self.parts: dict[tuple[int, int, int], list] = {}   # (epoch, start, end) -> sub-range slices
         self.pending: Pending | None = None
 
     def layers(self, epoch: int) -> list | None:
@@ -49,6 +50,25 @@ class Slices:
         """The server sent work for `epoch`: older epochs are of no more use."""
         for old in [e for e in self.served if e < epoch]:
             del self.served[old]
+        for key in [k for k in self.parts if k[0] < epoch]:
+            del self.parts[key]
+
+    def part(self, epoch: int, start: int, end: int) -> list | None:
+        """Per-layer slices of neurons [start, end) of the range held for `epoch` (a replica's
+        sub-range), built once from copies of the held rows exactly as a slice of [start, end)
+        alone is built, so it computes bit-identical partials; None if not held or off blocks."""
+        layers, fmt = self.served.get(epoch), self.format
+        if layers is None or (start, end) == (layers[0].start, layers[0].end):
+            return layers
+        if not layers[0].start <= start < end <= layers[0].end or start % fmt.granule or end % fmt.granule:
+            return None
+        key = (epoch, start, end)
+        if key not in self.parts:
+            self.parts[key] = [
+                fmt.build(li, start, end, tuple(p.copy() for p in fmt.get(li, sl.rows(), start - sl.start,
+                                                                           end - sl.start)))
+                for li, sl in enumerate(layers)]
+        return self.parts[key]
 
     def assign(self, a: wire.Assign) -> int | None:
         """Start assembling epoch a.epoch; the epoch if it is already complete (no rows to

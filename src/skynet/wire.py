@@ -82,6 +82,8 @@ class MlpOut(Message):
     epoch: int
     layer: int
     y: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
+    start: int = 0   # the Mlp's sub-range, echoed (0, 0: the node's whole held range)
+    end: int = 0
 
 
 # ---------------------------------------------------------------- server -> node
@@ -145,6 +147,8 @@ class Mlp(Message):
     epoch: int
     layer: int
     x: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
+    start: int = 0   # compute only neurons [start, end) of the held range (replicas.py);
+    end: int = 0     # (0, 0) = the whole held range
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,8 @@ def _check_semantics(msg: Message, limits: Limits) -> None:
     layer = getattr(msg, "layer", None)
     if layer is not None and limits.layers is not None and layer >= limits.layers:
         raise WireError(f"{msg.TYPE}: layer {layer} out of range (model has {limits.layers})")
+    if isinstance(msg, (Mlp, MlpOut)) and (msg.start or msg.end) and msg.end <= msg.start:
+        raise WireError(f"{msg.TYPE}: empty sub-range [{msg.start}, {msg.end})")
     if isinstance(msg, (Assign, Load)) and msg.end <= msg.start:
         raise WireError(f"{msg.TYPE}: empty range [{msg.start}, {msg.end})")
     if isinstance(msg, Welcome) and msg.qtypes:
