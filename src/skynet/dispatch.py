@@ -11,7 +11,14 @@ mlp.py) and their sum is rounded to float32 once. A node that misses the step's 
 connection is gone, or whose reply is malformed (wrong rows, width or dtype, NaN), has its range
 computed here for this step; a lost connection, MAX_MISSES missed deadlines in a row, or too many
 bad messages (transport.MAX_BAD_MESSAGES), plan it out. Replies
-carry (step, epoch, layer): a late one is dropped, never summed into another step.
+carry (step, epoch, layer, sub-range): a late one is dropped, never summed into another step.
+
+Replicas (`--replicas R`, replicas.py): each range is asked of its primary; if no reply comes
+within a deadline derived from the primary's reply-time distribution (replicas.hedge_after), or
+its connection drops, the same range is asked of the next holder (a hedge; whichever answers
+first is summed, both compute bit-identical partials), and the server computes it itself only
+when no holder is left or the miss deadline (replicas.miss_after) passes. A node that misses a
+deadline or is hedged sits out the rest of the step; MAX_MISSES missed steps in a row lose it.
 """
 from __future__ import annotations
 
@@ -23,9 +30,13 @@ import numpy as np
 
 from . import wire
 from .cluster import Cluster, Reply
+from .replicas import hedge_after, holders, miss_after
 
 log = logging.getLogger("skynet.dispatch")
-MICRO = 2   # calls that may be in flight at once: one per micro-batch (overlap.py)
+MICRO = 2           # calls that may be in flight at once: one per micro-batch (overlap.py)
+MISS_FLOOR_S = 0.1  # a reply later than this (and than the node's own distribution says) is missed
+
+Range = tuple[int, int]
 
 
 @dataclass
@@ -36,8 +47,11 @@ class Call:
     x: np.ndarray                                  # (N, H)
     t_sent: float
     local: list = field(default_factory=list)      # ranges the server computes
-    waiting: dict = field(default_factory=dict)    # node id -> range still expected
+    waiting: dict = field(default_factory=dict)    # range still expected -> [node ids asked]
     parts: list = field(default_factory=list)      # (range start, partial (N, H))
+    sent: dict = field(default_factory=dict)       # (range, node id) -> when it was asked
+    hedge_at: dict = field(default_factory=dict)   # range -> when to ask a replica too
+    miss_at: float = 0.0                           # when silence counts as a missed deadline
 
 
 class ClusterMLP:
@@ -57,20 +71,30 @@ class ClusterMLP:
         self.out_dtype = np.dtype(np.float64 if self.weights.quantized else np.float32)
         self.local_cache: dict[tuple[int, int, int], object] = {}
         self.epoch, self.plan = cluster.epoch, cluster.plan
+        self.holders: dict[Range, tuple[int, ...]] = holders(self.plan)
         self.inflight: dict[tuple, Call] = {}
+        self.benched: set[int] = set()                 # nodes that sit out the rest of this step
+        self.missed_now: set[int] = set()              # nodes that missed a deadline this step
+        self.outrun: dict[tuple, tuple[float, float]] = {}   # (key, range, nid) -> (sent, miss at)
         # fallbacks: ranges of planned nodes computed here instead, by reason; replies: per node name
         self.stats = {"calls": 0, "wait_s": 0.0, "local_s": 0.0, "bytes_out": 0, "bytes_in": 0,
-                      "fallbacks": 0, "fallback_reasons": {}, "replies": {}, "direct_replies": 0}
+                      "fallbacks": 0, "fallback_reasons": {}, "replies": {}, "direct_replies": 0,
+                      "hedges": 0, "replica_replies": 0, "duplicates": 0}
 
     def begin_step(self) -> None:
         """Step boundary: heartbeats, membership, the plan switch; then a new step id. The
         step's whole forward pass uses the (epoch, plan) taken here."""
+        self._expire(time.perf_counter())
         epoch, self.plan = self.c.step_boundary()
         self.step += 1
         self.inflight.clear()   # a failed step may have left calls behind
+        self.benched.clear()
+        self.missed_now.clear()
         if epoch != self.epoch:   # fallback slices of the old plan are of no more use
             self.epoch = epoch
             self.local_cache.clear()
+            self.outrun.clear()
+        self.holders = holders(self.plan)
 
     @property
     def overlaps(self) -> bool:
@@ -82,22 +106,44 @@ class ClusterMLP:
         return self.gather(self.scatter(layer, x))
 
     def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call:
-        """Send x (N, H) of micro-batch `micro` to every planned node; nothing is computed yet."""
+        """Send x (N, H) of micro-batch `micro` to each range's primary (or, if it cannot take it,
+        the next holder); nothing is computed yet."""
         call = Call((MICRO * self.step + micro, self.epoch, layer), x, time.perf_counter(), list(self.plan.local))
-        if self.plan.ranges:
-            frames = wire.encode(wire.Mlp(call.key[0], self.epoch, layer, x))
-            for nid, rng in self.plan.ranges.items():
-                n = self.c.serving(nid)
-                # a node still receiving rows for the next epoch would answer late: compute here
-                if n is not None and not n.loading_rows and self.c.send_mlp(n, frames, self.min_deadline_s):
-                    call.waiting[nid] = rng
-                    self.stats["bytes_out"] += len(frames[0]) + x.nbytes
-                else:
-                    self._count("not serving" if n is None else "loading rows" if n.loading_rows
-                                else "send failed")
-                    call.local.append(rng)
+        scale = _row_scale(x.shape[0])
+        for rng, who in self.holders.items():
+            if self._ask(call, rng, who):
+                primary = self.c.serving(call.waiting[rng][0])
+                call.miss_at = max(call.miss_at, call.t_sent + self._miss_limit(primary, scale))
+                call.hedge_at[rng] = call.t_sent + hedge_after(primary.lat, scale, self._ceiling(primary, scale))
+            else:
+                call.local.append(rng)
         self.inflight[call.key] = call
         return call
+
+    def _ask(self, call: Call, rng: Range, who: tuple[int, ...], why: str = "") -> bool:
+        """Send rng to the first holder in `who` that can take it now and was not asked yet;
+        False (with the reason counted) if none can."""
+        reasons = [why] if why else []
+        for nid in who:
+            n = self.c.serving(nid)
+            if nid in call.waiting.get(rng, ()):
+                continue
+            if n is None or nid in self.benched or n.loading_rows:   # loading: it would answer late
+                reasons.append("not serving" if n is None else "missed this step" if nid in self.benched
+                               else "loading rows")
+                continue
+            sub = (0, 0) if self.plan.held(nid) == rng else rng
+            frames = wire.encode(wire.Mlp(call.key[0], call.key[1], call.key[2], call.x, *sub))
+            if not self.c.send_mlp(n, frames, self.min_deadline_s):
+                reasons.append("send failed")
+                continue
+            call.waiting.setdefault(rng, []).append(nid)
+            call.sent[(rng, nid)] = time.perf_counter()
+            self.stats["bytes_out"] += len(frames[0]) + call.x.nbytes
+            return True
+        if rng not in call.waiting:
+            self._count((reasons or ["not serving"])[0])
+        return False
 
     def gather(self, call: Call) -> np.ndarray:
         """Compute the call's local ranges, wait for its nodes (or compute theirs), sum (N, H)."""
@@ -118,59 +164,104 @@ class ClusterMLP:
         return out.reshape(call.x.shape).astype(np.float32, copy=False)
 
     def _gather(self, call: Call) -> None:
-        limit = self._deadline(call)
-        deadline = call.t_sent + limit
+        """Wait for the call's ranges until its miss deadline, hedging late ones to replicas."""
         while call.waiting:
-            left = deadline - time.perf_counter()
-            waiting = {nid for c in self.inflight.values() for nid in c.waiting}
-            self._take(self.c.receive(list(waiting), max(left, 0.0), self.spin_s))
-            if left <= 0:   # replies that arrived while this thread was busy were read above
+            now = time.perf_counter()
+            for rng in [r for r, t in call.hedge_at.items() if t <= now and r in call.waiting]:
+                self._hedge(call, rng)
+            wake = min([call.miss_at, *call.hedge_at.values()])
+            waiting = {nid for c in self.inflight.values() for ids in c.waiting.values() for nid in ids}
+            self._take(self.c.receive(list(waiting), max(wake - now, 0.0), self.spin_s))
+            if now >= call.miss_at:   # replies that arrived while this thread was busy were read above
                 break
-        for nid in list(call.waiting):
-            self._fallback(call, nid, "missed deadline")
-            self.c.missed(nid, f"missed a {limit * 1000:.0f} ms step deadline")
+        self._expire(time.perf_counter())
+        limit = call.miss_at - call.t_sent
+        for rng in list(call.waiting):
+            for nid in call.waiting[rng]:
+                self._missed(nid, f"missed a {limit * 1000:.0f} ms step deadline")
+            self._fallback(call, rng, "missed deadline")
+
+    def _hedge(self, call: Call, rng: Range) -> None:
+        """rng is late at every holder asked: ask the next one too (first reply wins); the late
+        ones sit out the rest of the step."""
+        call.hedge_at.pop(rng, None)
+        late = list(call.waiting[rng])
+        if self._ask(call, rng, self.holders.get(rng, ())):
+            self.stats["hedges"] += 1
+            self.benched.update(late)
 
     def _take(self, replies: list[Reply]) -> None:
         """Sum what matches a call in flight; a node lost meanwhile (disconnect, bad messages) or
         that sent a message the wire layer rejected (its reply may have been that one) is
-        computed here."""
+        asked no more: its ranges go to a replica, else are computed here."""
         for r in replies:
-            calls = [c for c in self.inflight.values() if r.node.id in c.waiting]
             if r.msg is None:
-                for c in calls:
-                    self._fallback(c, r.node.id, r.reason, r.why)
+                self._drop_node(r.node.id, r.reason, r.why)
                 continue
             call = self.inflight.get((r.msg.step, r.msg.epoch, r.msg.layer))
-            if call is None or r.node.id not in call.waiting:
-                self.c.late()   # a late reply: never summed into another step
+            rng = ((r.msg.start, r.msg.end) if r.msg.end
+                   else self.plan.held(r.node.id) if r.node.id in self.plan.ranges else None)
+            if call is not None and r.node.id in call.waiting.get(rng, ()):
+                self._accept(call, rng, r)
+            elif self.outrun.pop(((r.msg.step, r.msg.epoch, r.msg.layer), rng, r.node.id), None):
+                self.stats["duplicates"] += 1   # a hedged range a replica answered first
             else:
-                self._accept(call, r)
-        for c in self.inflight.values():
-            for nid in list(c.waiting):
-                if self.c.serving(nid) is None:
-                    self._fallback(c, nid, "lost during step")
+                self.c.late()   # a late reply: never summed into another step
+        for nid in {nid for c in self.inflight.values() for ids in c.waiting.values() for nid in ids}:
+            if self.c.serving(nid) is None:
+                self._drop_node(nid, "lost during step")
 
-    def _accept(self, call: Call, r: Reply) -> None:
+    def _drop_node(self, nid: int, reason: str, detail: str = "") -> None:
+        """nid will not answer: each range it was asked goes to another holder, else here."""
+        self.benched.add(nid)
+        for c in list(self.inflight.values()):
+            for rng in [r for r, ids in c.waiting.items() if nid in ids]:
+                c.waiting[rng].remove(nid)
+                if not c.waiting[rng] and not self._ask(c, rng, self.holders.get(rng, ()), reason):
+                    self._fallback(c, rng, reason, detail)
+
+    def _accept(self, call: Call, rng: Range, r: Reply) -> None:
         n, y = r.node, r.msg.y
         why = _malformed(y, call.x.shape, self.out_dtype)
-        if why:   # a broken peer: compute its range here instead, and count it as a bad message
-            self._fallback(call, n.id, "bad reply", why)
+        if why:   # a broken peer: ask another holder (or compute here), count it as a bad message
             self.c.bad(n, f"mlp_out {why}")
+            self._drop_node(n.id, "bad reply", why)
             return
-        rng = call.waiting.pop(n.id)
+        asked = call.waiting.pop(rng)
+        call.hedge_at.pop(rng, None)
+        for other in asked:   # hedged: the slower holder's reply, if it comes, is a duplicate
+            if other != n.id:
+                self.outrun[(call.key, rng, other)] = (call.sent[(rng, other)], call.miss_at)
         call.parts.append((rng[0], y.reshape(-1, y.shape[-1])))
         self.stats["bytes_in"] += y.nbytes
         self.stats["direct_replies"] += r.direct
+        self.stats["replica_replies"] += self.plan.ranges.get(n.id) != rng
         self.stats["replies"][n.name] = self.stats["replies"].get(n.name, 0) + 1
-        lat = time.perf_counter() - call.t_sent
+        lat = time.perf_counter() - call.sent[(rng, n.id)]
         if self.on_latency is not None:
             self.on_latency(n, lat)
         n.observe_latency(lat / _row_scale(y.shape[0]))
 
-    def _fallback(self, call: Call, nid: int, reason: str, detail: str = "") -> None:
-        s, e = call.waiting.pop(nid)
+    def _expire(self, now: float) -> None:
+        """Outrun holders whose reply is now past its miss deadline: a missed step for each."""
+        for k, (_, miss_at) in list(self.outrun.items()):
+            if miss_at <= now:
+                del self.outrun[k]
+                self._missed(k[2], "missed a step deadline (a replica answered)")
+
+    def _missed(self, nid: int, why: str) -> None:
+        """At most one miss per node per step: one slow step never counts MAX_MISSES times."""
+        if nid not in self.missed_now:
+            self.missed_now.add(nid)
+            self.c.missed(nid, why)
+        self.benched.add(nid)
+
+    def _fallback(self, call: Call, rng: Range, reason: str, detail: str = "") -> None:
+        call.waiting.pop(rng, None)
+        call.hedge_at.pop(rng, None)
+        s, e = rng
         layer = call.key[2]
-        log.debug("computing [%d, %d) of layer %d here: node %d %s %s", s, e, layer, nid, reason, detail)
+        log.debug("computing [%d, %d) of layer %d here: %s %s", s, e, layer, reason, detail)
         self._count(reason)
         call.parts.append((s, self._local(layer, s, e)(call.x)))
 
@@ -180,11 +271,13 @@ class ClusterMLP:
         reasons = self.stats["fallback_reasons"]
         reasons[reason] = reasons.get(reason, 0) + 1
 
-    def _deadline(self, call: Call) -> float:
-        emas = [n.latency_ema for n in map(self.c.serving, call.waiting)
-                if n is not None and n.latency_ema is not None]
-        est = max(emas, default=0.0) * _row_scale(call.x.shape[0])
-        return max(self.min_deadline_s, 10 * est)
+    def _ceiling(self, n, scale: float) -> float:
+        """The classic deadline: max(--step-deadline-ms, 10 x the node's mean reply time)."""
+        return max(self.min_deadline_s, 10 * (n.latency_ema or 0.0) * scale)
+
+    def _miss_limit(self, n, scale: float) -> float:
+        """When silence counts as a miss: from the node's distribution, within [floor, ceiling]."""
+        return miss_after(n.lat, scale, min(MISS_FLOOR_S, self.min_deadline_s), self._ceiling(n, scale))
 
     def _local(self, layer: int, s: int, e: int):
         key = (layer, s, e)
@@ -194,6 +287,7 @@ class ClusterMLP:
                 self.local_cache.clear()
             sl = self.local_cache[key] = self.weights.slice(layer, s, e)
         return sl
+
 
 def _malformed(y: np.ndarray, shape: tuple, dtype: np.dtype) -> str:
     """Why a node's partial cannot be summed ('' if it can): the wire layer has checked the width;

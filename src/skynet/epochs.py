@@ -17,6 +17,7 @@ from .config import ServerConfig
 from .membership import Membership, NodeState, NodeStatus
 from .mlp import MLPWeights
 from .plan import Member, Plan, PlanError, plan, reweigh
+from .replicas import replica_caps, replicate
 
 log = logging.getLogger("skynet.cluster")
 LOAD_FRAME_BYTES = 16 << 20
@@ -46,7 +47,13 @@ class Epochs:
         return nid in self.plan.ranges or (self.pending is not None and nid in self.pending.plan.ranges)
 
     def _plan(self, members: list[Member]) -> Plan:
-        return plan(self.weights.neurons, members, self.cfg.local_weight, self.weights.granule)
+        """Primaries weighted by speed (caps leave room for R ranges), then replica holdings."""
+        r, g = self.cfg.replicas, self.weights.granule
+        caps = {m.id: m.cap for m in members}
+        if r > 1:
+            shares = replica_caps(caps, r, g)
+            members = [Member(m.id, m.weight, shares[m.id]) for m in members]
+        return replicate(plan(self.weights.neurons, members, self.cfg.local_weight, g), r, caps)
 
     def _members(self) -> list[Member]:
         cands = [n.candidate() for n in self.members.plannable()]
@@ -89,7 +96,7 @@ class Epochs:
         if self.pending:   # the superseded plan's reason still explains this one
             reason = f"{self.pending.reason}; {reason}"
         epoch = max(self.epoch, self.pending.epoch if self.pending else 0) + 1
-        moved = sum(self._assign(self.members.nodes[nid], epoch, r) for nid, r in new.ranges.items())
+        moved = sum(self._assign(self.members.nodes[nid], epoch, new.held(nid)) for nid in new.ranges)
         self.pending = Pending(epoch, new, time.monotonic(), reason, moved)
         log.info("epoch %d planned (%s): %s, local %s; %.1f MB to move", epoch, reason,
                  {self.members.nodes[i].name: r for i, r in new.ranges.items()}, list(new.local), moved / 1e6)
