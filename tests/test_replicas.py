@@ -84,3 +84,17 @@ def test_one_slow_reply_does_not_make_the_next_normal_one_late():
     assert spiked.mean < 0.06
     assert 0.005 < hedge_after(spiked, 1.0, 0.3)
     assert miss_after(spiked, 1.0, 0.1, 0.3) >= 0.1   # never below the floor
+
+
+def test_status_shows_each_ranges_holders():
+    from skynet.client import print_status
+    view = {"model": "m", "layers": 2, "hidden": 4, "neurons": 100, "epoch": 3, "pending_epoch": None,
+            "active_requests": 0, "queued_requests": 0, "local_neurons": [], "replicas": 2,
+            "nodes": [{"id": i, "name": f"n{i}", "state": "active", "neurons": [r], "holds": [[0, 100]],
+                       "weight": 1.0, "latency_ms": 1.0, "mem_bytes": 1 << 30, "last_heartbeat_s": 0.1}
+                      for i, r in ((1, [0, 50]), (2, [50, 100]))],
+            "ranges": [{"neurons": [0, 50], "primary": "n1", "holders": ["n1", "n2"]},
+                       {"neurons": [50, 100], "primary": "n2", "holders": ["n2", "n1"]}]}
+    out = print_status(view)
+    assert "[0,50)  n1, n2" in out and "[50,100)  n2, n1" in out
+    assert out.count("9.6 KB /") == 2   # held memory counts the whole holding (100 rows), not the primary
