@@ -41,7 +41,8 @@ def cmd_server(a) -> int:
     cfg = ServerConfig(model=a.model, host=a.host, port=a.port, node_host=a.node_host,
                        node_port=a.node_port, data_port=a.data_port, direct=not a.no_direct,
                        cluster_key=a.cluster_key, api_key=a.api_key,
-                       insecure=a.insecure, local_weight=a.local_weight, replicas=a.replicas, heartbeat_s=a.heartbeat,
+                       insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
+                       replicas=a.replicas, hedge=a.hedge,
                        step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, spin_us=a.spin_us,
                        overlap=a.overlap, cpus=a.cpus, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
@@ -158,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--local-weight", type=float, default=0.0, help="server's own share while nodes serve")
     s.add_argument("--replicas", type=int, default=1,
                    help="nodes holding each neuron range; a late or lost primary's range goes to a replica")
+    s.add_argument("--hedge", choices=("auto", "always"), default="auto",
+                   help="replicas: ask one once the primary is late (auto), or every holder at once (always)")
     s.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
     s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")

@@ -62,8 +62,9 @@ class ClusterMLP:
     on_latency = None   # optional callback(node, seconds): each node reply's round trip (metrics)
 
     def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3, spin_s: float = 0.0,
-                 overlap: bool = False):
+                 overlap: bool = False, always_both: bool = False):
         self.c = cluster
+        self.always_both = always_both   # ask every holder at once instead of hedging late ranges
         self.overlap = overlap   # let steps of 2+ sequences run as two micro-batches (overlap.py)
         self.min_deadline_s, self.spin_s = min_deadline_s, spin_s
         self.step = 0
@@ -112,6 +113,8 @@ class ClusterMLP:
         scale = _row_scale(x.shape[0])
         for rng, who in self.holders.items():
             if self._ask(call, rng, who):
+                while self.always_both and self._ask(call, rng, who):
+                    pass
                 primary = self.c.serving(call.waiting[rng][0])
                 call.miss_at = max(call.miss_at, call.t_sent + self._miss_limit(primary, scale))
                 call.hedge_at[rng] = call.t_sent + hedge_after(primary.lat, scale, self._ceiling(primary, scale))
@@ -243,7 +246,10 @@ class ClusterMLP:
         n.observe_latency(lat / _row_scale(y.shape[0]))
 
     def _expire(self, now: float) -> None:
-        """Outrun holders whose reply is now past its miss deadline: a missed step for each."""
+        """Outrun holders whose reply is now past its miss deadline: a missed step for each
+        (read what they sent first: nobody waited on them since)."""
+        if self.outrun:
+            self._take(self.c.receive(list({k[2] for k in self.outrun}), 0.0))
         for k, (_, miss_at) in list(self.outrun.items()):
             if miss_at <= now:
                 del self.outrun[k]

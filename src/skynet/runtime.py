@@ -68,7 +68,8 @@ class Runtime:
         # no token covers more characters than its longest string: a bound checked before tokenizing
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
-        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6, cfg.overlap)
+        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6, cfg.overlap,
+                              cfg.hedge == "always")
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
         self.stop_ids = frozenset(self.arch.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
