@@ -395,7 +395,7 @@ def test_replicas_take_over_a_killed_node_without_a_stall(make_cluster, precisio
     """--replicas 2, 4 nodes: SIGKILL one mid-stream; its ranges go to their replicas. The text
     equals the undisturbed run's, in both precisions, and no inter-token gap is far above the
     median (a generous bound for a shared 2-core box; the bench measures the real ratio)."""
-    args = ["--replicas", "2"] + ([] if precision == "exact" else ["--precision", "fast"])
+    args = ["--replicas", "2", "--precision", precision]
     lc = make_cluster(4, server_args=args)
     view = wait_for(lc, lambda: view_when(lc, lambda v: len(v["ranges"]) == 4 and v["pending_epoch"] is None),
                     30, "a plan of the 4 nodes")

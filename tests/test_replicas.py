@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from skynet.plan import Member, plan
-from skynet.replicas import (HEDGE_FLOOR_S, MIN_SAMPLES, Latency, holders, hedge_after, miss_after, observe,
-                             replica_caps, replicate)
+from skynet.replicas import (HEDGE_FLOOR_S, MIN_SAMPLES, holders, hedge_after, miss_after, observe,
+                             replica_caps, replicate, takeover)
 
 
 def _within(r, h):
@@ -98,3 +98,55 @@ def test_status_shows_each_ranges_holders():
     out = print_status(view)
     assert "[0,50)  n1, n2" in out and "[50,100)  n2, n1" in out
     assert out.count("9.6 KB /") == 2   # held memory counts the whole holding (100 rows), not the primary
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 8), r=st.integers(2, 4), lost=st.integers(0, 7),
+       weights=st.lists(st.floats(0.1, 10), min_size=8, max_size=8))
+def test_a_lost_nodes_range_is_taken_over_without_moving_rows(n, r, lost, weights):
+    p = replicate(plan(64, [Member(i + 1, weights[i]) for i in range(n)]), r)
+    gone = lost % n + 1
+    t = takeover(p, gone)
+    assert t is not None                       # with R >= 2 a group always has an adjacent survivor
+    assert gone not in t.ranges and t.covers()
+    assert all(t.held(i) == p.held(i) for i in t.ranges)   # nothing to ship
+    assert all(_within(t.ranges[i], t.held(i)) for i in t.ranges)
+    assert all(len(w) >= 1 for w in holders(t).values())
+
+
+def test_no_takeover_without_replicas():
+    p = replicate(plan(40, [Member(1, 1.0), Member(2, 1.0)]), 1)
+    assert takeover(p, 1) is None and takeover(p, 3) is None
+
+
+def test_a_sub_range_computes_bit_identical_partials_to_a_slice_of_it_alone():
+    """exact: F32Format.sub of a held slice == the server's slice of that range, bit for bit."""
+    import numpy as np
+    from skynet.mlp import MLPWeights
+    rng = np.random.default_rng(1)
+    w = MLPWeights(*[[rng.standard_normal((96, 40), dtype=np.float32) for _ in range(2)] for _ in range(3)])
+    held = w.slice(1, 16, 80)
+    x = rng.standard_normal((3, 40), dtype=np.float32)
+    for s, e in [(16, 48), (48, 80), (20, 21), (16, 80)]:
+        part = w.format.sub(1, held, s, e)
+        assert np.array_equal(part(x), w.slice(1, s, e)(x)), (s, e)
+
+
+def test_slices_serve_only_held_sub_ranges():
+    import numpy as np
+    from skynet import wire
+    from skynet.assembly import Slices
+    from skynet.mlp import F32Format, MLPWeights
+    rng = np.random.default_rng(2)
+    w = MLPWeights(*[[rng.standard_normal((64, 8), dtype=np.float32) for _ in range(2)] for _ in range(3)])
+    sl = Slices(wire.Welcome(1, "m", 8, 2, 64, 1.0), F32Format(8))
+    assert sl.assign(wire.Assign(1, 16, 48, 0)) is None
+    for layer in range(2):
+        assert sl.load(wire.Load(1, layer, 16, 48, *w.rows(layer, 16, 48))) in (None, 1)
+    x = rng.standard_normal((2, 8), dtype=np.float32)
+    assert np.array_equal(sl.part(1, 1, 20, 30)(x), w.slice(1, 20, 30)(x))
+    assert sl.part(1, 0, 0, 0).end == 48 and sl.part(1, 1, 16, 48) is sl.part(1, 1, 0, 0)
+    assert sl.part(1, 0, 8, 20) is None and sl.part(1, 0, 40, 50) is None and sl.part(2, 0, 16, 20) is None
+    assert sl.part(1, 5, 16, 20) is None
+    assert sl.assign(wire.Assign(2, 16, 48, 1)) == 2        # same rows under a takeover: shared at once
+    assert sl.part(2, 1, 20, 30) is sl.part(1, 1, 20, 30)

@@ -352,7 +352,11 @@ def main(args) -> int:
         if not args.quick and args.nodes >= 1:
             say("  elastic: a node dies mid-request ...")
             elastic.update(kill_figures(lc, PROMPT, "node0", len(lc.active_nodes()) - 1))
-        phase("elastic")
+    if not args.quick:
+        from . import bench_replicas
+        say("  elastic: a node dies mid-request, 4 nodes with --replicas 2 ...")
+        elastic["replicas"] = bench_replicas.kill_gap(args.model, precision, out)
+    phase("elastic")
 
     if precision == "exact":
         exact = sky
@@ -442,6 +446,10 @@ def targets(r: dict) -> list[dict]:
         row("server RSS, 2 nodes (MiB)", res.get("server_rss_mib"), "<=", 300),
         row("bytes shipped when a 3rd node joins 2 (MB)",
             e["bytes_moved"] / MB if "bytes_moved" in e else None, "<=", 40),
+        row("node SIGKILLed, --replicas 2, 4 nodes: max gap / median gap",
+            e["replicas"]["gap_ratio"] if e.get("replicas") else None, "<=", 3, "x"),
+        row("  same: output identical to the undisturbed run (1 = yes)",
+            float(e["replicas"]["identical_to_undisturbed"]) if e.get("replicas") else None, ">=", 1),
         row("cold start to /health, empty cache (s)", res.get("cold_start", {}).get("seconds"), "<=", 5),
         row("teacher-forced agreement, fast (%)", 100 * q["fast"]["agreement"], ">=",
             100 * q["target_fast"]),
@@ -536,6 +544,13 @@ def report(r: dict) -> str:
                      ["  fallbacks", e["fallbacks"]],
                      ["  recovery rebalance (s)", e["recovery_rebalance_s"]],
                      ["  rebalances after the kill", len(e["rebalances_after_kill"])]]
+        if e.get("replicas"):
+            k = e["replicas"]
+            rows += [[f"kill node1, {k['nodes']} nodes, --replicas {k['replicas']}: max / median gap",
+                      f"{1000 * k['max_gap_s']:.1f} / {1000 * k['median_gap_s']:.1f} ms = {k['gap_ratio']:.2f}x"],
+                     ["  text identical to the undisturbed run", "yes" if k["identical_to_undisturbed"] else "NO"],
+                     ["  hedges / replica replies / fallbacks", f"{k['hedges']} / {k['replica_replies']} / "
+                                                               f"{k['fallbacks']}"]]
         out.append(table("elastic", ["event", "value"], rows))
     out.append(table("targets (issue 9)", ["figure", "value", "target", "met"],
                      [[t["name"], t["value"], t["target"],

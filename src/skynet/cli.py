@@ -121,6 +121,11 @@ def cmd_bench_rtt(a) -> int:
     return 0
 
 
+def cmd_bench_replicas(a) -> int:
+    from .bench_replicas import main as replicas_main
+    return replicas_main(a)
+
+
 def cmd_status(a) -> int:
     from .client import get_json, print_status
     view = get_json(a.url + "/v1/cluster", a.api_key)
@@ -242,6 +247,13 @@ def parser() -> argparse.ArgumentParser:
     br.add_argument("--delays", default="", help="also the direct link with these added one-way delays (ms), e.g. 0,0.1,0.25,0.5")
     br.add_argument("--json", action="store_true")
     br.set_defaults(fn=cmd_bench_rtt)
+    bp = sub.add_parser("bench-replicas", help="replicas: the gap when a node is killed, and the cost per token")
+    bp.add_argument("--model", default=None)
+    bp.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto")
+    bp.add_argument("--tokens", type=int, default=32, help="decode tokens per cost measurement")
+    bp.add_argument("--reps", type=int, default=3, help="timed requests per setup")
+    bp.add_argument("--out", default="bench-out", help="folder for replicas.json and the logs")
+    bp.set_defaults(fn=cmd_bench_replicas)
     return p
 
 

@@ -51,7 +51,7 @@ class Call:
     parts: list = field(default_factory=list)      # (range start, partial (N, H))
     sent: dict = field(default_factory=dict)       # (range, node id) -> when it was asked
     hedge_at: dict = field(default_factory=dict)   # range -> when to ask a replica too
-    miss_at: float = 0.0                           # when silence counts as a missed deadline
+    miss_at: float = 0.0                           # when the server stops waiting for a range
 
 
 class ClusterMLP:
@@ -76,7 +76,7 @@ class ClusterMLP:
         self.inflight: dict[tuple, Call] = {}
         self.benched: set[int] = set()                 # nodes that sit out the rest of this step
         self.missed_now: set[int] = set()              # nodes that missed a deadline this step
-        self.outrun: dict[tuple, tuple[float, float]] = {}   # (key, range, nid) -> (sent, miss at)
+        self.outrun: dict[tuple, tuple[float, float]] = {}   # (key, range, nid) -> (sent, evict at)
         # fallbacks: ranges of planned nodes computed here instead, by reason; replies: per node name
         self.stats = {"calls": 0, "wait_s": 0.0, "local_s": 0.0, "bytes_out": 0, "bytes_in": 0,
                       "fallbacks": 0, "fallback_reasons": {}, "replies": {}, "direct_replies": 0,
@@ -174,15 +174,14 @@ class ClusterMLP:
                 self._hedge(call, rng)
             wake = min([call.miss_at, *call.hedge_at.values()])
             waiting = {nid for c in self.inflight.values() for ids in c.waiting.values() for nid in ids}
+            waiting.update(k[2] for k in self.outrun)   # read late replies as they come (latency)
             self._take(self.c.receive(list(waiting), max(wake - now, 0.0), self.spin_s))
             if now >= call.miss_at:   # replies that arrived while this thread was busy were read above
                 break
-        self._expire(time.perf_counter())
-        limit = call.miss_at - call.t_sent
         for rng in list(call.waiting):
-            for nid in call.waiting[rng]:
-                self._missed(nid, f"missed a {limit * 1000:.0f} ms step deadline")
+            self._outrun(call, rng, call.waiting[rng])   # they sit out the step; a miss if never
             self._fallback(call, rng, "missed deadline")
+        self._expire(time.perf_counter())
 
     def _hedge(self, call: Call, rng: Range) -> None:
         """rng is late at every holder asked: ask the next one too (first reply wins); the late
@@ -206,9 +205,7 @@ class ClusterMLP:
                    else self.plan.held(r.node.id) if r.node.id in self.plan.ranges else None)
             if call is not None and r.node.id in call.waiting.get(rng, ()):
                 self._accept(call, rng, r)
-            elif self.outrun.pop(((r.msg.step, r.msg.epoch, r.msg.layer), rng, r.node.id), None):
-                self.stats["duplicates"] += 1   # a hedged range a replica answered first
-            else:
+            elif not self._late_reply(r, rng):
                 self.c.late()   # a late reply: never summed into another step
         for nid in {nid for c in self.inflight.values() for ids in c.waiting.values() for nid in ids}:
             if self.c.serving(nid) is None:
@@ -232,9 +229,7 @@ class ClusterMLP:
             return
         asked = call.waiting.pop(rng)
         call.hedge_at.pop(rng, None)
-        for other in asked:   # hedged: the slower holder's reply, if it comes, is a duplicate
-            if other != n.id:
-                self.outrun[(call.key, rng, other)] = (call.sent[(rng, other)], call.miss_at)
+        self._outrun(call, rng, [i for i in asked if i != n.id])   # hedged: theirs are duplicates
         call.parts.append((rng[0], y.reshape(-1, y.shape[-1])))
         self.stats["bytes_in"] += y.nbytes
         self.stats["direct_replies"] += r.direct
@@ -245,15 +240,37 @@ class ClusterMLP:
             self.on_latency(n, lat)
         n.observe_latency(lat / _row_scale(y.shape[0]))
 
+    def _outrun(self, call: Call, rng: Range, nids: list[int]) -> None:
+        """Asked holders whose answer is no longer needed: they sit out the rest of the step; their
+        reply, if it comes by the classic deadline (max(--step-deadline-ms, 10x mean)), is a counted
+        duplicate and a latency sample, else a missed step (`_expire`)."""
+        scale = _row_scale(call.x.shape[0])
+        for nid in nids:
+            n = self.c.serving(nid)
+            if n is not None:
+                sent = call.sent[(rng, nid)]
+                self.outrun[(call.key, rng, nid)] = (sent, sent + self._ceiling(n, scale))
+            self.benched.add(nid)
+
+    def _late_reply(self, r: Reply, rng: Range) -> bool:
+        """A reply that lost the race (or came after its range was computed here): a duplicate,
+        and a sample of the node's reply time, so the hedge deadline follows its distribution."""
+        got = self.outrun.pop(((r.msg.step, r.msg.epoch, r.msg.layer), rng, r.node.id), None)
+        if got is None:
+            return False
+        self.stats["duplicates"] += 1
+        r.node.observe_latency((time.perf_counter() - got[0]) / _row_scale(r.msg.y.shape[0]))
+        return True
+
     def _expire(self, now: float) -> None:
-        """Outrun holders whose reply is now past its miss deadline: a missed step for each
-        (read what they sent first: nobody waited on them since)."""
+        """Outrun holders still silent at their classic deadline: a missed step for each (read
+        what they sent first)."""
         if self.outrun:
             self._take(self.c.receive(list({k[2] for k in self.outrun}), 0.0))
-        for k, (_, miss_at) in list(self.outrun.items()):
-            if miss_at <= now:
+        for k, (_, evict_at) in list(self.outrun.items()):
+            if evict_at <= now:
                 del self.outrun[k]
-                self._missed(k[2], "missed a step deadline (a replica answered)")
+                self._missed(k[2], "sent no reply within the step deadline")
 
     def _missed(self, nid: int, why: str) -> None:
         """At most one miss per node per step: one slow step never counts MAX_MISSES times."""

@@ -17,10 +17,11 @@ from .config import ServerConfig
 from .membership import Membership, NodeState, NodeStatus
 from .mlp import MLPWeights
 from .plan import Member, Plan, PlanError, plan, reweigh
-from .replicas import replica_caps, replicate
+from .replicas import replica_caps, replicate, takeover
 
 log = logging.getLogger("skynet.cluster")
 LOAD_FRAME_BYTES = 16 << 20
+RESTORE_WAIT_S = 30.0   # after a takeover, restore R holders at once when idle, else after this
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Epochs:
         self.pending: Pending | None = None
         self.history: list[dict] = []
         self.reweight_streak = 0
+        self.restore_due: float | None = None   # a takeover left ranges with fewer than R holders
 
     def planned(self, nid: int) -> bool:
         """In the serving plan or the pending one."""
@@ -100,6 +102,30 @@ class Epochs:
         self.pending = Pending(epoch, new, time.monotonic(), reason, moved)
         log.info("epoch %d planned (%s): %s, local %s; %.1f MB to move", epoch, reason,
                  {self.members.nodes[i].name: r for i, r in new.ranges.items()}, list(new.local), moved / 1e6)
+
+    def take_over(self, lost: int, reason: str) -> bool:
+        """With replicas: a lost node's range joins a neighbour that already holds it
+        (`replicas.takeover`), under a new epoch that ships no rows, so it switches at the next
+        step boundary; False if that is not possible (the caller re-plans)."""
+        new = takeover(self.plan, lost) if self.cfg.replicas > 1 and not self.pending else None
+        if new is None or any(nid not in self.members.nodes for nid in new.ranges):
+            return False
+        epoch = self.epoch + 1
+        for nid in new.ranges:
+            self._assign(self.members.nodes[nid], epoch, new.held(nid))
+        self.pending = Pending(epoch, new, time.monotonic(), f"{reason} (replicas took over)", 0)
+        self.restore_due = time.monotonic()
+        log.info("epoch %d planned (%s): replicas take over, no rows move", epoch, reason)
+        return True
+
+    def maybe_restore(self, idle: bool) -> None:
+        """After a takeover: re-plan (shipping rows) to give every range R holders again, when
+        the engine is idle or RESTORE_WAIT_S later, so the shipping does not slow a stream."""
+        due = self.restore_due
+        if due is None or self.pending or not (idle or time.monotonic() - due > RESTORE_WAIT_S):
+            return
+        self.restore_due = None
+        self.replan("restoring replicas")
 
     def _assign(self, n: NodeState, epoch: int, rng: tuple[int, int]) -> int:
         """Tell n its range for `epoch` and send the rows it does not hold; returns bytes sent."""

@@ -237,16 +237,15 @@ class Node:
                 sock.send_multipart(wire.encode(wire.Ready(done)))
 
     def _mlp(self, sock, msg: wire.Mlp) -> None:
-        layers = (self.slices.part(msg.epoch, msg.start, msg.end) if msg.end
-                  else self.slices.layers(msg.epoch))
-        if layers is None:
+        sl = self.slices.part(msg.epoch, msg.layer, msg.start, msg.end)
+        if sl is None:
             log.warning("mlp for epoch %d [%d, %d), which I don't hold (have %s)", msg.epoch, msg.start,
                         msg.end, list(self.slices.served))
             return
         if self.cfg.delay_ms:
             time.sleep(self.cfg.delay_ms / 1000)
         x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
-        y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
+        y = sl(x).reshape(msg.x.shape)                              # (..., H)
         out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y, msg.start, msg.end)
         sock.send_multipart(wire.encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
         self.served += 1

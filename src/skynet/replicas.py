@@ -76,6 +76,25 @@ def _within(rng: Range, held: Range) -> bool:
     return held[0] <= rng[0] and rng[1] <= held[1]
 
 
+def takeover(p: Plan, lost: int) -> Plan | None:
+    """The plan without node `lost`, no rows moved: its primary range joins the adjacent primary
+    of a survivor that already holds it (first in plan order); every holding stays as it is.
+    None if no adjacent survivor holds it (then a full re-plan must ship rows). The result may
+    hold some ranges fewer than R times: a later re-plan restores that."""
+    rng = p.ranges.get(lost)
+    if rng is None:
+        return None
+    for nid in sorted(p.ranges, key=lambda i: p.ranges[i][0]):
+        s, e = p.ranges[nid]
+        if nid == lost or not (e == rng[0] or s == rng[1]) or not _within(rng, p.held(nid)):
+            continue
+        ranges = {i: r for i, r in p.ranges.items() if i != lost}
+        ranges[nid] = (min(s, rng[0]), max(e, rng[1]))
+        holds = {i: p.held(i) for i in ranges}
+        return replace(p, ranges=ranges, holds=holds if any(holds[i] != ranges[i] for i in ranges) else {})
+    return None
+
+
 def replica_caps(caps: Mapping[int, int | None], r: int, granule: int = 1) -> dict[int, int | None]:
     """Caps to plan primaries with when each node will hold ~r primaries' worth of rows: cap // r,
     rounded down to the granule and never below one granule (plan() rounds caps to granules)."""
