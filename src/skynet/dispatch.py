@@ -52,6 +52,7 @@ class Call:
     sent: dict = field(default_factory=dict)       # (range, node id) -> when it was asked
     hedge_at: dict = field(default_factory=dict)   # range -> when to ask a replica too
     miss_at: float = 0.0                           # when the server stops waiting for a range
+    dropped: set = field(default_factory=set)      # nodes not to ask again in this call
 
 
 class ClusterMLP:
@@ -129,7 +130,7 @@ class ClusterMLP:
         reasons = [why] if why else []
         for nid in who:
             n = self.c.serving(nid)
-            if nid in call.waiting.get(rng, ()):
+            if nid in call.waiting.get(rng, ()) or nid in call.dropped:
                 continue
             if n is None or nid in self.benched or n.loading_rows:   # loading: it would answer late
                 reasons.append("not serving" if n is None else "missed this step" if nid in self.benched
@@ -197,8 +198,8 @@ class ClusterMLP:
         that sent a message the wire layer rejected (its reply may have been that one) is
         asked no more: its ranges go to a replica, else are computed here."""
         for r in replies:
-            if r.msg is None:
-                self._drop_node(r.node.id, r.reason, r.why)
+            if r.msg is None:   # a broken link sits out the step; a refused message only this call
+                self._drop_node(r.node.id, r.reason, r.why, bench=r.reason == "link lost")
                 continue
             call = self.inflight.get((r.msg.step, r.msg.epoch, r.msg.layer))
             rng = ((r.msg.start, r.msg.end) if r.msg.end
@@ -211,10 +212,12 @@ class ClusterMLP:
             if self.c.serving(nid) is None:
                 self._drop_node(nid, "lost during step")
 
-    def _drop_node(self, nid: int, reason: str, detail: str = "") -> None:
+    def _drop_node(self, nid: int, reason: str, detail: str = "", bench: bool = True) -> None:
         """nid will not answer: each range it was asked goes to another holder, else here."""
-        self.benched.add(nid)
+        if bench:
+            self.benched.add(nid)
         for c in list(self.inflight.values()):
+            c.dropped.add(nid)
             for rng in [r for r, ids in c.waiting.items() if nid in ids]:
                 c.waiting[rng].remove(nid)
                 if not c.waiting[rng] and not self._ask(c, rng, self.holders.get(rng, ()), reason):
@@ -225,7 +228,7 @@ class ClusterMLP:
         why = _malformed(y, call.x.shape, self.out_dtype)
         if why:   # a broken peer: ask another holder (or compute here), count it as a bad message
             self.c.bad(n, f"mlp_out {why}")
-            self._drop_node(n.id, "bad reply", why)
+            self._drop_node(n.id, "bad reply", why, bench=False)
             return
         asked = call.waiting.pop(rng)
         call.hedge_at.pop(rng, None)
