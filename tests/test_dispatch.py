@@ -185,3 +185,22 @@ def test_a_hung_primary_is_lost_after_max_misses_steps_not_layers():
         for n in nodes:
             n.stop.set()
             n.join(timeout=5)
+
+
+def test_always_both_asks_every_holder_and_sums_each_range_once():
+    cluster, nodes = _replicated()
+    try:
+        mlp = ClusterMLP(cluster, min_deadline_s=0.3, always_both=True)
+        _steps(mlp, 5)
+        time.sleep(0.05)
+        _steps(mlp, 1)
+        s = mlp.stats
+        assert s["fallbacks"] == 0 and s["hedges"] == 0, s
+        assert s["calls"] == 6 * LAYERS and sum(s["replies"].values()) == 2 * s["calls"], s   # one per range
+        assert s["duplicates"] >= 2 * 5 * LAYERS - 2, s    # the other holder's answers, never summed
+        assert all(n.mlp_epochs for n in nodes)
+    finally:
+        cluster.close()
+        for n in nodes:
+            n.stop.set()
+            n.join(timeout=5)

@@ -163,7 +163,7 @@ class ClusterMLP:
             if now >= call.miss_at:   # replies that arrived while this thread was busy were read above
                 break
         for rng in list(call.waiting):
-            self._outrun(call, rng, call.waiting[rng])   # they sit out the step; a miss if never
+            self._outrun(call, rng, call.waiting[rng], bench=True)   # a miss if it never comes
             self._fallback(call, rng, "missed deadline")
         self._expire(time.perf_counter())
 
@@ -215,7 +215,7 @@ class ClusterMLP:
             return
         asked = call.waiting.pop(rng)
         call.hedge_at.pop(rng, None)
-        self._outrun(call, rng, [i for i in asked if i != n.id])   # hedged: theirs are duplicates
+        self._outrun(call, rng, [i for i in asked if i != n.id], bench=False)   # theirs: duplicates
         call.parts.append((rng[0], y.reshape(-1, y.shape[-1])))
         self.stats["bytes_in"] += y.nbytes
         self.stats["direct_replies"] += r.direct
@@ -226,17 +226,18 @@ class ClusterMLP:
             self.on_latency(n, lat)
         n.observe_latency(lat / _row_scale(y.shape[0]))
 
-    def _outrun(self, call: Call, rng: Range, nids: list[int]) -> None:
-        """Asked holders whose answer is no longer needed: they sit out the rest of the step; their
-        reply, if it comes by the classic deadline (max(--step-deadline-ms, 10x mean)), is a counted
-        duplicate and a latency sample, else a missed step (`_expire`)."""
+    def _outrun(self, call: Call, rng: Range, nids: list[int], bench: bool) -> None:
+        """Asked holders whose answer is no longer needed (late ones sit out the rest of the step):
+        their reply, if it comes by the classic deadline (max(--step-deadline-ms, 10x mean)), is a
+        counted duplicate and a latency sample, else a missed step (`_expire`)."""
         scale = _row_scale(call.x.shape[0])
         for nid in nids:
             n = self.c.serving(nid)
             if n is not None:
                 sent = call.sent[(rng, nid)]
                 self.outrun[(call.key, rng, nid)] = (sent, sent + self._ceiling(n, scale))
-            self.benched.add(nid)
+            if bench:
+                self.benched.add(nid)
 
     def _late_reply(self, r: Reply, rng: Range) -> bool:
         """A reply that lost the race (or came after its range was computed here): a duplicate,
