@@ -112,7 +112,10 @@ class Epochs:
             return False
         epoch = self.epoch + 1
         for nid in new.ranges:
-            self._assign(self.members.nodes[nid], epoch, new.held(nid))
+            n = self.members.nodes[nid]
+            busy = n.load_epoch
+            self._assign(n, epoch, new.held(nid))
+            n.load_epoch = busy   # same rows: it shares its slices at once, keep asking it meanwhile
         self.pending = Pending(epoch, new, time.monotonic(), f"{reason} (replicas took over)", 0)
         self.restore_due = time.monotonic()
         log.info("epoch %d planned (%s): replicas take over, no rows move", epoch, reason)
