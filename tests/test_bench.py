@@ -103,7 +103,7 @@ def test_quick_bench_writes_results(tmp_path, default_model_dir):
     assert e["restart_bytes_ratio"] <= 0.01 and e["restart_to_active_s"] > 0, e
 
     names = [t["name"] for t in r["targets"]]
-    assert len(names) == 12 and all(t["met"] in (True, False) for t in r["targets"]), r["targets"]
+    assert len(names) == 14 and all(t["met"] in (True, False) for t in r["targets"]), r["targets"]
 
 
 def test_server_threads_follow_the_budget():

@@ -225,3 +225,25 @@ def test_dashboard_assets_are_offline(lc):
         text = text.replace("http://www.w3.org/2000/svg", "")   # the inline favicon's XML namespace
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
     assert 'src="/static/app.js"' in page and 'href="/static/style.css"' in page
+
+
+def test_dashboard_shows_each_ranges_holders(chromium, tmp_path):
+    """--replicas 2: the plan line names every range's holders, each node row its holding."""
+    with LocalCluster(model=None, nodes=2, server_args=["--replicas", "2"], node_args=["--weight", "1"],
+                      env={"SKYNET_NO_PROGRESS": "1"}, log_dir=str(tmp_path / "logs")) as c:
+        c.wait_active(2, 60)
+        view = c.cluster()
+        browser = Browser(chromium, tmp_path / "profile")
+        try:
+            browser.call("Page.navigate", session=True, url=f"{c.url}/")
+            assert browser.wait_for("document.getElementById('plan-sub').textContent.includes('replicas 2')"), \
+                browser.evaluate("document.body.innerText")
+            sub = browser.evaluate("document.getElementById('plan-sub').textContent")
+            rows = browser.evaluate("document.getElementById('nodes').innerText")
+        finally:
+            browser.close()
+    for r in view["ranges"]:
+        s, e = r["neurons"]
+        assert f"[{s}, {e}) {' + '.join(r['holders'])}" in sub, (sub, view["ranges"])
+        assert len(r["holders"]) == 2
+    assert rows.count("holds [0, ") == 2, rows

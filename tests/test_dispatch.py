@@ -9,7 +9,7 @@ import numpy as np
 import zmq
 
 from skynet import wire
-from skynet.cluster import Cluster
+from skynet.cluster import MAX_MISSES, Cluster
 from skynet.config import ServerConfig
 from skynet.dispatch import ClusterMLP
 from skynet.mlp import MLPWeights
@@ -57,7 +57,7 @@ class ScriptedNode(threading.Thread):
                     if self.before_reply:
                         self.before_reply(m)
                     y = np.zeros(m.x.shape, np.float32)
-                    self.sock.send_multipart(wire.encode(wire.MlpOut(m.step, m.epoch, m.layer, y)))
+                    self.sock.send_multipart(wire.encode(wire.MlpOut(m.step, m.epoch, m.layer, y, m.start, m.end)))
                 elif isinstance(m, wire.Ping):
                     self.sock.send_multipart(wire.encode(wire.Pong(m.ts)))
                 elif isinstance(m, wire.Bye):
@@ -115,3 +115,94 @@ def test_a_plan_switches_only_at_a_step_boundary():
             if n is not None:
                 n.stop.set()
                 n.join(timeout=5)
+
+
+def _replicated(before_reply=None):
+    """A --replicas 2 cluster of scripted nodes a (primary of [0, 6)) and b; both hold all 12."""
+    cluster = Cluster(ServerConfig(node_port=0, heartbeat_s=30, replicas=2), _weights(), "m")
+    nodes = [ScriptedNode(cluster.cfg.node_port, "a", before_reply), ScriptedNode(cluster.cfg.node_port, "b")]
+    for n in nodes:
+        n.start()
+        _until(cluster, lambda: len(cluster.plan.ranges) == len([m for m in nodes if m.is_alive()])
+               and not cluster.pending, f"{n.name} to serve")
+    return cluster, nodes
+
+
+def _steps(mlp: ClusterMLP, k: int) -> float:
+    """k steps of LAYERS layers; the slowest step's seconds."""
+    worst = 0.0
+    for _ in range(k):
+        t0 = time.perf_counter()
+        mlp.begin_step()
+        for layer in range(LAYERS):
+            mlp(layer, np.ones((1, H), np.float32))
+        worst = max(worst, time.perf_counter() - t0)
+    return worst
+
+
+def test_a_late_primary_is_hedged_to_its_replica_and_one_slow_step_does_not_evict():
+    slow = threading.Event()
+    cluster, nodes = _replicated(lambda m: time.sleep(0.5) if slow.is_set() else None)
+    try:
+        assert cluster.plan.held(1) == cluster.plan.held(2) == (0, NEURONS)
+        mlp = ClusterMLP(cluster, min_deadline_s=0.3)
+        _steps(mlp, 10)                       # the reply-time distribution is learnt
+        assert mlp.stats["hedges"] == 0 and mlp.stats["fallbacks"] == 0
+        slow.set()
+        worst = _steps(mlp, 1)                # a: 0.5 s per reply, for one step
+        slow.clear()
+        assert mlp.stats["hedges"] == 1 and mlp.stats["replica_replies"] >= LAYERS, mlp.stats
+        assert mlp.stats["fallbacks"] == 0 and worst < 0.25, (worst, mlp.stats)
+        time.sleep(0.6)                       # a's late replies arrive: duplicates, not summed
+        _steps(mlp, 4)
+        assert 1 in cluster.nodes and cluster.nodes[1].misses == 0, "one slow step evicted a healthy node"
+        assert mlp.stats["duplicates"] >= 1
+    finally:
+        cluster.close()
+        for n in nodes:
+            n.stop.set()
+            n.join(timeout=5)
+
+
+def test_a_hung_primary_is_lost_after_max_misses_steps_not_layers():
+    hung, release = threading.Event(), threading.Event()
+    cluster, nodes = _replicated(lambda m: release.wait() if hung.is_set() else None)
+    try:
+        mlp = ClusterMLP(cluster, min_deadline_s=0.3)
+        _steps(mlp, 10)
+        hung.set()                            # a takes each Mlp and never answers
+        for k in range(1, MAX_MISSES):
+            assert _steps(mlp, 1) < 0.25      # hedged to b at once, the rest of the step skips a
+            time.sleep(0.35)                  # past the classic 300 ms deadline: one miss for the step
+            mlp.begin_step()
+            assert cluster.nodes[1].misses == k, (k, cluster.nodes[1].misses)
+        _steps(mlp, 1)
+        time.sleep(0.35)
+        mlp.begin_step()
+        assert 1 not in cluster.nodes, "a hung node was never planned out"
+        assert mlp.stats["fallbacks"] == 0, mlp.stats   # b answered every range a was asked
+    finally:
+        release.set()
+        cluster.close()
+        for n in nodes:
+            n.stop.set()
+            n.join(timeout=5)
+
+
+def test_always_both_asks_every_holder_and_sums_each_range_once():
+    cluster, nodes = _replicated()
+    try:
+        mlp = ClusterMLP(cluster, min_deadline_s=0.3, always_both=True)
+        _steps(mlp, 5)
+        time.sleep(0.05)
+        _steps(mlp, 1)
+        s = mlp.stats
+        assert s["fallbacks"] == 0 and s["hedges"] == 0, s
+        assert s["calls"] == 6 * LAYERS and sum(s["replies"].values()) == 2 * s["calls"], s   # one per range
+        assert s["duplicates"] >= 2 * 5 * LAYERS - 2, s    # the other holder's answers, never summed
+        assert all(n.mlp_epochs for n in nodes)
+    finally:
+        cluster.close()
+        for n in nodes:
+            n.stop.set()
+            n.join(timeout=5)

@@ -15,8 +15,9 @@ H, LAYERS = 8, 4
 LIMITS = wire.Limits(hidden=H, layers=LAYERS)
 
 
-def _frames(kind=1, code=0, rows=2, cols=H, step=5, epoch=2, layer=1, body=None, version=wire.VERSION):
-    head = fastframe.HEADER.pack(fastframe.MAGIC, version, kind, code, rows, cols, step, epoch, layer)
+def _frames(kind=1, code=0, rows=2, cols=H, step=5, epoch=2, layer=1, body=None, version=wire.VERSION,
+            start=0, end=0):
+    head = fastframe.HEADER.pack(fastframe.MAGIC, version, kind, code, rows, cols, step, epoch, layer, start, end)
     itemsize = list(wire.DTYPES.values())[code].itemsize if code < len(wire.DTYPES) else 4
     return [head, bytes(rows * cols * itemsize) if body is None else body]
 
@@ -24,10 +25,12 @@ def _frames(kind=1, code=0, rows=2, cols=H, step=5, epoch=2, layer=1, body=None,
 @pytest.mark.parametrize("msg", [wire.Mlp(3, 1, 0, np.arange(2 * H, dtype=np.float32).reshape(2, H)),
                                  wire.MlpOut(2**62 - 1, 7, 3, np.full((1, H), -1.5, np.float64)),
                                  wire.MlpOut(1, 1, 1, np.ones((3, H), np.float32)),
-                                 wire.Mlp(1, 1, 0, np.zeros((0, H), np.float32))])
+                                 wire.Mlp(1, 1, 0, np.zeros((0, H), np.float32)),
+                                 wire.Mlp(1, 1, 0, np.ones((1, H), np.float32), 32, 64),      # a replica's
+                                 wire.MlpOut(1, 1, 0, np.ones((1, H), np.float64), 32, 64)])  # sub-range
 def test_round_trip(msg):
     frames = fastframe.encode(msg)
-    assert len(frames[0]) == fastframe.HEADER.size == 32 and frames[0][0] == fastframe.MAGIC
+    assert len(frames[0]) == fastframe.HEADER.size == 40 and frames[0][0] == fastframe.MAGIC
     got = fastframe.decode([bytes(f) for f in frames], LIMITS)
     assert type(got) is type(msg) and got == msg
     a, b = getattr(got, msg.TENSORS[0]), getattr(msg, msg.TENSORS[0])
@@ -58,7 +61,8 @@ def test_other_messages_and_shapes_keep_the_msgpack_header_and_decode_the_same(m
 @pytest.mark.parametrize("frames,match", [
     ([b""], "not msgpack"),
     ([], "empty"),
-    ([_frames()[0][:31], bytes(2 * H * 4)], "fixed header of 31"),
+    ([_frames()[0][:39], bytes(2 * H * 4)], "fixed header of 39"),
+    (_frames(start=64, end=32), "empty sub-range"),
     (_frames(version=wire.VERSION + 1), "version"),
     (_frames(kind=3), "kind"),
     (_frames(kind=0), "kind"),
@@ -85,9 +89,9 @@ def test_frame_cap_applies():
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.binary(min_size=32, max_size=32), st.binary(max_size=200))
+@given(st.binary(min_size=40, max_size=40), st.binary(max_size=200))
 def test_fuzz_any_fixed_header(head, body):
-    """Any 32 bytes behind the magic: a valid Mlp/MlpOut within the limits, or a WireError."""
+    """Any 40 bytes behind the magic: a valid Mlp/MlpOut within the limits, or a WireError."""
     head = bytes([fastframe.MAGIC]) + head[1:]
     try:
         msg = fastframe.decode([head, body], LIMITS)

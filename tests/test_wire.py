@@ -20,12 +20,12 @@ def f32(*shape):
 SAMPLES = {
     "hello": wire.Hello(name="node-1", cores=8, mem_bytes=2**33, gflops=123.5, weight=2.0, nonce=b"\x00p"),
     "ready": wire.Ready(epoch=3),
-    "mlp_out": wire.MlpOut(step=7, epoch=1, layer=2, y=f32(2, 5, H)),
+    "mlp_out": wire.MlpOut(step=7, epoch=1, layer=2, y=f32(2, 5, H), start=32, end=64),
     "welcome": wire.Welcome(node_id=4, model="smollm2", hidden=H, layers=30, neurons=1536, heartbeat_s=0.5,
                             data_port=7001, data_token=b"t" * 32, model_hash=b"\xab" * 32),
     "assign": wire.Assign(epoch=2, start=10, end=20, base=1),
     "load": wire.Load(epoch=2, layer=29, start=10, end=13, gate=f32(3, H), up=f32(3, H), down_t=f32(3, H)),
-    "mlp": wire.Mlp(step=7, epoch=1, layer=0, x=f32(5, H)),
+    "mlp": wire.Mlp(step=7, epoch=1, layer=0, x=f32(5, H), start=32, end=64),
     "ping": wire.Ping(ts=1.25),
     "pong": wire.Pong(ts=3.0),
     "bye": wire.Bye(reason="shutting down ✓"),
@@ -302,3 +302,14 @@ def test_holding_range_is_checked():
     assert decode(frames_of(ok)) == ok   # (0, 0): nothing cached
     rejects(with_header(ok, start=5, end=5), match="holding: bad range")
     rejects(with_header(ok, start=8, end=4), match="holding: bad range")
+
+
+def test_mlp_sub_range_is_whole_or_non_empty():
+    """(0, 0) names the node's whole held range; any other sub-range must be non-empty."""
+    for msg in (SAMPLES["mlp"], SAMPLES["mlp_out"]):
+        assert (decode(frames_of(msg), LIMITS).start, decode(frames_of(msg), LIMITS).end) == (32, 64)
+        rejects(with_header(msg, start=64, end=32), LIMITS, match="empty sub-range")
+        rejects(with_header(msg, start=5, end=0), LIMITS, match="empty sub-range")
+        rejects(with_header(msg, end=-1), LIMITS, match="out of range")
+    whole = wire.Mlp(step=1, epoch=1, layer=0, x=f32(1, H))
+    assert (decode(frames_of(whole), LIMITS).start, decode(frames_of(whole), LIMITS).end) == (0, 0)

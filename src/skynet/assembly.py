@@ -41,6 +41,7 @@ class Slices:
         self.welcome, self.format, self.name = welcome, fmt, name
         self.alive = alive or (lambda: None)   # called between layers of bulk work (heartbeats)
         self.served: dict[int, list] = {}
+        self.parts: dict[tuple[int, int, int, int], object] = {}   # (epoch, layer, start, end) -> slice
         self.pending: Pending | None = None
 
     def layers(self, epoch: int) -> list | None:
@@ -50,6 +51,26 @@ class Slices:
         """The server sent work for `epoch`: older epochs are of no more use."""
         for old in [e for e in self.served if e < epoch]:
             del self.served[old]
+        for key in [k for k in self.parts if k[0] < epoch]:
+            del self.parts[key]
+
+    def part(self, epoch: int, layer: int, start: int, end: int):
+        """Layer `layer`'s slice of neurons [start, end) of the range held for `epoch`; (0, 0) =
+        the whole held range. A sub-range (a replica's, or the primary inside a larger holding) is
+        built on first use by `format.sub`, with exactly the layout of a slice of [start, end)
+        alone, so it computes bit-identical partials. None if not held or off block bounds."""
+        layers = self.served.get(epoch)
+        if layers is None or not 0 <= layer < len(layers):
+            return None
+        sl, g = layers[layer], self.format.granule
+        if end == 0 or (start, end) == (sl.start, sl.end):
+            return sl
+        if not sl.start <= start < end <= sl.end or start % g or end % g:
+            return None
+        key = (epoch, layer, start, end)
+        if key not in self.parts:
+            self.parts[key] = self.format.sub(layer, sl, start, end)
+        return self.parts[key]
 
     def assign(self, a: wire.Assign) -> int | None:
         """Start assembling epoch a.epoch; the epoch if it is already complete (no rows to
@@ -62,9 +83,10 @@ class Slices:
         held = self.served.get(a.base) if a.base else None
         if a.base and held is None:
             raise LostBase(f"assigned on top of epoch {a.base}, which I no longer hold")
-        if held and (held[0].start, held[0].end) == (a.start, a.end):   # same rows: share, copy nothing
-            self.pending, self.served[a.epoch] = None, held
-            log.info("assigned neurons [%d, %d) for epoch %d: the rows I hold", a.start, a.end, a.epoch)
+        if held and (held[0].start, held[0].end) == (a.start, a.end):   # same rows: share them
+            self.served[a.epoch], self.pending = held, None
+            self.parts.update({(a.epoch, *k[1:]): v for k, v in self.parts.items() if k[0] == a.base})
+            log.info("assigned neurons [%d, %d) for epoch %d: already held", a.start, a.end, a.epoch)
             return a.epoch
         p = Pending(a.epoch, a.start, a.end, [fmt.empty(li, n) for li in range(w.layers)], [n] * w.layers)
         if held:

@@ -370,6 +370,10 @@ def main(args) -> int:
         say("  elastic: 6 nodes started together (Qwen2.5-0.5B shape, random float32) ...")
         elastic["settle"] = bench_settle.settle(bench_settle.random_model(Path(args.out) / "qwen05-shape"), 6)
         say(f"  settled in {elastic['settle']['settled_s']} s through {elastic['settle']['plans']} plan(s)")
+    if not args.quick:
+        from . import bench_replicas
+        say("  elastic: a node dies mid-request, 4 nodes with --replicas 2 ...")
+        elastic["replicas"] = bench_replicas.kill_gap(args.model, precision, out)
     phase("elastic")
 
     if precision == "exact":
@@ -477,6 +481,10 @@ def targets(r: dict) -> list[dict]:
         row("server RSS, 2 nodes (MiB)", res.get("server_rss_mib"), "<=", 300),
         row("bytes shipped when a 3rd node joins 2 (MB)",
             e["bytes_moved"] / MB if "bytes_moved" in e else None, "<=", 40),
+        row("node SIGKILLed, --replicas 2, 4 nodes: max gap / median gap",
+            e["replicas"]["gap_ratio"] if e.get("replicas") else None, "<=", 3, "x"),
+        row("  same: output identical to the undisturbed run (1 = yes)",
+            float(e["replicas"]["identical_to_undisturbed"]) if e.get("replicas") else None, ">=", 1),
         row("cold start to /health, empty cache (s)", res.get("cold_start", {}).get("seconds"), "<=", 5),
         row("node restarted with its cache: bytes shipped / its slice", e.get("restart_bytes_ratio"), "<=", 0.01),
         row("node restarted with its cache: process start -> active (s)", e.get("restart_to_active_s"), "<=", 1.5),
@@ -585,6 +593,13 @@ def report(r: dict) -> str:
                      ["  plans / losses", f"{st['plans']} / {st['losses']}"],
                      ["  bytes shipped", st["bytes_shipped"]],
                      ["  text identical to the server alone", "yes" if st["same_text_as_alone"] else "NO"]]
+        if e.get("replicas"):
+            k = e["replicas"]
+            rows += [[f"kill node1, {k['nodes']} nodes, --replicas {k['replicas']}: max / median gap",
+                      f"{1000 * k['max_gap_s']:.1f} / {1000 * k['median_gap_s']:.1f} ms = {k['gap_ratio']:.2f}x"],
+                     ["  text identical to the undisturbed run", "yes" if k["identical_to_undisturbed"] else "NO"],
+                     ["  hedges / replica replies / fallbacks", f"{k['hedges']} / {k['replica_replies']} / "
+                                                               f"{k['fallbacks']}"]]
         out.append(table("elastic", ["event", "value"], rows))
     out.append(table("targets (issue 9)", ["figure", "value", "target", "met"],
                      [[t["name"], t["value"], t["target"],

@@ -42,7 +42,8 @@ def cmd_server(a) -> int:
                        node_port=a.node_port, data_port=a.data_port, direct=not a.no_direct,
                        cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
-                       step_deadline_ms=a.step_deadline_ms, reweight_s=a.reweight_s, settle_s=a.settle_s, spin_us=a.spin_us,
+                       replicas=a.replicas, hedge=a.hedge, step_deadline_ms=a.step_deadline_ms,
+                       reweight_s=a.reweight_s, settle_s=a.settle_s, spin_us=a.spin_us,
                        overlap=a.overlap, cpus=a.cpus, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
                        precision=a.precision, max_body_bytes=a.max_body_bytes)
@@ -137,6 +138,11 @@ def cmd_bench_emul(a) -> int:
     return 0
 
 
+def cmd_bench_replicas(a) -> int:
+    from .bench_replicas import main as replicas_main
+    return replicas_main(a)
+
+
 def cmd_status(a) -> int:
     from .client import get_json, print_status
     view = get_json(a.url + "/v1/cluster", a.api_key)
@@ -173,6 +179,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="bearer key for the HTTP API (env SKYNET_API_KEY)")
     s.add_argument("--insecure", action="store_true", help="allow non-loopback binds without keys")
     s.add_argument("--local-weight", type=float, default=0.0, help="server's own share while nodes serve")
+    s.add_argument("--replicas", type=int, default=1,
+                   help="nodes holding each neuron range; a late or lost primary's range goes to a replica")
+    s.add_argument("--hedge", choices=("auto", "always"), default="auto",
+                   help="replicas: ask one once the primary is late (auto), or every holder at once (always)")
     s.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
     s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")
@@ -274,6 +284,13 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="bench-out", help="folder for the clusters' logs")
     be.add_argument("--json", action="store_true")
     be.set_defaults(fn=cmd_bench_emul)
+    bp = sub.add_parser("bench-replicas", help="replicas: the gap when a node is killed, and the cost per token")
+    bp.add_argument("--model", default=None)
+    bp.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto")
+    bp.add_argument("--tokens", type=int, default=32, help="decode tokens per cost measurement")
+    bp.add_argument("--reps", type=int, default=3, help="timed requests per setup")
+    bp.add_argument("--out", default="bench-out", help="folder for replicas.json and the logs")
+    bp.set_defaults(fn=cmd_bench_replicas)
     return p
 
 

@@ -78,11 +78,12 @@ def print_status(view: dict) -> str:
     rows = []
     for n in view["nodes"]:
         count = sum(e - s for s, e in n["neurons"])
+        held = sum(e - s for s, e in n.get("holds") or n["neurons"])
         rows.append((str(n["id"]), n["name"], n["state"],
                      " ".join(f"[{s},{e})" for s, e in n["neurons"]) or "-",
                      _bar(n["neurons"], total), f"{100 * count / total:.1f}%", f"{n['weight']:.2f}",
                      "-" if n["latency_ms"] is None else f"{n['latency_ms']:.2f}",
-                     f"{_bytes(count * row_bytes)} / {_bytes(n['mem_bytes'])}",
+                     f"{_bytes(held * row_bytes)} / {_bytes(n['mem_bytes'])}",
                      f"{n['last_heartbeat_s']:.1f}s ago"))
     local = sum(e - s for s, e in view["local_neurons"])
     rows.append(("-", "server", "local", " ".join(f"[{s},{e})" for s, e in view["local_neurons"]) or "-",
@@ -104,6 +105,10 @@ def print_status(view: dict) -> str:
                f"{view.get('generated_tokens', 0)} tokens generated"
              + (f"; {mlp['fallbacks']} MLP fallbacks" if mlp.get("fallbacks") else ""),
              "", line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+    if view.get("replicas", 1) > 1:
+        lines += ["", f"range holders (--replicas {view['replicas']}; primary first):"]
+        lines += [f"  [{r['neurons'][0]},{r['neurons'][1]})  {', '.join(r['holders'])}"
+                  for r in view.get("ranges", [])]
     history = view.get("rebalances", [])[-5:]
     if history:
         lines += ["", "rebalances (latest last):"]

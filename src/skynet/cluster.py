@@ -108,7 +108,7 @@ class Cluster:
         return [self.ctrl.sock, *([self.links.fileno()] if self.links else [])]
 
     # ------------------------------------------------------------------ engine thread hooks
-    def poll(self, timeout_ms: int) -> None:
+    def poll(self, timeout_ms: int, idle: bool = True) -> None:
         """Idle: handle whatever nodes sent (waiting up to timeout_ms), then a step boundary."""
         if self.ctrl.poll(timeout_ms):
             self._drain_control()
@@ -117,10 +117,11 @@ class Cluster:
         if self.links:
             self.guard.dropped += self.links.accept(self.handshake.link_owner)
         self.tick()
+        self.epochs.maybe_restore(idle)
 
     def step_boundary(self) -> tuple[int, Plan]:
         """Read what nodes sent, judge heartbeats, switch plans; the (epoch, plan) of this step."""
-        self.poll(0)
+        self.poll(0, idle=False)
         return self.epoch, self.plan
 
     def tick(self) -> None:
@@ -200,8 +201,9 @@ class Cluster:
         self.guard.dropped += 1
 
     def missed(self, nid: int, why: str) -> None:
-        """A node missed a call's deadline (its range was computed here). One hiccup is not a
-        failure, since evicting means reloading every row: MAX_MISSES in a row are."""
+        """A node missed a step's deadline (dispatch counts at most one per step; its range went
+        to a replica or was computed here). One hiccup is not a failure, since evicting means
+        reloading every row: MAX_MISSES steps in a row are."""
         n = self.nodes.get(nid)
         if n is None:
             return
@@ -209,7 +211,8 @@ class Cluster:
         if n.misses >= MAX_MISSES:
             self.lose(n, f"{why} {n.misses} times in a row")
         else:
-            log.warning("node %r %s (%d in a row); its range was computed here", n.name, why, n.misses)
+            log.warning("node %r %s (%d in a row); its range went to a replica or was computed here",
+                        n.name, why, n.misses)
 
     def bad(self, n: NodeState, why: str) -> None:
         """Drop and count a node's message; it is disconnected after MAX_BAD_MESSAGES."""
@@ -325,7 +328,7 @@ class Cluster:
         n.state = NodeStatus.GONE
         self.ctrl.send(n.ident, wire.encode(wire.Bye(why)))
         self._forget(n)
-        if was_planned:
+        if was_planned and not self.epochs.take_over(n.id, f"node {n.name} lost: {why}"):
             self.replan(f"node {n.name} lost: {why}")
 
     def _forget(self, n: NodeState) -> None:

@@ -66,6 +66,8 @@ class ServerConfig:
     api_key: str | None = None
     insecure: bool = False
     local_weight: float = 0.0        # the server's own share of neurons while nodes are present
+    replicas: int = 1                # nodes holding each neuron range (replicas.py); 1 = no replicas
+    hedge: str = "auto"              # auto: ask a replica once the primary is late; always: ask all
     heartbeat_s: float = 1.0
     step_deadline_ms: float = 300.0  # floor of the per-step deadline for node replies
     reweight_s: float = 10.0         # how often node weights are re-estimated from latency
@@ -88,6 +90,10 @@ class ServerConfig:
         _port("--data-port", self.data_port)
         parse_cpus(self.cpus)
         _positive("--local-weight", self.local_weight, zero_ok=True)
+        if not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ConfigError(f"--replicas must be an integer >= 1, got {self.replicas!r}")
+        if self.hedge not in ("auto", "always"):
+            raise ConfigError(f"--hedge must be auto or always, got {self.hedge!r}")
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
         _positive("--reweight-s", self.reweight_s)

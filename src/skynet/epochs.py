@@ -17,10 +17,12 @@ from .config import ServerConfig
 from .membership import Membership, NodeState, NodeStatus
 from .mlp import MLPWeights
 from .plan import Member, Plan, PlanError, plan, reweigh
+from .replicas import replica_caps, replicate, takeover
 
 log = logging.getLogger("skynet.cluster")
 LOAD_FRAME_BYTES = 16 << 20
 MAX_SETTLE = 5   # joins arriving together wait at most MAX_SETTLE * settle_s for their plan
+RESTORE_WAIT_S = 30.0   # after a takeover, restore R holders at once when idle, else after this
 
 
 @dataclass
@@ -42,13 +44,20 @@ class Epochs:
         self.history: list[dict] = []
         self.reweight_streak = 0
         self.joins: tuple[float, float, list[str]] | None = None   # unplanned joins: first, last, names
+        self.restore_due: float | None = None   # a takeover left ranges with fewer than R holders
 
     def planned(self, nid: int) -> bool:
         """In the serving plan or the pending one."""
         return nid in self.plan.ranges or (self.pending is not None and nid in self.pending.plan.ranges)
 
     def _plan(self, members: list[Member]) -> Plan:
-        return plan(self.weights.neurons, members, self.cfg.local_weight, self.weights.granule)
+        """Primaries weighted by speed (caps leave room for R ranges), then replica holdings."""
+        r, g = self.cfg.replicas, self.weights.granule
+        caps = {m.id: m.cap for m in members}
+        if r > 1:
+            shares = replica_caps(caps, r, g)
+            members = [Member(m.id, m.weight, shares[m.id]) for m in members]
+        return replicate(plan(self.weights.neurons, members, self.cfg.local_weight, g), r, caps)
 
     def _members(self) -> list[Member]:
         """Planning members in layout order: where their served or cached rows lie, then newcomers
@@ -117,10 +126,37 @@ class Epochs:
         if self.pending:   # the superseded plan's reason still explains this one
             reason = f"{self.pending.reason}; {reason}"
         epoch = max(self.epoch, self.pending.epoch if self.pending else 0) + 1
-        moved = sum(self._assign(self.members.nodes[nid], epoch, r) for nid, r in new.ranges.items())
+        moved = sum(self._assign(self.members.nodes[nid], epoch, new.held(nid)) for nid in new.ranges)
         self.pending = Pending(epoch, new, time.monotonic(), reason, moved)
         log.info("epoch %d planned (%s): %s, local %s; %.1f MB to move", epoch, reason,
                  {self.members.nodes[i].name: r for i, r in new.ranges.items()}, list(new.local), moved / 1e6)
+
+    def take_over(self, lost: int, reason: str) -> bool:
+        """With replicas: a lost node's range joins a neighbour that already holds it
+        (`replicas.takeover`), under a new epoch that ships no rows, so it switches at the next
+        step boundary; False if that is not possible (the caller re-plans)."""
+        new = takeover(self.plan, lost) if self.cfg.replicas > 1 and not self.pending else None
+        if new is None or any(nid not in self.members.nodes for nid in new.ranges):
+            return False
+        epoch = self.epoch + 1
+        for nid in new.ranges:
+            n = self.members.nodes[nid]
+            busy = n.load_epoch
+            self._assign(n, epoch, new.held(nid))
+            n.load_epoch = busy   # same rows: it shares its slices at once, keep asking it meanwhile
+        self.pending = Pending(epoch, new, time.monotonic(), f"{reason} (replicas took over)", 0)
+        self.restore_due = time.monotonic()
+        log.info("epoch %d planned (%s): replicas take over, no rows move", epoch, reason)
+        return True
+
+    def maybe_restore(self, idle: bool) -> None:
+        """After a takeover: re-plan (shipping rows) to give every range R holders again, when
+        the engine is idle or RESTORE_WAIT_S later, so the shipping does not slow a stream."""
+        due = self.restore_due
+        if due is None or self.pending or not (idle or time.monotonic() - due > RESTORE_WAIT_S):
+            return
+        self.restore_due = None
+        self.replan("restoring replicas")
 
     def _assign(self, n: NodeState, epoch: int, rng: tuple[int, int]) -> int:
         """Tell n its range for `epoch` and send the rows it does not hold; returns bytes sent."""

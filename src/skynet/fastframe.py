@@ -2,7 +2,7 @@
 
 The msgpack header (wire.py) costs ~8 µs to build and ~15 µs to parse and check in Python, paid
 on both ends of every layer's round trip. On the data link the two hot messages instead carry a
-32-byte header that one `struct` call packs or unpacks:
+40-byte header that one `struct` call packs or unpacks:
 
     offset  size  field
     0       1     magic 0xC1 (a byte msgpack never uses, so a header frame says which it is)
@@ -14,6 +14,8 @@ on both ends of every layer's round trip. On the data link the two hot messages 
     12      8     step  u64  (< 2**62, as wire.py)
     20      8     epoch u64  (< 2**62)
     28      4     layer u32
+    32      4     start u32  the sub-range of the node's holding to compute (replicas.py);
+    36      4     end   u32  0, 0 = the whole holding
     little-endian; then the tensor frame, rows * cols * itemsize bytes
 
 The same checks as wire.decode apply (version, kind, dtype whitelist, byte length against shape,
@@ -31,7 +33,7 @@ import numpy as np
 from . import wire
 
 MAGIC = 0xC1
-HEADER = struct.Struct("<BBBBIIQQI")
+HEADER = struct.Struct("<BBBBIIQQIII")
 KINDS = {1: wire.Mlp, 2: wire.MlpOut}
 _KIND_OF = {cls: k for k, cls in KINDS.items()}
 _DTYPES = list(wire.DTYPES.values())
@@ -40,15 +42,17 @@ _LIMIT = 2 ** 62
 
 
 def encode(msg: wire.Message) -> list:
-    """Mlp / MlpOut with a 2-D tensor -> [32-byte header, tensor buffer (no copy)]; any other
+    """Mlp / MlpOut with a 2-D tensor -> [40-byte header, tensor buffer (no copy)]; any other
     message (or shape) -> wire.encode(msg), which `decode` reads as well."""
     kind = _KIND_OF.get(type(msg))
     a = getattr(msg, msg.TENSORS[0]) if kind else None
     code = _CODE_OF.get(a.dtype) if kind else None
-    if code is None or a.ndim != 2 or not (msg.step < _LIMIT and msg.epoch < _LIMIT and msg.layer < 2**32):
+    if code is None or a.ndim != 2 or not (msg.step < _LIMIT and msg.epoch < _LIMIT
+                                           and max(msg.layer, msg.start, msg.end) < 2**32):
         return wire.encode(msg)
     a = np.ascontiguousarray(a)
-    head = HEADER.pack(MAGIC, wire.VERSION, kind, code, a.shape[0], a.shape[1], msg.step, msg.epoch, msg.layer)
+    head = HEADER.pack(MAGIC, wire.VERSION, kind, code, a.shape[0], a.shape[1], msg.step, msg.epoch, msg.layer,
+                       msg.start, msg.end)
     return [head, a.data]
 
 
@@ -76,7 +80,7 @@ def decode(frames: list, limits: wire.Limits = wire.Limits()) -> wire.Message:
         return wire.decode(frames, limits)
     if head.nbytes != HEADER.size:
         raise wire.WireError(f"fixed header of {head.nbytes} bytes, expected {HEADER.size}")
-    _, version, kind, code, rows, cols, step, epoch, layer = HEADER.unpack(head)
+    _, version, kind, code, rows, cols, step, epoch, layer, start, end = HEADER.unpack(head)
     if version != wire.VERSION:
         raise wire.WireError(f"protocol version {version}, expected {wire.VERSION}")
     cls = KINDS.get(kind)
@@ -95,7 +99,7 @@ def decode(frames: list, limits: wire.Limits = wire.Limits()) -> wire.Message:
         raise wire.WireError(f"{cls.TYPE}: {expect} bytes exceeds the {limits.max_frame} cap")
     if body.nbytes != expect:
         raise wire.WireError(f"{cls.TYPE}: {body.nbytes} bytes, shape ({rows}, {cols}) needs {expect}")
-    msg = cls(step, epoch, layer, np.frombuffer(body, dtype=dtype).reshape(rows, cols))   # (rows, cols)
+    msg = cls(step, epoch, layer, np.frombuffer(body, dtype=dtype).reshape(rows, cols), start, end)   # (rows, cols)
     wire.check_semantics(msg, limits)
     return msg
 

@@ -42,5 +42,5 @@ def lie(mode: str, m: wire.MlpOut) -> wire.MlpOut:
     elif mode == "dtype":
         y = y.astype(np.float16)
     elif mode == "stale":
-        return wire.MlpOut(max(0, m.step - 1), m.epoch, m.layer, y)
-    return wire.MlpOut(m.step, m.epoch, m.layer, y)
+        return wire.MlpOut(max(0, m.step - 1), m.epoch, m.layer, y, m.start, m.end)
+    return wire.MlpOut(m.step, m.epoch, m.layer, y, m.start, m.end)

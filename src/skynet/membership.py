@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .placement import Candidate
+from .replicas import Latency, observe
 
 EMA = 0.2   # weight of a new latency sample
 
@@ -43,6 +44,7 @@ class NodeState:
     joined: float = field(default_factory=time.time)
     latency_ema: float | None = None  # seconds per MLP call, scaled to 1 row-block
     samples: int = 0                  # latency samples since the last plan switch
+    lat: Latency | None = None        # reply-time distribution (mean, deviation), 1-row calls
     observed: float = 0.0             # weight re-estimated from latency (neurons / s), 0 = none yet
     bad: int = 0
     misses: int = 0                   # consecutive missed step deadlines
@@ -70,6 +72,7 @@ class NodeState:
     def observe_latency(self, scaled_s: float) -> None:
         """One reply's round trip, scaled to a 1-row call."""
         self.latency_ema = scaled_s if self.latency_ema is None else (1 - EMA) * self.latency_ema + EMA * scaled_s
+        self.lat = observe(self.lat, scaled_s, EMA)
         self.samples += 1
         self.misses = 0
 

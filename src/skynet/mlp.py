@@ -135,6 +135,17 @@ class F32Format:
     def build(self, layer: int, start: int, end: int, bufs) -> SliceLayer:
         return SliceLayer.wrap(start, end, *bufs)
 
+    def sub(self, layer: int, sl: SliceLayer, start: int, end: int) -> SliceLayer:
+        """Neurons [start, end) of slice sl, laid out exactly as SliceLayer(start, end, ...) lays
+        them out (so bit-identical partials), without the transposes: wgu_t's columns are copied,
+        down_t's rows are a view."""
+        a, b, n = start - sl.start, end - sl.start, sl.n
+        out = SliceLayer.__new__(SliceLayer)
+        out.start, out.end = start, end
+        out.wgu_t = np.concatenate([sl.wgu_t[:, a:b], sl.wgu_t[:, n + a:n + b]], axis=1)   # (H, 2n')
+        out.down_t = sl.down_t[a:b]                                                          # (n', H)
+        return out
+
     def bytes_per_neuron(self, layer: int) -> int:
         return 3 * self.hidden * 4
 
@@ -174,6 +185,11 @@ class QFormat:
 
     def get(self, layer: int, pieces, a: int, b: int) -> tuple[np.ndarray, ...]:
         return pieces[0][a:b], pieces[1][a:b], pieces[2][:, self._cols(layer, a, b)]
+
+    def sub(self, layer: int, sl: QSliceLayer, start: int, end: int) -> QSliceLayer:
+        """Neurons [start, end) of slice sl: the same blocks as a slice of [start, end) alone."""
+        pieces = self.get(layer, sl.rows(), start - sl.start, end - sl.start)
+        return self.build(layer, start, end, tuple(np.ascontiguousarray(p) for p in pieces))
 
     def build(self, layer: int, start: int, end: int, bufs) -> QSliceLayer:
         g, u, d = self.qtypes[layer]

@@ -279,15 +279,16 @@ class Node:
 
     def _mlp(self, sock, msg: wire.Mlp) -> None:
         self.cache.release()   # the server serves an epoch of ours: it has our Ready
-        layers = self.slices.layers(msg.epoch)
-        if layers is None:
-            log.warning("mlp for epoch %d, which I don't hold (have %s)", msg.epoch, list(self.slices.served))
+        sl = self.slices.part(msg.epoch, msg.layer, msg.start, msg.end)
+        if sl is None:
+            log.warning("mlp for epoch %d [%d, %d), which I don't hold (have %s)", msg.epoch, msg.start,
+                        msg.end, list(self.slices.served))
             return
         if self.cfg.delay_ms:
             time.sleep(self.cfg.delay_ms / 1000)
         x = msg.x.reshape(-1, msg.x.shape[-1])                      # (N, H)
-        y = layers[msg.layer](x).reshape(msg.x.shape)               # (..., H)
-        out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y)
+        y = sl(x).reshape(msg.x.shape)                              # (..., H)
+        out = wire.MlpOut(msg.step, msg.epoch, msg.layer, y, msg.start, msg.end)
         encode = fastframe.encode if sock is self.link else wire.encode   # the server's zmq side reads msgpack
         sock.send_multipart(encode(faults.lie(self.lie, out) if self.lie else out), copy=False)
         self.served += 1

@@ -31,6 +31,12 @@ class Plan:
     neurons: int
     ranges: dict[int, tuple[int, int]] = field(default_factory=dict)  # node id -> [start, end)
     local: tuple[tuple[int, int], ...] = ()                          # ranges the server computes
+    holds: dict[int, tuple[int, int]] = field(default_factory=dict)  # node id -> held superset
+                                                                     # (replicas.py); {} = ranges
+
+    def held(self, nid: int) -> tuple[int, int]:
+        """The contiguous range node nid holds: its primary range plus any replicas."""
+        return self.holds.get(nid, self.ranges[nid])
 
     def covers(self) -> bool:
         spans = sorted([*self.ranges.values(), *self.local])

@@ -24,6 +24,7 @@ from .dispatch import ClusterMLP
 from .engine import Engine, RequestError, Sequence
 from .metrics import Metrics
 from .model import Model
+from .replicas import holders
 from .sampling import SamplingParams
 from .textstream import Detokenizer
 
@@ -67,7 +68,8 @@ class Runtime:
         # no token covers more characters than its longest string: a bound checked before tokenizing
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
-        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6, cfg.overlap)
+        self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6, cfg.overlap,
+                              cfg.hedge == "always")
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
         self.stop_ids = frozenset(self.arch.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
@@ -258,11 +260,17 @@ class Runtime:
         not serving at the moment (lost, or still building a new epoch's slices)."""
         c = self.cluster
         out = [*c.plan.local]
-        for nid, rng in list(c.plan.ranges.items()):
-            n = c.serving(nid)
-            if n is None or n.loading_rows:
+        for rng, who in holders(c.plan).items():
+            if not any(n is not None and not n.loading_rows for n in map(c.serving, who)):
                 out.append(rng)
         return [list(r) for r in sorted(out)]
+
+    def _range_view(self) -> list[dict]:
+        """Each node range of the plan and its holders (primary first), by name."""
+        c = self.cluster
+        name = lambda i: c.nodes[i].name if i in c.nodes else f"node {i} (gone)"  # noqa: E731
+        return [{"neurons": list(rng), "primary": name(who[0]), "holders": [name(i) for i in who]}
+                for rng, who in sorted(holders(c.plan).items())]
 
     def cluster_view(self) -> dict:
         c = self.cluster
@@ -272,7 +280,8 @@ class Runtime:
             rng = c.plan.ranges.get(n.id)
             nodes.append({
                 "id": n.id, "name": n.name, "state": n.state,
-                "neurons": [list(rng)] if rng else [], "weight": round(n.weight, 3),
+                "neurons": [list(rng)] if rng else [], "holds": [list(c.plan.held(n.id))] if rng else [],
+                "weight": round(n.weight, 3),
                 "cores": n.cores, "mem_bytes": n.mem_bytes, "gflops": round(n.gflops, 2),
                 "latency_ms": None if n.latency_ema is None else round(n.latency_ema * 1000, 3),
                 "last_heartbeat_s": round(now - n.last_seen, 3), "bytes_sent": n.bytes_sent,
@@ -281,6 +290,7 @@ class Runtime:
                 "neurons": self.arch.neurons, "epoch": c.epoch,
                 "uptime_s": round(time.time() - self.started, 1),
                 "pending_epoch": c.pending.epoch if c.pending else None, "nodes": nodes,
+                "replicas": c.cfg.replicas, "ranges": self._range_view(),
                 "local_neurons": self._local_ranges(), "rebalances": list(c.history),
                 "active_requests": len(self.engine.running), "queued_requests": len(self.engine.waiting),
                 "dropped_messages": c.dropped, "mlp": dict(self.mlp.stats),

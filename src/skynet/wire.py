@@ -83,6 +83,8 @@ class MlpOut(Message):
     epoch: int
     layer: int
     y: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
+    start: int = 0   # the Mlp's sub-range, echoed (0, 0: the node's whole held range)
+    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class Mlp(Message):
     epoch: int
     layer: int
     x: np.ndarray = field(repr=False, compare=False, default=None)  # (..., H)
+    start: int = 0   # compute only neurons [start, end) of the held range (replicas.py);
+    end: int = 0     # (0, 0) = the whole held range
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,8 @@ def check_semantics(msg: Message, limits: Limits) -> None:
         raise WireError(f"{msg.TYPE}: layer {layer} out of range (model has {limits.layers})")
     if isinstance(msg, Holding) and (msg.end < msg.start or (msg.end == msg.start and msg.start)):
         raise WireError(f"holding: bad range [{msg.start}, {msg.end})")
+    if isinstance(msg, (Mlp, MlpOut)) and (msg.start or msg.end) and msg.end <= msg.start:
+        raise WireError(f"{msg.TYPE}: empty sub-range [{msg.start}, {msg.end})")
     if isinstance(msg, (Assign, Load)) and msg.end <= msg.start:
         raise WireError(f"{msg.TYPE}: empty range [{msg.start}, {msg.end})")
     if isinstance(msg, Welcome) and msg.qtypes:

@@ -111,6 +111,10 @@ function render(v) {
   $("plan-sub").textContent = v.pending_epoch != null
     ? `epoch ${v.epoch} serving; epoch ${v.pending_epoch} loading`
     : `epoch ${v.epoch} · ${v.nodes.length} node${v.nodes.length === 1 ? "" : "s"} connected`;
+  if ((v.replicas || 1) > 1) {   // each range's holders, primary first
+    $("plan-sub").textContent += ` · replicas ${v.replicas}: ` + (v.ranges || []).map((r) =>
+      `[${r.neurons[0]}, ${r.neurons[1]}) ${r.holders.join(" + ")}`).join(" · ");
+  }
 
   // one bar with the whole plan
   const planSegs = [];
@@ -123,8 +127,9 @@ function render(v) {
   // node rows, then the server's own share
   const rowBytes = 3 * v.hidden * 4 * v.layers;   // gate, up, down rows of every layer (float32)
   const rows = v.nodes.map((n) => {
-    const c = count(n.neurons);
-    const rng = n.neurons.map(([s, e]) => `[${s}, ${e})`).join(" ") || "none";
+    const c = count(n.neurons), held = count(n.holds && n.holds.length ? n.holds : n.neurons);
+    const rng = n.neurons.map(([s, e]) => `[${s}, ${e})`).join(" ") +
+      (held > c ? ` (holds ${n.holds.map(([s, e]) => `[${s}, ${e})`).join(" ")})` : "") || "none";
     return `<tr class="node" data-node="${esc(n.name)}">
       <td><div class="name"><span class="swatch" style="background:${colorOf(n.id)}"></span>${esc(n.name)}
         <small>#${n.id}</small></div></td>
@@ -133,7 +138,7 @@ function render(v) {
       <td class="num">${(100 * c / N).toFixed(1)}%</td>
       <td class="num">${n.weight.toFixed(2)}</td>
       <td class="num">${n.latency_ms == null ? "–" : n.latency_ms.toFixed(2)}</td>
-      <td class="num">${fmtBytes(c * rowBytes)} / ${fmtBytes(n.mem_bytes)}</td>
+      <td class="num">${fmtBytes(held * rowBytes)} / ${fmtBytes(n.mem_bytes)}</td>
       <td class="num">${n.cores}</td>
       <td class="num">${n.gflops.toFixed(1)}</td>
       <td class="num">${n.last_heartbeat_s.toFixed(1)}s ago</td>
