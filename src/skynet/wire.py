@@ -21,8 +21,9 @@ import numpy as np
 
 from . import quant
 
-VERSION = 4          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello);
-                     # 4: fixed header of mlp/mlp_out on the data link (fastframe.py)
+VERSION = 5          # 2: block weights, float64 MlpOut; 3: direct data link (Welcome.data_*, DataHello);
+                     # 4: fixed header of mlp/mlp_out on the data link (fastframe.py);
+                     # 5: slice cache (Welcome.model_hash, Holding), replica sub-ranges (Mlp/MlpOut start, end)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 4
