@@ -772,28 +772,35 @@ AVX2I void t8_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob
     }
 }
 
+/* The row loop every tile kernel shares: unpack RB weight rows (VNNI layout or not), pad a partial
+ * tile by repeating its last row, run TILE over R rows at a time for each group of L activation
+ * rows, and flush each group's float64 sums. A macro, so that each kernel's copy is compiled for
+ * its own target (AVX2 or AVX-512) with its tile function inlined. */
+#define TILE_ROWS(a, T, r0, r1, VNNI, L, R, TILE) do {                                          \
+    const tact *A_ = (a)->act;                                                                   \
+    wrow W[RB];                                                                                  \
+    void *mem = wrows_alloc(W, (a)->K, RB);                                                      \
+    if (!mem) return -1;                                                                         \
+    double ob[(L) * OBS];                                                                        \
+    for (int rb = (r0); rb < (r1); rb += RB) {                                                   \
+        int re = rb + RB < (r1) ? rb + RB : (r1);                                                \
+        for (int i = 0; rb + i < re; i++)                                                        \
+            w_unpack(T, VNNI, (a)->w + (size_t)(rb + i) * (a)->row_bytes, A_->nb, &W[i]);        \
+        wrow Wt[RB];                                                                             \
+        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];                   \
+        for (int g = 0; g < A_->nt; g++) {                                                       \
+            for (int r = rb; r < re; r += (R)) TILE(A_, Wt + (r - rb), T, R, g, ob + (r - rb));   \
+            tile_flush(a, ob, L, A_->n0 + (L) * g, rb, re);                                      \
+        }                                                                                        \
+    }                                                                                            \
+    free(mem);                                                                                   \
+    return 0;                                                                                    \
+} while (0)
+
 /* Rows [r0, r1) against the tiled activation rows, AVX2 tiles. */
 AVX2I int t8_run(const mm_args *a, int T, int r0, int r1)
 {
-    const tact *A = a->act;
-    wrow W[RB];
-    void *mem = wrows_alloc(W, a->K, RB);
-    if (!mem) return -1;
-    const int R = 4;
-    double ob[8 * OBS];
-    for (int rb = r0; rb < r1; rb += RB) {
-        int re = rb + RB < r1 ? rb + RB : r1;
-        for (int i = 0; rb + i < re; i++)
-            w_unpack(T, 0, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
-        wrow Wt[RB];   /* a partial tile repeats the last row */
-        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
-        for (int g = 0; g < A->nt; g++) {
-            for (int r = rb; r < re; r += R) t8_tile(A, Wt + (r - rb), T, R, g, ob + (r - rb));
-            tile_flush(a, ob, 8, A->n0 + 8 * g, rb, re);
-        }
-    }
-    free(mem);
-    return 0;
+    TILE_ROWS(a, T, r0, r1, 0, 8, 4, t8_tile);
 }
 
 /* K-quant decode (activation rows < 4): the roles swap, lanes are 8 weight rows. Their unpacked
@@ -1222,49 +1229,15 @@ AVX512I void t8v_tile(const tact *A, const wrow *W, int T, int R, int g, double 
 /* Rows [r0, r1) against 8-row tiles with t8v_tile (Q4_0, Q4_1, Q8_0). */
 AVX512I int t8v_run(const mm_args *a, int T, int r0, int r1)
 {
-    const tact *A = a->act;
-    wrow W[RB];
-    void *mem = wrows_alloc(W, a->K, RB);
-    if (!mem) return -1;
-    double ob[8 * OBS];
-    for (int rb = r0; rb < r1; rb += RB) {
-        int re = rb + RB < r1 ? rb + RB : r1;
-        for (int i = 0; rb + i < re; i++)
-            w_unpack(T, 1, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
-        wrow Wt[RB];   /* a partial tile repeats the last row */
-        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
-        for (int g = 0; g < A->nt; g++) {
-            for (int r = rb; r < re; r += TR) t8v_tile(A, Wt + (r - rb), T, TR, g, ob + (r - rb));
-            tile_flush(a, ob, 8, A->n0 + 8 * g, rb, re);
-        }
-    }
-    free(mem);
-    return 0;
+    TILE_ROWS(a, T, r0, r1, 1, 8, TR, t8v_tile);
 }
 
 /* Rows [r0, r1) against the tiled activation rows: 16-row tiles, or the AVX2 8-row ones. */
 AVX512I int t16_run(const mm_args *a, int T, int r0, int r1)
 {
-    const tact *A = a->act;
-    if (A->L == 8) return T <= T_Q8_0 ? t8v_run(a, T, r0, r1) : t8_run(a, T, r0, r1);
-    wrow W[RB];
-    void *mem = wrows_alloc(W, a->K, RB);
-    if (!mem) return -1;
+    if (a->act->L == 8) return T <= T_Q8_0 ? t8v_run(a, T, r0, r1) : t8_run(a, T, r0, r1);
     const int R = T == T_Q6_K ? 4 : 8;   /* Q6_K keeps two int accumulators per row: 4 rows fit the registers */
-    double ob[16 * OBS];
-    for (int rb = r0; rb < r1; rb += RB) {
-        int re = rb + RB < r1 ? rb + RB : r1;
-        for (int i = 0; rb + i < re; i++)
-            w_unpack(T, 1, a->w + (size_t)(rb + i) * a->row_bytes, A->nb, &W[i]);
-        wrow Wt[RB];   /* a partial tile repeats the last row */
-        for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];
-        for (int g = 0; g < A->nt; g++) {
-            for (int r = rb; r < re; r += R) t16_tile(A, Wt + (r - rb), T, R, g, ob + (r - rb));
-            tile_flush(a, ob, 16, A->n0 + 16 * g, rb, re);
-        }
-    }
-    free(mem);
-    return 0;
+    TILE_ROWS(a, T, r0, r1, 1, 16, R, t16_tile);
 }
 
 AVX512I int simple_avx512(const mm_args *a, int T, int r0, int r1)
