@@ -53,6 +53,7 @@
 #define SK_X86 1
 #include <immintrin.h>
 #endif
+#include "_qkernels.h"
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 #error "GGML blocks are little-endian; big-endian hosts are not supported"
 #endif
@@ -1769,6 +1770,86 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ one MLP slice
+ * partial(x) = down[:, r] @ (silu(gate[r] @ x) * (up[r] @ x)) for neurons r of one layer, x (N, H)
+ * float32 -> out (N, H) float64: x quantized once for gate and up, silu(g) * u in float32 as
+ * g / (1 + expf(-g)) * u (one rounding per operation), the product quantized again for down.
+ * Every caller (the server's own ranges, a node's Python path, a node's link loop) runs this one
+ * function, so a range's partial has the same bits wherever it is computed. */
+int sk_qmlp(const sk_qslice *s, const float *x, int N, double *out, int threads)
+{
+    int H = s->H, n = s->n;
+    if (N <= 0) return 0;
+    if (n <= 0) {
+        memset(out, 0, (size_t)N * H * sizeof(double));
+        return 0;
+    }
+    size_t act = ACT_BYTES(N, H), gu = (size_t)N * n * sizeof(float), dact = ACT_BYTES(N, n);
+    size_t need = act + 2 * gu + dact + 8 * 64;   /* + each piece rounded up to 64 bytes */
+    _Alignas(64) char stack[STACK_SCRATCH];
+    char *mem = need <= sizeof stack ? stack : malloc(need), *p = mem;
+    if (!mem) return -1;
+#define TAKE(bytes) (p += ((bytes) + 63) & ~(size_t)63, p - (((bytes) + 63) & ~(size_t)63))
+    int nb = H / 32;
+    float *dx = (float *)TAKE((size_t)N * nb * 4);
+    int32_t *sx = (int32_t *)TAKE((size_t)N * nb * 4);
+    int8_t *q = (int8_t *)TAKE((size_t)N * H);
+    float *g = (float *)TAKE(gu), *u = (float *)TAKE(gu);
+    char *dscratch = TAKE(dact);
+#undef TAKE
+    K_.qa(x, 0, N, H, q, dx, sx);
+    mm_args a = {s->gt, n, H, N, 0, (size_t)(H / block_values(s->gt) * block_bytes(s->gt)), s->gate, q, dx, sx, g, NULL};
+    int rc = run_matmul(&a, NULL, threads);
+    mm_args b = {s->ut, n, H, N, 0, (size_t)(H / block_values(s->ut) * block_bytes(s->ut)), s->up, q, dx, sx, u, NULL};
+    if (!rc) rc = run_matmul(&b, NULL, threads);
+    if (!rc) {
+        for (size_t i = 0; i < (size_t)N * n; i++) {
+            float t = expf(-g[i]);
+            t = t + 1.0f;
+            g[i] = g[i] / t;
+            g[i] = g[i] * u[i];
+        }
+        int dnb = n / 32;
+        mm_args c = {s->dt, H, n, N, 1, (size_t)(n / block_values(s->dt) * block_bytes(s->dt)), s->down,
+                     (const int8_t *)(dscratch + (size_t)N * dnb * 8), (const float *)dscratch,
+                     (const int32_t *)(dscratch + (size_t)N * dnb * 4), out, NULL};
+        rc = run_matmul(&c, g, threads);
+    }
+    if (mem != stack) free(mem);
+    return rc;
+}
+
+/* qmlp(x, out, N, H, n, gate_ptr, gt, up_ptr, ut, down_ptr, dt, threads): sk_qmlp for Python. */
+static PyObject *py_qmlp(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static const int idx[] = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    long long v[10];
+    if (get_ints(args, nargs, 12, idx, 10, v) < 0) return NULL;
+    long long N = v[0], H = v[1], n = v[2];
+    if (check_shape((int)v[4], n, H, N) < 0 || check_shape((int)v[6], n, H, N) < 0
+        || check_shape((int)v[8], H, n ? n : block_values((int)v[8]), N) < 0) return NULL;
+    if (n % block_values((int)v[8])) {
+        PyErr_Format(PyExc_ValueError, "%lld neurons: not whole blocks of down's type", n);
+        return NULL;
+    }
+    sk_qslice sl = {(int)v[4], (int)v[6], (int)v[8], (int)n, (int)H, (const uint8_t *)(uintptr_t)v[3],
+                    (const uint8_t *)(uintptr_t)v[5], (const uint8_t *)(uintptr_t)v[7]};
+    Py_buffer xb, ob;
+    if (get_buf(args[0], &xb, 0, (Py_ssize_t)(N * H * 4), "x") < 0) return NULL;
+    if (get_buf(args[1], &ob, 1, (Py_ssize_t)(N * H * 8), "out") < 0) {
+        PyBuffer_Release(&xb);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sk_qmlp(&sl, xb.buf, (int)N, ob.buf, (int)v[9]);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&ob);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* pool_stats() -> (workers, jobs, joined, chunks): how much the persistent workers took part. */
 static PyObject *py_pool_stats(PyObject *self, PyObject *unused)
 {
@@ -1813,6 +1894,13 @@ static PyMethodDef methods[] = {
     {"quantize_act", (PyCFunction)(void (*)(void))py_quantize_act, METH_FASTCALL, "quantize_act(x, q, d, s, n, k)"},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "dequantize(type, data, out, rows, cols)"},
     {"quantize_q8_0", (PyCFunction)(void (*)(void))py_quantize_q8_0, METH_FASTCALL, "quantize_q8_0(x, out, nvalues)"},
+    {"qmlp", (PyCFunction)(void (*)(void))py_qmlp, METH_FASTCALL,
+     "qmlp(x, out, N, H, n, gate_ptr, gt, up_ptr, ut, down_ptr, dt, threads): one MLP slice, float64 out"},
+    {"link_serve", (PyCFunction)(void (*)(void))sk_py_link_serve, METH_FASTCALL, SK_LINK_SERVE_DOC},
+    {"link_send", (PyCFunction)(void (*)(void))sk_py_link_send, METH_FASTCALL, "link_send(fd, head, x) -> None or why"},
+    {"link_gather", (PyCFunction)(void (*)(void))sk_py_link_gather, METH_FASTCALL,
+     "link_gather(fds, bufs, pos, status, t, out, step, epoch, layer, N, H, version, f64, max_frame, timeout_s,"
+     " spin_s) -> errors: see _link.c"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
     {"pool_stats", py_pool_stats, METH_NOARGS, "(workers, jobs, joined, chunks) of the persistent workers"},
     {"set_kernel", py_set_kernel, METH_O, "set_kernel('generic' | 'avx2' | 'avx512' | 'auto')"},

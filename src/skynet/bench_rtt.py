@@ -39,11 +39,14 @@ while True:
 
 
 def _weights(hidden: int, layers: int, neurons: int):
+    """Random MLP weights in Q8_0 blocks (the fast precision, as the bench's model runs)."""
     from .mlp import MLPWeights
+    from .quant import QMatrix, QType, quantize_q8_0
     rng = np.random.default_rng(0)
-    mats = [[rng.standard_normal((neurons, hidden), dtype=np.float32) * 0.01 for _ in range(layers)]
-            for _ in range(3)]
-    return MLPWeights(*mats)
+    rand = lambda rows, cols: QMatrix(QType.Q8_0, quantize_q8_0(   # noqa: E731
+        rng.standard_normal((rows, cols), dtype=np.float32) * 0.01), cols)
+    return MLPWeights([rand(neurons, hidden) for _ in range(layers)], [rand(neurons, hidden) for _ in range(layers)],
+                      [rand(hidden, neurons) for _ in range(layers)])
 
 
 @contextlib.contextmanager

@@ -21,10 +21,16 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import sys
 import time
 
-from . import wire
+import numpy as np
 
+from . import _qkernels as _k
+from . import fastframe, wire
+
+_DTYPE_CODE = {dt: i for i, dt in enumerate(wire.DTYPES.values())}   # fastframe's dtype codes
+NATIVE = hasattr(_k, "link_serve") and sys.platform != "win32"   # the compiled node loop (_link.c)
 PREFIX = struct.Struct("<III")
 MAX_HELLO_BYTES = 1024      # the whole first message of an unauthenticated connection
 HELLO_TIMEOUT_S = 2.0       # to send it, from the accept
@@ -176,6 +182,20 @@ class DataConn:
                 raise LinkError("closed by the peer")
             self._end += got
 
+    def serve_mlp(self, table, limits: wire.Limits, threads: int, budget_s: float,
+                  spin_s: float = 0.0) -> tuple[bool, int, int]:
+        """A node's compiled loop (_link.c): serve `mlp` messages for the slices in `table`
+        (mlp.link_table) for up to budget_s, sharing this connection's read buffer. Returns
+        (another message waits: read it with recv_multipart, mlp messages served, the last one's
+        epoch); LinkError if the link broke."""
+        st, self._start, self._end, served, epoch, err = _k.link_serve(
+            self.sock.fileno(), self._buf, self._start, self._end, table, limits.hidden, limits.layers,
+            min(limits.max_frame, self.max_frame), threads, budget_s, self.delay_s, spin_s, wire.VERSION,
+            _DTYPE_CODE[wire.DTYPES["float32"]], _DTYPE_CODE[wire.DTYPES["float64"]])
+        if st == 2:
+            raise LinkError(err)
+        return st == 1, served, epoch
+
     def readable(self, timeout_s: float) -> bool:
         """A message (or EOF) can be read: buffered already, or the socket becomes readable
         within timeout_s. One poll() on this socket alone."""
@@ -194,6 +214,40 @@ class DataConn:
             self.sock.close()
         except OSError:
             pass
+
+
+def link_head(step: int, epoch: int, layer: int, rows: int, cols: int) -> bytes:
+    """Prefix and fixed header of an `mlp` of (rows, cols) float32 for a node's whole holding:
+    the bytes fastframe.encode + pack put before the tensor."""
+    return (PREFIX.pack(2, fastframe.HEADER.size, rows * cols * 4)
+            + fastframe.HEADER.pack(fastframe.MAGIC, wire.VERSION, 1, _DTYPE_CODE[wire.DTYPES["float32"]], rows, cols,
+                                    step, epoch, layer, 0, 0))
+
+
+def send_mlp(conn: DataConn, head: bytes, x) -> None:
+    """The server's compiled send (_link.c): prefix + fixed header `head` (fastframe.link_head),
+    then x, in one sendmsg; LinkError if the peer is gone or does not read in time. (The
+    benchmarks' emulated delay is the node's, `--link-delay-ms`: the server's links have none.)"""
+    err = _k.link_send(conn.sock.fileno(), head, x)
+    if err is not None:
+        raise LinkError(err)
+
+
+def gather_mlp(conns: list, status: np.ndarray, out: np.ndarray, key: tuple[int, int, int],
+               max_frame: int, timeout_s: float, spin_s: float = 0.0) -> tuple[np.ndarray, tuple]:
+    """The server's compiled wait (_link.c) for one `mlp_out` per link whose status is 0, up to
+    timeout_s. Per link, status becomes 1 (the reply is in out[i]: exactly `key`, the whole
+    holding, out's rows of finite float64), 2 (another message waits: read it with
+    recv_multipart), 3 (the link broke: the error is in the returned tuple), or stays 0.
+    Returns (seconds after the call began each reply came, errors)."""
+    pos = np.array([(c._start, c._end) for c in conns], np.int64).reshape(len(conns), 2)
+    t = np.zeros(len(conns))
+    errs = _k.link_gather([c.sock.fileno() for c in conns], [c._buf for c in conns], pos, status, t, out,
+                          *key, out.shape[1], out.shape[2], wire.VERSION, _DTYPE_CODE[wire.DTYPES["float64"]],
+                          max_frame, timeout_s, spin_s)
+    for c, (s, e) in zip(conns, pos.tolist()):
+        c._start, c._end = s, e
+    return t, errs
 
 
 def connect(host: str, port: int, hello: wire.DataHello, timeout: float = 5.0) -> DataConn:

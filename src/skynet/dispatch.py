@@ -29,6 +29,7 @@ import numpy as np
 from . import fastframe, wire
 from .calls import Call, malformed as _malformed, row_scale as _row_scale
 from .cluster import Cluster, Reply
+from .fastpath import FastPath
 from .replicas import hedge_after, holders, miss_after
 
 log = logging.getLogger("skynet.dispatch")
@@ -46,7 +47,7 @@ class ClusterMLP:
     on_latency = None   # optional callback(node, seconds): each node reply's round trip (metrics)
 
     def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3, spin_s: float = 0.0,
-                 overlap: bool = False, always_both: bool = False):
+                 overlap: bool = False, always_both: bool = False, fast: bool = True):
         self.c = cluster
         self.always_both = always_both   # ask every holder at once instead of hedging late ranges
         self.overlap = overlap   # let steps of 2+ sequences run as two micro-batches (overlap.py)
@@ -57,6 +58,7 @@ class ClusterMLP:
         self.local_cache: dict[tuple[int, int, int], object] = {}
         self.epoch, self.plan = cluster.epoch, cluster.plan
         self.holders: dict[Range, tuple[int, ...]] = holders(self.plan)
+        self.fast = FastPath(self) if fast and FastPath.available(self) else None
         self.inflight: dict[tuple, Call] = {}
         self.benched: set[int] = set()                 # nodes that sit out the rest of this step
         self.missed_now: set[int] = set()              # nodes that missed a deadline this step
@@ -64,7 +66,7 @@ class ClusterMLP:
         # fallbacks: ranges of planned nodes computed here instead, by reason; replies: per node name
         self.stats = {"calls": 0, "wait_s": 0.0, "local_s": 0.0, "bytes_out": 0, "bytes_in": 0,
                       "fallbacks": 0, "fallback_reasons": {}, "replies": {}, "direct_replies": 0,
-                      "hedges": 0, "replica_replies": 0, "duplicates": 0}
+                      "hedges": 0, "replica_replies": 0, "duplicates": 0, "fast_calls": 0}
 
     def begin_step(self) -> None:
         """Step boundary: heartbeats, membership, the plan switch; then a new step id. The
@@ -87,25 +89,36 @@ class ClusterMLP:
         return self.overlap and bool(self.plan.ranges)
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """x (N, H) -> sum of all ranges' partials (N, H)."""
-        return self.gather(self.scatter(layer, x))
+        """x (N, H) -> sum of all ranges' partials (N, H): the compiled common case when it
+        applies (fastpath.py), else scatter and gather."""
+        y = self.fast(layer, x) if self.fast is not None else None
+        return self.gather(self.scatter(layer, x)) if y is None else y
 
     def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call:
         """Send x (N, H) of micro-batch `micro` to each range's primary (or, if it cannot take it,
         the next holder); nothing is computed yet."""
         call = Call((MICRO * self.step + micro, self.epoch, layer), x, time.perf_counter(), list(self.plan.local))
-        scale = _row_scale(x.shape[0])
         for rng, who in self.holders.items():
-            if self._ask(call, rng, who):
-                while self.always_both and self._ask(call, rng, who):
-                    pass
-                primary = self.c.serving(call.waiting[rng][0])
-                call.miss_at = max(call.miss_at, call.t_sent + self._miss_limit(primary, scale))
-                call.hedge_at[rng] = call.t_sent + hedge_after(primary.lat, scale, self._ceiling(primary, scale))
-            else:
-                call.local.append(rng)
+            self.send_range(call, rng, who)
         self.inflight[call.key] = call
         return call
+
+    def send_range(self, call: Call, rng: Range, who: tuple[int, ...]) -> None:
+        """Ask rng of its first holder that can take it (every holder with --hedge always) and
+        set its deadlines; or compute it here (call.local) if none can."""
+        if not self._ask(call, rng, who):
+            call.local.append(rng)
+            return
+        while self.always_both and self._ask(call, rng, who):
+            pass
+        self.deadlines(call, rng)
+
+    def deadlines(self, call: Call, rng: Range) -> None:
+        """When rng, just asked, is late (a replica is asked too) and missed (computed here)."""
+        scale = _row_scale(call.x.shape[0])
+        primary = self.c.serving(call.waiting[rng][0])
+        call.miss_at = max(call.miss_at, call.t_sent + self._miss_limit(primary, scale))
+        call.hedge_at[rng] = call.t_sent + hedge_after(primary.lat, scale, self._ceiling(primary, scale))
 
     def _ask(self, call: Call, rng: Range, who: tuple[int, ...], why: str = "") -> bool:
         """Send rng to the first holder in `who` that can take it now and was not asked yet;
@@ -139,7 +152,11 @@ class ClusterMLP:
         t0 = time.perf_counter()
         for s, e in call.local:
             call.parts.append((s, self._local(call.key[2], s, e)(call.x)))
-        t1 = time.perf_counter()
+        return self.finish(call, t0, time.perf_counter())
+
+    def finish(self, call: Call, t0: float, t1: float) -> np.ndarray:
+        """Wait for what the call still waits for (hedging, falling back), count, sum (N, H);
+        t0..t1 was spent on its local ranges."""
         self._gather(call)
         del self.inflight[call.key]
         t2 = time.perf_counter()

@@ -91,14 +91,30 @@ class QSliceLayer:
         return self.end - self.start
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x (N, H) float32 -> partial output (N, H) float64."""
-        t = self.threads
-        xq = quant.quantize_act(x)                                    # 8-bit blocks, shared by gate and up
-        act = silu_mul(self.gate(xq, threads=t), self.up(xq, threads=t))   # (N, n) float32
-        return self.down(act, dtype=np.float64, threads=t)            # (N, H) float64
+        """x (N, H) float32 -> partial output (N, H) float64: x in 8-bit blocks (shared by gate
+        and up), silu(g) * u in float32, that in 8-bit blocks again for down, float64 sums. One C
+        call (quant.qmlp), the same one a node's link loop makes, so the bits never depend on
+        where a range is computed."""
+        return quant.qmlp(x, self.gate, self.up, self.down, self.threads)
 
     def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.gate.data, self.up.data, self.down.data
+
+
+def link_table(served: dict) -> np.ndarray | None:
+    """The epochs a node serves, as the compiled link loop reads them (_link.c): one int64 row
+    per epoch, [epoch, start, end, then per layer gate, up, down addresses and their types
+    (gate | up << 8 | down << 16)]. None unless every slice is in blocks. The addresses are valid
+    while the slices are referenced (the caller keeps `served`' lists)."""
+    rows = []
+    for epoch, layers in served.items():
+        if not layers or not all(isinstance(sl, QSliceLayer) for sl in layers):
+            return None
+        row = [epoch, layers[0].start, layers[0].end]
+        for sl in layers:
+            row += [sl.gate._ptr, sl.up._ptr, sl.down._ptr, sl.gate._t | sl.up._t << 8 | sl.down._t << 16]
+        rows.append(row)
+    return np.array(rows, np.int64).reshape(len(rows), -1) if rows else None
 
 
 # ---------------------------------------------------------------- formats

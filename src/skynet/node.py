@@ -20,7 +20,7 @@ from . import datalink, faults, fastframe, wire
 from .assembly import LostBase, Slices
 from .auth import Keyring
 from .config import NodeConfig, parse_hostport
-from .mlp import F32Format, QFormat
+from .mlp import F32Format, QFormat, link_table
 from .nodecache import NodeCache
 from .placement import LOAD_FRAMES_IN_FLIGHT
 from .polling import wait_readable
@@ -51,6 +51,7 @@ class Node:
         self.cache = NodeCache(cfg.cache_dir, cfg.cache_max_bytes)   # a no-op without a directory
         self.last_transfer = time.monotonic()   # the last Assign or Load
         self.sock, self.last_alive = None, time.monotonic()   # this session's control socket
+        self._table_key, self._table, self._table_refs = None, None, {}   # the compiled loop's slices
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -184,8 +185,11 @@ class Node:
         return [sock] if sock.poll(0) else []
 
     def _serve_link(self) -> None:
-        """One message from the data link: only Mlp belongs there; a broken link is closed."""
+        """Messages from the data link: only Mlp belongs there; a broken link is closed. The
+        compiled loop serves what it can (_link.c) and leaves anything else to the Python path."""
         try:
+            if not self._serve_native():
+                return
             msg = self._decode(self.link.recv_multipart(timeout=5.0), self.limits)
             if isinstance(msg, wire.Mlp):
                 self._handle(self.link, msg)
@@ -193,6 +197,30 @@ class Node:
                 log.warning("dropped a %s on the data link", msg.TYPE)
         except datalink.LinkError as e:
             self._unlink(str(e))
+
+    def _serve_native(self) -> bool:
+        """Serve Mlp in the compiled loop for up to LINK_WAIT_S; True if a message waits for
+        the Python path (always, where the loop does not apply: float32 slices, test faults)."""
+        table = self._link_table()
+        if table is None:
+            return True
+        other, served, epoch = self.link.serve_mlp(table, self.limits, self.cfg.threads, LINK_WAIT_S,
+                                                   self.cfg.spin_us / 1e6)
+        if served:
+            self.cache.release()   # as in _mlp: the server serves an epoch of ours
+            self.served += served
+            self.slices.switched(epoch)
+        return other
+
+    def _link_table(self):
+        """mlp.link_table of the served epochs, rebuilt when they change (None: Python path)."""
+        if not datalink.NATIVE or self.lie or self.cfg.delay_ms or self.slices is None:
+            return None
+        key = tuple((e, id(layers)) for e, layers in self.slices.served.items())
+        if key != self._table_key:
+            self._table_key, self._table = key, link_table(self.slices.served)
+            self._table_refs = dict(self.slices.served)   # the addresses stay valid while referenced
+        return self._table
 
     def _keepalive(self) -> None:
         """The server's pings queue behind weight loads on this one socket: while rows are being

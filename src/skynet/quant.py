@@ -231,3 +231,20 @@ class QMatrix:
     def dequantize(self) -> np.ndarray:
         """float32 (rows, cols)."""
         return dequantize(self.qtype, self.data)
+
+
+def qmlp(x: np.ndarray, gate: QMatrix, up: QMatrix, down: QMatrix, threads: int = 1) -> np.ndarray:
+    """One MLP slice in blocks: x (N, H) float32 -> down @ (silu(gate @ x) * (up @ x)), (N, H) float64.
+
+    Activations are quantized to 8-bit blocks before gate/up (once) and before down; silu(g) * u
+    is g / (1 + exp(-g)) * u in float32, one rounding per operation."""
+    n, h = gate.rows, gate.cols
+    if not (up.rows == down.cols == n and up.cols == down.rows == h):
+        raise ValueError(f"slice shapes: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
+                         f"down {down.rows}x{down.cols}")
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or x.shape[1] != h \
+            or not x.flags.c_contiguous:
+        _check_x(x, h)
+    out = np.empty((x.shape[0], h), np.float64)
+    _k.qmlp(x, out, x.shape[0], h, n, gate._ptr, gate._t, up._ptr, up._t, down._ptr, down._t, threads)
+    return out

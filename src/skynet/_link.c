@@ -1,0 +1,525 @@
+/* A node's data-link loop in C: read `mlp` messages, compute the slice, write `mlp_out`.
+ *
+ * The Python path (datalink.py + fastframe.py + node.py) costs ~100-150 µs of interpreter time per
+ * message on these machines, more than the wire and the slice's kernels together. This loop does
+ * the same work for the one message that matters, with the GIL released:
+ *
+ *   wait (spin spin_s, then poll) -> read into the link's own buffer -> check prefix and fixed
+ *   header exactly as datalink.parse_prefix, fastframe.decode and wire.check_semantics do ->
+ *   sk_qmlp on the held slice -> one sendmsg of prefix + header + float64 partial
+ *
+ * and returns to Python when `budget_s` has passed (so the node looks at its control socket and
+ * says it is alive), or when the message at the head of the buffer is anything else: another
+ * kind, a msgpack header, a sub-range of the holding, an epoch not in the table, a message too
+ * large for the buffer, or one that fails any check. Such a message is left unread, for the
+ * Python path to read, decode, reject and log as it always has: this loop only ever takes a
+ * message the Python path would accept with the same meaning (tests/test_linkloop.py checks
+ * both on mutated messages).
+ *
+ * Buffer: the Python DataConn's bytearray, unread bytes at [start, end); the new (start, end) is
+ * returned, so the two readers share it.
+ *
+ * Table (int64, E rows of 3 + 4 * layers): epoch, start, end, then per layer gate, up and down
+ * addresses and their types (gate | up << 8 | down << 16). The caller keeps the arrays alive.
+ */
+#define _GNU_SOURCE
+#include "_qkernels.h"
+
+#ifdef _WIN32
+static PyObject *posix_only(void)
+{
+    PyErr_SetString(PyExc_NotImplementedError, "the compiled data link needs POSIX sockets");
+    return NULL;
+}
+PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) { return posix_only(); }
+PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) { return posix_only(); }
+PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) { return posix_only(); }
+#else
+
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0   /* macOS: Python ignores SIGPIPE anyway */
+#endif
+#define PREFIX 12
+#define HEAD 40
+#define MAGIC 0xC1
+#define KIND_MLP 1
+#define KIND_MLP_OUT 2
+#define LIMIT62 (1ULL << 62)
+#define IO_TIMEOUT_S 5.0      /* the rest of a started message, and a reply's write (as datalink.py) */
+#define SLEEP_SLACK_S 60e-6   /* datalink.SLEEP_SLACK_S */
+
+enum { ST_IDLE = 0, ST_OTHER = 1, ST_BROKEN = 2 };
+
+typedef struct {
+    int fd, version, f32, f64, hidden, layers, threads;
+    uint8_t *buf;
+    size_t cap, start, end, max_frame;
+    const int64_t *table;
+    size_t rows, width;
+    double delay_s, spin_s;
+    float *x;             /* aligned copy of the message's rows */
+    double *y;            /* the partial */
+    size_t xcap, ycap;
+    const char *err;
+    int err_no;
+} loop_t;
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* datalink.pause: sleep to within SLEEP_SLACK_S of the end, then spin. */
+static void pause_s(double s)
+{
+    double end = now_s() + s;
+    if (s > SLEEP_SLACK_S) {
+        double t = s - SLEEP_SLACK_S;
+        struct timespec ts = {(time_t)t, (long)((t - (time_t)t) * 1e9)};
+        while (nanosleep(&ts, &ts) && errno == EINTR) {}
+    }
+    while (now_s() < end) {}
+}
+
+/* Wait until the socket is readable (1), the deadline passes (0), or poll fails (-1). */
+static int wait_in(loop_t *L, double deadline, double spin_s)
+{
+    struct pollfd p = {L->fd, POLLIN, 0};
+    double spin_end = now_s() + spin_s;
+    while (spin_s > 0 && now_s() < spin_end && now_s() < deadline) {
+        int r = poll(&p, 1, 0);
+        if (r) return r > 0 ? 1 : (errno == EINTR ? 0 : -1);
+        sched_yield();
+    }
+    for (;;) {
+        double left = deadline - now_s();
+        if (left <= 0) return 0;
+        int r = poll(&p, 1, (int)(left * 1000 + 0.999));
+        if (r > 0) return 1;
+        if (r < 0 && errno != EINTR) return -1;
+    }
+}
+
+/* Buffer at least n unread bytes (n <= cap). 1 done, 0 deadline passed, -1 broken (L->err). */
+static int fill(loop_t *L, size_t n, double deadline)
+{
+    while (L->end - L->start < n) {
+        if (L->end == L->cap) {   /* move the unread bytes to the front */
+            memmove(L->buf, L->buf + L->start, L->end - L->start);
+            L->end -= L->start;
+            L->start = 0;
+        }
+        ssize_t got = recv(L->fd, L->buf + L->end, L->cap - L->end, MSG_DONTWAIT);
+        if (got > 0) {
+            L->end += (size_t)got;
+            continue;
+        }
+        if (got == 0) {
+            L->err = "closed by the peer";
+            return -1;
+        }
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            L->err = "receive failed", L->err_no = errno;
+            return -1;
+        }
+        int w = wait_in(L, deadline, 0);
+        if (w <= 0) {
+            if (w < 0) L->err = "poll failed", L->err_no = errno;
+            return w;
+        }
+    }
+    return 1;
+}
+
+static int send_all(loop_t *L, struct iovec *iov, int n)
+{
+    double deadline = now_s() + IO_TIMEOUT_S;
+    struct msghdr m = {0};
+    while (n) {
+        m.msg_iov = iov;
+        m.msg_iovlen = n;
+        ssize_t sent = sendmsg(L->fd, &m, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                L->err = "send failed", L->err_no = errno;
+                return -1;
+            }
+            struct pollfd p = {L->fd, POLLOUT, 0};
+            double left = deadline - now_s();
+            if (left <= 0 || poll(&p, 1, (int)(left * 1000 + 0.999)) == 0) {
+                L->err = "send failed: timed out";
+                return -1;
+            }
+            continue;
+        }
+        while (n && (size_t)sent >= iov->iov_len) {
+            sent -= (ssize_t)iov->iov_len;
+            iov++, n--;
+        }
+        if (n) {
+            iov->iov_base = (char *)iov->iov_base + sent;
+            iov->iov_len -= (size_t)sent;
+        }
+    }
+    return 0;
+}
+
+static const int64_t *held(const loop_t *L, uint64_t epoch)
+{
+    for (size_t i = 0; i < L->rows; i++)
+        if ((uint64_t)L->table[i * L->width] == epoch) return L->table + i * L->width;
+    return NULL;
+}
+
+/* The message at the head of the buffer (complete) is an mlp this loop serves: its row, else NULL. */
+static const int64_t *servable(const loop_t *L, size_t body)
+{
+    const uint8_t *h = L->buf + L->start + PREFIX;
+    uint32_t rows = rd32(h + 4), cols = rd32(h + 8), layer = rd32(h + 28), s = rd32(h + 32), e = rd32(h + 36);
+    uint64_t step = rd64(h + 12), epoch = rd64(h + 20);
+    if (h[0] != MAGIC || h[1] != L->version || h[2] != KIND_MLP || h[3] != L->f32) return NULL;
+    if (step >= LIMIT62 || epoch >= LIMIT62 || rows == 0 || (int)cols != L->hidden || layer >= (uint32_t)L->layers)
+        return NULL;
+    if ((uint64_t)rows * cols * 4 != body || body > L->max_frame) return NULL;
+    const int64_t *row = held(L, epoch);
+    if (!row || !((s == 0 && e == 0) || ((int64_t)s == row[1] && (int64_t)e == row[2]))) return NULL;
+    return row;
+}
+
+static int grow(void **p, size_t *cap, size_t need)
+{
+    if (need <= *cap) return 0;
+    free(*p);
+    *p = aligned_alloc(64, (need + 63) & ~(size_t)63);
+    *cap = *p ? need : 0;
+    return *p ? 0 : -1;
+}
+
+/* Serve the complete mlp at the head of the buffer. 0, or -1 (L->err). */
+static int serve_one(loop_t *L, const int64_t *row, size_t body)
+{
+    const uint8_t *h = L->buf + L->start + PREFIX;
+    uint32_t rows = rd32(h + 4), layer = rd32(h + 28);
+    size_t ybytes = (size_t)rows * L->hidden * 8;
+    if (grow((void **)&L->x, &L->xcap, body) || grow((void **)&L->y, &L->ycap, ybytes)) {
+        L->err = "out of memory";
+        return -1;
+    }
+    memcpy(L->x, h + HEAD, body);
+    uint8_t out[PREFIX + HEAD];
+    uint32_t pre[3] = {2, HEAD, (uint32_t)ybytes};
+    memcpy(out, pre, PREFIX);
+    memcpy(out + PREFIX, h, HEAD);   /* step, epoch, layer, rows, cols, sub-range echoed */
+    out[PREFIX + 2] = KIND_MLP_OUT;
+    out[PREFIX + 3] = (uint8_t)L->f64;
+    L->start += PREFIX + HEAD + body;
+    if (L->delay_s > 0) pause_s(L->delay_s);   /* the emulated one-way delay of the way in */
+    const int64_t *w = row + 3 + 4 * (size_t)layer;
+    int64_t types = w[3];
+    sk_qslice sl = {(int)(types & 0xff), (int)((types >> 8) & 0xff), (int)((types >> 16) & 0xff),
+                    (int)(row[2] - row[1]), L->hidden, (const uint8_t *)(uintptr_t)w[0],
+                    (const uint8_t *)(uintptr_t)w[1], (const uint8_t *)(uintptr_t)w[2]};
+    if (sk_qmlp(&sl, L->x, (int)rows, L->y, L->threads)) {
+        L->err = "out of memory";
+        return -1;
+    }
+    if (L->delay_s > 0) pause_s(L->delay_s);   /* ... and of the way out */
+    struct iovec iov[2] = {{out, sizeof out}, {L->y, ybytes}};
+    return send_all(L, iov, 2);
+}
+
+/* The loop: ST_IDLE when the budget is spent, ST_OTHER with a message for Python at the head of
+ * the buffer, ST_BROKEN (L->err) when the link cannot be used any more. */
+static int run(loop_t *L, double budget_s, long long *served, long long *last_epoch)
+{
+    double t0 = now_s();
+    for (;;) {
+        double deadline = t0 + budget_s;
+        if (L->spin_s > 0 && L->end - L->start < PREFIX) wait_in(L, deadline, L->spin_s);
+        int r = fill(L, PREFIX, deadline);   /* nothing started: wait at most the budget */
+        if (r <= 0) return r < 0 ? ST_BROKEN : ST_IDLE;
+        const uint8_t *p = L->buf + L->start;
+        uint32_t count = rd32(p), head = rd32(p + 4), body = rd32(p + 8);
+        if (count != 2 || head != HEAD || (size_t)PREFIX + HEAD + body > L->cap) return ST_OTHER;
+        r = fill(L, PREFIX + HEAD + body, now_s() + IO_TIMEOUT_S);
+        if (r <= 0) {
+            if (r == 0) L->err = "receive failed: timed out";
+            return ST_BROKEN;
+        }
+        const int64_t *row = servable(L, body);
+        if (!row) return ST_OTHER;
+        *last_epoch = (long long)rd64(L->buf + L->start + PREFIX + 20);
+        if (serve_one(L, row, body)) return ST_BROKEN;
+        ++*served;
+        if (now_s() - t0 >= budget_s) return ST_IDLE;
+    }
+}
+
+PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 15) {
+        PyErr_Format(PyExc_TypeError, "link_serve: expected 15 arguments, got %zd", nargs);
+        return NULL;
+    }
+    /* fd, buf, start, end, table, hidden, layers, max_frame, threads, budget_s, delay_s, spin_s,
+     * version, f32 code, f64 code */
+    long long iv[12];
+    const int ints[] = {0, 2, 3, 5, 6, 7, 8, 12, 13, 14};
+    for (int i = 0; i < 10; i++) {
+        iv[i] = PyLong_AsLongLong(args[ints[i]]);
+        if (iv[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    double budget = PyFloat_AsDouble(args[9]), delay = PyFloat_AsDouble(args[10]), spin = PyFloat_AsDouble(args[11]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer bb, tb;
+    if (PyObject_GetBuffer(args[1], &bb, PyBUF_WRITABLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[4], &tb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&bb);
+        return NULL;
+    }
+    loop_t L = {(int)iv[0], (int)iv[7], (int)iv[8], (int)iv[9], (int)iv[3], (int)iv[4], (int)iv[6]};
+    L.buf = bb.buf, L.cap = (size_t)bb.len, L.start = (size_t)iv[1], L.end = (size_t)iv[2];
+    L.max_frame = (size_t)iv[5];
+    size_t width = 3 + 4 * (size_t)(L.layers > 0 ? L.layers : 0);
+    L.table = tb.buf, L.width = width, L.rows = (size_t)tb.len / (8 * width);
+    L.delay_s = delay, L.spin_s = spin;
+    if (L.start > L.end || L.end > L.cap || L.cap < PREFIX + HEAD || L.hidden <= 0 || L.hidden % 32
+        || L.layers <= 0 || (size_t)tb.len % (8 * width) || L.fd < 0) {
+        PyBuffer_Release(&tb);
+        PyBuffer_Release(&bb);
+        PyErr_SetString(PyExc_ValueError, "link_serve: bad arguments");
+        return NULL;
+    }
+    long long served = 0, last_epoch = -1;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = run(&L, budget, &served, &last_epoch);
+    Py_END_ALLOW_THREADS
+    free(L.x);
+    free(L.y);
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&bb);
+    PyObject *err = Py_None;
+    if (L.err) {
+        err = L.err_no ? PyUnicode_FromFormat("%s: %s", L.err, strerror(L.err_no)) : PyUnicode_FromString(L.err);
+        if (!err) return NULL;
+    } else {
+        Py_INCREF(err);
+    }
+    return Py_BuildValue("(innLLN)", st, (Py_ssize_t)L.start, (Py_ssize_t)L.end, served, last_epoch, err);
+}
+/* ------------------------------------------------------------------ the server's side
+ * link_send(fd, head, x): one `mlp` (prefix + fixed header `head`, 52 bytes, then x) in one
+ * sendmsg, waiting at most IO_TIMEOUT_S for room: None, or why it failed.
+ *
+ * link_gather(fds, bufs, pos, status, t, out, step, epoch, layer, N, H, version, f64, max_frame,
+ * timeout_s, spin_s): wait up to timeout_s for one `mlp_out` from each link whose status is 0,
+ * reading into each link's buffer (bufs[i], unread bytes at pos[i]). A reply that carries exactly
+ * (step, epoch, layer), the whole holding (sub-range 0, 0), N rows of H finite float64 is copied
+ * to out[i], status 1, t[i] = seconds after the call began. Anything else at the head of a
+ * buffer is left there for the Python path (status 2); a link that broke: status 3, and its
+ * error in the returned tuple. Links still silent at the deadline keep status 0. */
+typedef struct {
+    loop_t L;
+    int64_t *pos, *status;
+    double *t;
+    double *out;
+} peer_t;
+
+PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "link_send(fd, head, x)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer hb, xb;
+    if (PyObject_GetBuffer(args[1], &hb, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[2], &xb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&hb);
+        return NULL;
+    }
+    loop_t L = {fd};
+    struct iovec iov[2] = {{hb.buf, (size_t)hb.len}, {xb.buf, (size_t)xb.len}};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = send_all(&L, iov, xb.len ? 2 : 1);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&hb);
+    if (!rc) Py_RETURN_NONE;
+    return L.err_no ? PyUnicode_FromFormat("%s: %s", L.err, strerror(L.err_no)) : PyUnicode_FromString(L.err);
+}
+
+/* The reply at the head of P's buffer: 1 taken, 2 another message (left), 0 incomplete, -1 broken. */
+static int take_reply(peer_t *P, uint64_t step, uint64_t epoch, uint32_t layer, uint32_t N)
+{
+    loop_t *L = &P->L;
+    if (L->end - L->start < PREFIX) return 0;
+    const uint8_t *p = L->buf + L->start;
+    uint32_t count = rd32(p), head = rd32(p + 4), body = rd32(p + 8);
+    if (count != 2 || head != HEAD || (size_t)PREFIX + HEAD + body > L->cap) return 2;
+    if (L->end - L->start < PREFIX + HEAD + body) return 0;
+    const uint8_t *h = p + PREFIX;
+    if (h[0] != MAGIC || h[1] != L->version || h[2] != KIND_MLP_OUT || h[3] != L->f64 || rd32(h + 4) != N
+        || (int)rd32(h + 8) != L->hidden || rd64(h + 12) != step || rd64(h + 20) != epoch || rd32(h + 28) != layer
+        || rd32(h + 32) || rd32(h + 36) || (size_t)N * L->hidden * 8 != body || body > L->max_frame)
+        return 2;
+    const double *y = (const double *)(h + HEAD);   /* unaligned reads via memcpy below */
+    size_t n = (size_t)N * L->hidden;
+    double v;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(&v, (const char *)y + 8 * i, 8);
+        if (!isfinite(v)) return 2;
+    }
+    memcpy(P->out, h + HEAD, body);
+    L->start += PREFIX + HEAD + body;
+    return 1;
+}
+
+/* Read what has arrived on P's socket without waiting: 0, or -1 broken (EOF, error). */
+static int drain(peer_t *P)
+{
+    loop_t *L = &P->L;
+    for (;;) {
+        if (L->end == L->cap) {
+            if (!L->start) return 0;   /* full: a message larger than the buffer; Python reads it */
+            memmove(L->buf, L->buf + L->start, L->end - L->start);
+            L->end -= L->start;
+            L->start = 0;
+        }
+        ssize_t got = recv(L->fd, L->buf + L->end, L->cap - L->end, MSG_DONTWAIT);
+        if (got > 0) {
+            L->end += (size_t)got;
+            continue;
+        }
+        if (got == 0) {
+            L->err = "closed by the peer";
+            return -1;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        L->err = "receive failed", L->err_no = errno;
+        return -1;
+    }
+}
+
+#define MAX_PEERS 256
+
+PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 16) {
+        PyErr_Format(PyExc_TypeError, "link_gather: expected 16 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long long iv[8];
+    for (int i = 0; i < 8; i++) {
+        iv[i] = PyLong_AsLongLong(args[6 + i]);
+        if (iv[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    double timeout = PyFloat_AsDouble(args[14]), spin = PyFloat_AsDouble(args[15]);
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t k = PyList_Check(args[0]) ? PyList_GET_SIZE(args[0]) : -1;
+    if (k < 0 || k > MAX_PEERS || !PyList_Check(args[1]) || PyList_GET_SIZE(args[1]) != k) {
+        PyErr_SetString(PyExc_ValueError, "link_gather: fds and bufs must be lists of one length");
+        return NULL;
+    }
+    long long N = iv[3], H = iv[4];
+    Py_buffer pb, sb, tb, ob, bb[MAX_PEERS];
+    int got_bufs = 0, ok = 0;
+    peer_t P[MAX_PEERS];
+    if (PyObject_GetBuffer(args[2], &pb, PyBUF_WRITABLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[3], &sb, PyBUF_WRITABLE) < 0) goto e1;
+    if (PyObject_GetBuffer(args[4], &tb, PyBUF_WRITABLE) < 0) goto e2;
+    if (PyObject_GetBuffer(args[5], &ob, PyBUF_WRITABLE) < 0) goto e3;
+    if (N <= 0 || H <= 0 || pb.len != 16 * k || sb.len != 8 * k || tb.len != 8 * k || ob.len != k * N * H * 8) {
+        PyErr_SetString(PyExc_ValueError, "link_gather: array sizes do not match");
+        goto e4;
+    }
+    for (; got_bufs < k; got_bufs++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(args[1], got_bufs), &bb[got_bufs], PyBUF_WRITABLE) < 0) goto e4;
+        peer_t *q = &P[got_bufs];
+        memset(q, 0, sizeof *q);
+        q->L.fd = (int)PyLong_AsLong(PyList_GET_ITEM(args[0], got_bufs));
+        q->pos = (int64_t *)pb.buf + 2 * got_bufs;
+        q->status = (int64_t *)sb.buf + got_bufs;
+        q->t = (double *)tb.buf + got_bufs;
+        q->out = (double *)ob.buf + (size_t)got_bufs * N * H;
+        q->L.buf = bb[got_bufs].buf, q->L.cap = (size_t)bb[got_bufs].len;
+        q->L.start = (size_t)q->pos[0], q->L.end = (size_t)q->pos[1];
+        q->L.version = (int)iv[5], q->L.f64 = (int)iv[6], q->L.hidden = (int)H, q->L.max_frame = (size_t)iv[7];
+        if (q->L.fd < 0 || q->L.start > q->L.end || q->L.end > q->L.cap || q->L.cap < PREFIX + HEAD) {
+            PyBuffer_Release(&bb[got_bufs]);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "link_gather: bad link");
+            goto e4;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    double t0 = now_s(), deadline = t0 + timeout, spin_end = t0 + spin;
+    struct pollfd fds[MAX_PEERS];
+    for (;;) {
+        int waiting = 0;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            peer_t *q = &P[i];
+            if (*q->status) continue;
+            int r = take_reply(q, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N);
+            if (r == 0 && drain(q) < 0) r = -1;
+            else if (r == 0) r = take_reply(q, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N);
+            if (r == 1) *q->t = now_s() - t0;
+            if (r) *q->status = r < 0 ? 3 : r;
+            else fds[waiting++] = (struct pollfd){q->L.fd, POLLIN, 0};
+        }
+        double left = deadline - now_s();
+        if (!waiting || left <= 0) break;
+        if (now_s() < spin_end) {
+            if (!poll(fds, waiting, 0)) sched_yield();
+            continue;
+        }
+        if (poll(fds, waiting, (int)(left * 1000 + 0.999)) < 0 && errno != EINTR) break;
+    }
+    Py_END_ALLOW_THREADS
+    ok = 1;
+e4:
+    for (int i = 0; i < got_bufs; i++) {
+        P[i].pos[0] = (int64_t)P[i].L.start, P[i].pos[1] = (int64_t)P[i].L.end;
+        PyBuffer_Release(&bb[i]);
+    }
+    PyBuffer_Release(&ob);
+e3:
+    PyBuffer_Release(&tb);
+e2:
+    PyBuffer_Release(&sb);
+e1:
+    PyBuffer_Release(&pb);
+    if (!ok) return NULL;
+    PyObject *errs = PyTuple_New(k);
+    for (Py_ssize_t i = 0; errs && i < k; i++) {
+        PyObject *e = P[i].L.err ? (P[i].L.err_no ? PyUnicode_FromFormat("%s: %s", P[i].L.err, strerror(P[i].L.err_no))
+                                                  : PyUnicode_FromString(P[i].L.err))
+                                 : (Py_INCREF(Py_None), Py_None);
+        if (!e) {
+            Py_DECREF(errs);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(errs, i, e);
+    }
+    return errs;
+}
+#endif /* _WIN32 */
