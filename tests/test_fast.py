@@ -139,6 +139,7 @@ def test_fast_tokens_do_not_depend_on_the_split(tiny_fast, nodes, n, weights):
         assert all(s % 32 == 0 and e % 32 == 0 for s, e in ranges) and len(ranges) == n
         out, logits = run_greedy(nc.engine, PROMPT, STEPS)
         assert_nodes_did_the_work(nc, STEPS)
+        assert nc.mlp.stats["fast_calls"] == nc.mlp.stats["calls"], "the compiled path (fastpath.py) was not taken"
     assert out == ref_out, f"{n} nodes {ranges}: tokens differ from the server alone"
     diff = float(np.abs(logits - ref_logits).max())
     print(f"\n[fast] {n} nodes {ranges}: same tokens, max |logits - alone| = {diff:.3g}")

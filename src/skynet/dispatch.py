@@ -89,14 +89,15 @@ class ClusterMLP:
         return self.overlap and bool(self.plan.ranges)
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """x (N, H) -> sum of all ranges' partials (N, H): the compiled common case when it
-        applies (fastpath.py), else scatter and gather."""
-        y = self.fast(layer, x) if self.fast is not None else None
-        return self.gather(self.scatter(layer, x)) if y is None else y
+        """x (N, H) -> sum of all ranges' partials (N, H)."""
+        return self.gather(self.scatter(layer, x))
 
     def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call:
         """Send x (N, H) of micro-batch `micro` to each range's primary (or, if it cannot take it,
         the next holder); nothing is computed yet."""
+        call = self.fast.scatter(layer, x, micro) if self.fast is not None else None
+        if call is not None:   # the compiled common case (fastpath.py)
+            return call
         call = Call((MICRO * self.step + micro, self.epoch, layer), x, time.perf_counter(), list(self.plan.local))
         for rng, who in self.holders.items():
             self.send_range(call, rng, who)
@@ -152,7 +153,10 @@ class ClusterMLP:
         t0 = time.perf_counter()
         for s, e in call.local:
             call.parts.append((s, self._local(call.key[2], s, e)(call.x)))
-        return self.finish(call, t0, time.perf_counter())
+        t1 = time.perf_counter()
+        if call.fast:
+            self.fast.gather(call)
+        return self.finish(call, t0, t1)
 
     def finish(self, call: Call, t0: float, t1: float) -> np.ndarray:
         """Wait for what the call still waits for (hedging, falling back), count, sum (N, H);
@@ -235,12 +239,16 @@ class ClusterMLP:
         asked = call.waiting.pop(rng)
         call.hedge_at.pop(rng, None)
         self._outrun(call, rng, [i for i in asked if i != n.id], bench=False)   # theirs: duplicates
-        call.parts.append((rng[0], y.reshape(-1, y.shape[-1])))
+        self.took(call, rng, n, y.reshape(-1, y.shape[-1]), time.perf_counter(), r.direct)
+
+    def took(self, call: Call, rng: Range, n, y: np.ndarray, t: float, direct: bool) -> None:
+        """n's partial y (N, H) of rng, which came at time t, is summed: the books and its latency."""
+        call.parts.append((rng[0], y))
         self.stats["bytes_in"] += y.nbytes
-        self.stats["direct_replies"] += r.direct
+        self.stats["direct_replies"] += direct
         self.stats["replica_replies"] += self.plan.ranges.get(n.id) != rng
         self.stats["replies"][n.name] = self.stats["replies"].get(n.name, 0) + 1
-        lat = time.perf_counter() - call.sent[(rng, n.id)]
+        lat = t - call.sent[(rng, n.id)]
         if self.on_latency is not None:
             self.on_latency(n, lat)
         n.observe_latency(lat / _row_scale(y.shape[0]))

@@ -1,18 +1,19 @@
-"""The common case of one distributed MLP call, in two C calls (_link.c) instead of the ~250
-Python function calls of scatter + gather (dispatch.py): ~150 µs of the server's CPU per layer.
+"""The common case of one distributed MLP call in C (_link.c), instead of the ~250 Python
+function calls of ClusterMLP.scatter + gather: ~150 µs of the server's CPU per layer.
 
 It applies when every range goes to one node that holds exactly that range (no replicas),
-serves, is not benched or loading, and has a data link; nothing else is in flight; the partials
-are float64 (the fast precision); and a reply fits a link's read buffer. Then:
+serves, is not benched or loading, and has a data link; every other call in flight is a fast
+one (overlap.py keeps two); nobody is outrun; the partials are float64 (the fast precision);
+and a reply fits a link's read buffer. Then
 
-    send x to each node (datalink.send_mlp: one sendmsg each), compute the server's own ranges,
-    wait for all replies at once (datalink.gather_mlp), and sum
+    scatter: x to each node, one sendmsg each (datalink.send_mlp)
+    gather:  the server's own ranges, then one wait for every reply (datalink.gather_mlp)
 
-with the same books as scatter/gather: the call is in flight, its deadlines are set, each reply
-goes through ClusterMLP._accept. Anything the C side does not take (a late or malformed reply,
-a link that broke, silence past the first deadline) is left where the Python path finds it, and
-`finish` carries on exactly as `gather` would. The bits of the sum do not change: the same
-partials, summed in range order.
+with the books of ClusterMLP.scatter/gather: the call is in flight with its deadlines, and each
+reply goes through ClusterMLP._accept. Whatever the C side does not take (a late or malformed
+reply, a broken link, silence past the call's first deadline) stays where the Python path finds
+it, and ClusterMLP.finish carries on exactly as for any call. The sum's bits do not change: the
+same partials, summed in range order.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ import time
 
 import numpy as np
 
-from . import datalink, wire
-from .calls import Call
+from . import datalink
+from .calls import Call, row_scale
 from .cluster import Reply
 from .links import unlink
+from .replicas import hedge_after
 
 MICRO = 2   # dispatch.MICRO: step tags of micro-batches
 
@@ -31,6 +33,7 @@ MICRO = 2   # dispatch.MICRO: step tags of micro-batches
 class FastPath:
     def __init__(self, mlp):
         self.m = mlp
+        self._key, self._cache = None, {}   # per (step, rows): node id -> (miss, hedge) seconds
 
     @staticmethod
     def available(mlp) -> bool:
@@ -39,7 +42,7 @@ class FastPath:
     def targets(self, rows: int) -> list | None:
         """[(range, node)] when the fast path applies to a call of `rows` rows, else None."""
         m = self.m
-        if m.always_both or m.inflight or m.outrun or not m.holders \
+        if m.always_both or m.outrun or not m.holders or any(not c.fast for c in m.inflight.values()) \
                 or datalink.PREFIX.size + 40 + rows * m.weights.hidden * 8 > datalink.READ_CHUNK:
             return None
         out = []
@@ -50,52 +53,67 @@ class FastPath:
             out.append((rng, n))
         return out
 
-    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray | None:
-        """The call's sum (N, H) float32, or None when the fast path does not apply."""
+    def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call | None:
+        """Send x to every range's node in C and keep the books as ClusterMLP.scatter does; None
+        (nothing sent) when the fast path does not apply."""
         m = self.m
         targets = self.targets(x.shape[0])
         if targets is None:
             return None
         m.stats["fast_calls"] += 1
-        call = Call((MICRO * m.step, m.epoch, layer), x, time.perf_counter(), list(m.plan.local))
+        call = Call((MICRO * m.step + micro, m.epoch, layer), x, time.perf_counter(), list(m.plan.local))
         head = datalink.link_head(*call.key, *x.shape)
-        sent = []
         for rng, n in targets:
             try:
                 datalink.send_mlp(n.link, head, x)
             except datalink.LinkError as e:
                 unlink(n, str(e))
-                m.send_range(call, rng, m.holders[rng])   # over ZeroMQ, another holder, or here
+                m.send_range(call, rng, m.holders[rng])   # over ZeroMQ, to another holder, or here
                 continue
             call.waiting[rng] = [n.id]
             call.sent[(rng, n.id)] = time.perf_counter()
             m.stats["bytes_out"] += len(head) - datalink.PREFIX.size + x.nbytes
-            m.deadlines(call, rng)
-            sent.append((rng, n))
+            miss_s, hedge_s = self._deadlines(n, x.shape[0])
+            call.miss_at = max(call.miss_at, call.t_sent + miss_s)
+            call.hedge_at[rng] = call.t_sent + hedge_s
+            call.fast.append((rng, n))
         m.inflight[call.key] = call
-        t0 = time.perf_counter()
-        for s, e in call.local:
-            call.parts.append((s, m._local(layer, s, e)(x)))
-        t1 = time.perf_counter()
-        if sent:
-            self._gather(call, sent)
-        return m.finish(call, t0, t1)
+        return call
 
-    def _gather(self, call: Call, sent: list) -> None:
-        """Wait (in C) for the fast-sent ranges until the call's first deadline; accept what came."""
+    def _deadlines(self, n, rows: int) -> tuple[float, float]:
+        """(miss, hedge) seconds after sending for n's range, as ClusterMLP.deadlines sets them,
+        from n's reply-time distribution as it stood at its first call of this step and row count
+        (computed once per step, not per layer)."""
         m = self.m
+        if self._key != (m.step, rows):
+            self._key, self._cache = (m.step, rows), {}
+        d = self._cache.get(n.id)
+        if d is None:
+            scale = row_scale(rows)
+            d = self._cache[n.id] = (m._miss_limit(n, scale), hedge_after(n.lat, scale, m._ceiling(n, scale)))
+        return d
+
+    def gather(self, call: Call) -> None:
+        """Wait (in C) for the fast-sent ranges still waiting until the call's first deadline,
+        and accept what came; ClusterMLP.finish does the rest."""
+        m = self.m
+        sent = [(rng, n) for rng, n in call.fast if n.id in call.waiting.get(rng, ()) and n.link is not None]
+        if not sent:
+            return
         wake = min([call.miss_at, *call.hedge_at.values()])
         status = np.zeros(len(sent), np.int64)
         out = np.empty((len(sent), *call.x.shape))
         conns = [n.link for _, n in sent]
-        _, errs = datalink.gather_mlp(conns, status, out, call.key, min(c.max_frame for c in conns),
-                                      max(wake - time.perf_counter(), 0.0), m.spin_s)
+        t0 = time.perf_counter()
+        t, errs = datalink.gather_mlp(conns, status, out, call.key, min(c.max_frame for c in conns),
+                                      max(wake - t0, 0.0), m.spin_s)
         seen = time.monotonic()
-        step, epoch, layer = call.key
         for i, (rng, n) in enumerate(sent):
-            if status[i] == 1:
+            if status[i] == 1:   # what ClusterMLP._accept does; C checked shape, dtype, finiteness
                 n.last_seen = seen
-                m._accept(call, rng, Reply(n, wire.MlpOut(step, epoch, layer, out[i]), direct=True))
+                del call.waiting[rng]
+                call.hedge_at.pop(rng, None)
+                m.took(call, rng, n, out[i], t0 + t[i], True)
             elif status[i] == 3:
                 unlink(n, errs[i])
                 m._take([Reply(n, None, errs[i], "link lost")])
