@@ -1770,12 +1770,51 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ exp and silu
+ * e^x in float32 from IEEE + - * / and conversions only (Cody-Waite reduction by ln 2, a degree-6
+ * polynomial): within 2 ulp of expf on [-87, 88]; x is clamped to that range, except that e^x
+ * is inf where it overflows (x > 88.72), and NaN stays NaN. No
+ * libm and no target-specific instruction, so its bits are the same on every CPU, compiler
+ * vectorized or not (-ffp-contract=off), and the silu loop below vectorizes. */
+static inline float sk_expf(float x)
+{
+    int over = x > 88.72283935546875f;   /* e^x > FLT_MAX */
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round(x / ln 2) */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) * (1 << 23);
+    float scale;
+    memcpy(&scale, &e, 4);
+    return over ? INFINITY : p * scale;
+}
+
+/* g = silu(g) * u = g / (1 + e^-g) * u, one rounding per operation. GCC vectorizes the loop
+ * only if it may evaluate both sides of the clamps: setup.py builds with -fno-trapping-math
+ * (floating-point exception flags may differ, never a value). */
+static void silu_mul_f32(float *restrict g, const float *restrict u, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        float t = sk_expf(-g[i]) + 1.0f;
+        g[i] = g[i] / t * u[i];
+    }
+}
+
 /* ------------------------------------------------------------------ one MLP slice
  * partial(x) = down[:, r] @ (silu(gate[r] @ x) * (up[r] @ x)) for neurons r of one layer, x (N, H)
  * float32 -> out (N, H) float64: x quantized once for gate and up, silu(g) * u in float32 as
- * g / (1 + expf(-g)) * u (one rounding per operation), the product quantized again for down.
+ * g / (1 + sk_expf(-g)) * u (one rounding per operation), the product quantized again for down.
  * Every caller (the server's own ranges, a node's Python path, a node's link loop) runs this one
- * function, so a range's partial has the same bits wherever it is computed. */
+ * function, so a range's partial has the same bits wherever it is computed (and, with sk_expf,
+ * on whatever CPU). */
 int sk_qmlp(const sk_qslice *s, const float *x, int N, double *out, int threads)
 {
     int H = s->H, n = s->n;
@@ -1803,12 +1842,7 @@ int sk_qmlp(const sk_qslice *s, const float *x, int N, double *out, int threads)
     mm_args b = {s->ut, n, H, N, 0, (size_t)(H / block_values(s->ut) * block_bytes(s->ut)), s->up, q, dx, sx, u, NULL};
     if (!rc) rc = run_matmul(&b, NULL, threads);
     if (!rc) {
-        for (size_t i = 0; i < (size_t)N * n; i++) {
-            float t = expf(-g[i]);
-            t = t + 1.0f;
-            g[i] = g[i] / t;
-            g[i] = g[i] * u[i];
-        }
+        silu_mul_f32(g, u, (size_t)N * n);
         int dnb = n / 32;
         mm_args c = {s->dt, H, n, N, 1, (size_t)(n / block_values(s->dt) * block_bytes(s->dt)), s->down,
                      (const int8_t *)(dscratch + (size_t)N * dnb * 8), (const float *)dscratch,
@@ -1847,6 +1881,24 @@ static PyObject *py_qmlp(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyBuffer_Release(&xb);
     PyBuffer_Release(&ob);
     if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* silu_mul(g, u, n): g = silu(g) * u in place, float32, as sk_qmlp computes it (tests). */
+static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static const int idx[] = {2};
+    long long n;
+    if (get_ints(args, nargs, 3, idx, 1, &n) < 0) return NULL;
+    Py_buffer gb, ub;
+    if (get_buf(args[0], &gb, 1, (Py_ssize_t)(n * 4), "g") < 0) return NULL;
+    if (get_buf(args[1], &ub, 0, (Py_ssize_t)(n * 4), "u") < 0) {
+        PyBuffer_Release(&gb);
+        return NULL;
+    }
+    silu_mul_f32(gb.buf, ub.buf, (size_t)n);
+    PyBuffer_Release(&ub);
+    PyBuffer_Release(&gb);
     Py_RETURN_NONE;
 }
 
@@ -1901,6 +1953,7 @@ static PyMethodDef methods[] = {
     {"link_gather", (PyCFunction)(void (*)(void))sk_py_link_gather, METH_FASTCALL,
      "link_gather(fds, bufs, pos, status, t, out, step, epoch, layer, N, H, version, f64, max_frame, timeout_s,"
      " spin_s) -> errors: see _link.c"},
+    {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(g, u, n): g = silu(g) * u in place"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
     {"pool_stats", py_pool_stats, METH_NOARGS, "(workers, jobs, joined, chunks) of the persistent workers"},
     {"set_kernel", py_set_kernel, METH_O, "set_kernel('generic' | 'avx2' | 'avx512' | 'auto')"},
