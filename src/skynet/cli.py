@@ -276,7 +276,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--precision", choices=("auto", "exact", "fast"), default="auto")
     be.add_argument("--tokens", type=int, default=64, help="tokens per request")
     be.add_argument("--reps", type=int, default=2, help="timed requests per figure")
-    be.add_argument("--spin-us", type=float, default=0.0, help="server and node spin this long before blocking")
+    be.add_argument("--spin-us", type=float, default=1000.0,
+                    help="server and node spin this long before blocking (each has a core of its own)")
     be.add_argument("--delays", default="", help="one-way link delays in ms (default 0,0.1,0.25,0.5; -1 = none)")
     be.add_argument("--no-pinned", action="store_true", help="skip the pinned comparison")
     be.add_argument("--no-overlap", dest="overlap", action="store_false",

@@ -35,7 +35,8 @@ PREFIX = struct.Struct("<III")
 MAX_HELLO_BYTES = 1024      # the whole first message of an unauthenticated connection
 HELLO_TIMEOUT_S = 2.0       # to send it, from the accept
 MAX_PENDING = 64            # connections waiting to say hello; more are closed at once
-READ_CHUNK = 64 * 1024      # a link's read buffer: a decode row's message fits many times
+READ_CHUNK = 64 << 10      # a link's read buffer: the compiled loops (_link.c) take messages that fit in it
+                            # (a 256-row prefill chunk of a 576- or 1024-wide model, decode rows of any)
 SLEEP_SLACK_S = 60e-6       # how late time.sleep wakes up here with a 1 ns timer slack (30-45 µs)
 PR_SET_TIMERSLACK = 29
 

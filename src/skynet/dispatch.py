@@ -161,7 +161,8 @@ class ClusterMLP:
     def finish(self, call: Call, t0: float, t1: float) -> np.ndarray:
         """Wait for what the call still waits for (hedging, falling back), count, sum (N, H);
         t0..t1 was spent on its local ranges."""
-        self._gather(call)
+        if call.waiting or self.outrun:
+            self._gather(call)
         del self.inflight[call.key]
         t2 = time.perf_counter()
         self.stats["calls"] += 1
