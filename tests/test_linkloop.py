@@ -175,6 +175,25 @@ def _bad_messages():
     }
 
 
+def test_node_loop_serves_a_replica_sub_range_once_its_slices_exist(served):
+    """A sub-range of the holding (a replica's, replicas.py) goes to the Python path until
+    Slices.part has built it for every layer; then the table lists it and the loop serves it."""
+    from skynet.mlp import QFormat
+    fmt = QFormat(H, [(sl.gate._t, sl.up._t, sl.down._t) for sl in served[EPOCH]])
+    sub = (HELD[0] + 32, HELD[1])
+    parts = {(EPOCH, i, *sub): fmt.sub(i, sl, *sub) for i, sl in enumerate(served[EPOCH])}
+    x = np.random.default_rng(5).standard_normal((2, H), dtype=np.float32)
+    raw = _mlp_bytes(wire.Mlp(4, EPOCH, 1, x, *sub))
+    assert _serve(served, raw)[:2] == (True, 0)                        # not listed yet
+    half = {k: v for k, v in parts.items() if k[1] == 0}
+    server, node = _pair()
+    server.sock.sendall(raw)
+    assert node.serve_mlp(link_table(served, half), LIMITS, 1, 0.05)[:2] == (True, 0)   # not every layer
+    assert node.serve_mlp(link_table(served, parts), LIMITS, 1, 0.05) == (False, 1, EPOCH)
+    got = fastframe.decode(server.recv_multipart(timeout=2), LIMITS)
+    assert (got.start, got.end) == sub and np.array_equal(got.y, parts[(EPOCH, 1, *sub)](x))
+
+
 @pytest.mark.parametrize("name", sorted(_bad_messages()))
 def test_node_loop_leaves_any_other_message_to_the_python_path(served, name):
     raw = _bad_messages()[name]
@@ -240,6 +259,15 @@ def test_send_then_gather_round_trip():
     status, out = np.zeros(1, np.int64), np.zeros((1, 2, H))
     datalink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0)
     assert status[0] == 1 and np.array_equal(out[0], y)
+    node.send_multipart(fastframe.encode(wire.MlpOut(*KEY, y, 32, 64)))   # a replica's sub-range
+    status[0] = 0
+    datalink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0, subs=[(32, 96)])
+    assert status[0] == 2   # not the sub-range asked: left for the Python path
+    server.recv_multipart(timeout=1)
+    node.send_multipart(fastframe.encode(wire.MlpOut(*KEY, y, 32, 64)))
+    status[0] = 0
+    datalink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0, subs=[(32, 64)])
+    assert status[0] == 1
 
 
 def test_gather_takes_good_replies_leaves_others_and_reports_broken_links():

@@ -10,8 +10,8 @@
  *
  * and returns to Python when `budget_s` has passed (so the node looks at its control socket and
  * says it is alive), or when the message at the head of the buffer is anything else: another
- * kind, a msgpack header, a sub-range of the holding, an epoch not in the table, a message too
- * large for the buffer, or one that fails any check. Such a message is left unread, for the
+ * kind, a msgpack header, a range the table does not hold, a message too large for the buffer,
+ * or one that fails any check. Such a message is left unread, for the
  * Python path to read, decode, reject and log as it always has: this loop only ever takes a
  * message the Python path would accept with the same meaning (tests/test_linkloop.py checks
  * both on mutated messages).
@@ -19,8 +19,10 @@
  * Buffer: the Python DataConn's bytearray, unread bytes at [start, end); the new (start, end) is
  * returned, so the two readers share it.
  *
- * Table (int64, E rows of 3 + 4 * layers): epoch, start, end, then per layer gate, up and down
- * addresses and their types (gate | up << 8 | down << 16). The caller keeps the arrays alive.
+ * Table (int64, rows of 4 + 4 * layers): epoch, start, end, whole (1: the node's whole holding of
+ * that epoch, what an mlp with sub-range 0, 0 asks; 0: a sub-range a replica serves), then per
+ * layer gate, up and down addresses and their types (gate | up << 8 | down << 16). The caller
+ * keeps the arrays alive.
  */
 #define _GNU_SOURCE
 #include "_qkernels.h"
@@ -180,10 +182,13 @@ static int send_all(loop_t *L, struct iovec *iov, int n)
     return 0;
 }
 
-static const int64_t *held(const loop_t *L, uint64_t epoch)
+/* The table's row for neurons [s, e) of epoch (0, 0: the whole holding), or NULL. */
+static const int64_t *held(const loop_t *L, uint64_t epoch, uint32_t s, uint32_t e)
 {
-    for (size_t i = 0; i < L->rows; i++)
-        if ((uint64_t)L->table[i * L->width] == epoch) return L->table + i * L->width;
+    for (size_t i = 0; i < L->rows; i++) {
+        const int64_t *r = L->table + i * L->width;
+        if ((uint64_t)r[0] == epoch && ((s == 0 && e == 0) ? r[3] == 1 : (r[1] == s && r[2] == e))) return r;
+    }
     return NULL;
 }
 
@@ -197,9 +202,7 @@ static const int64_t *servable(const loop_t *L, size_t body)
     if (step >= LIMIT62 || epoch >= LIMIT62 || rows == 0 || (int)cols != L->hidden || layer >= (uint32_t)L->layers)
         return NULL;
     if ((uint64_t)rows * cols * 4 != body || body > L->max_frame) return NULL;
-    const int64_t *row = held(L, epoch);
-    if (!row || !((s == 0 && e == 0) || ((int64_t)s == row[1] && (int64_t)e == row[2]))) return NULL;
-    return row;
+    return held(L, epoch, s, e);
 }
 
 static int grow(void **p, size_t *cap, size_t need)
@@ -230,7 +233,7 @@ static int serve_one(loop_t *L, const int64_t *row, size_t body)
     out[PREFIX + 3] = (uint8_t)L->f64;
     L->start += PREFIX + HEAD + body;
     if (L->delay_s > 0) pause_s(L->delay_s);   /* the emulated one-way delay of the way in */
-    const int64_t *w = row + 3 + 4 * (size_t)layer;
+    const int64_t *w = row + 4 + 4 * (size_t)layer;
     int64_t types = w[3];
     sk_qslice sl = {(int)(types & 0xff), (int)((types >> 8) & 0xff), (int)((types >> 16) & 0xff),
                     (int)(row[2] - row[1]), L->hidden, (const uint8_t *)(uintptr_t)w[0],
@@ -296,7 +299,7 @@ PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nar
     loop_t L = {(int)iv[0], (int)iv[7], (int)iv[8], (int)iv[9], (int)iv[3], (int)iv[4], (int)iv[6]};
     L.buf = bb.buf, L.cap = (size_t)bb.len, L.start = (size_t)iv[1], L.end = (size_t)iv[2];
     L.max_frame = (size_t)iv[5];
-    size_t width = 3 + 4 * (size_t)(L.layers > 0 ? L.layers : 0);
+    size_t width = 4 + 4 * (size_t)(L.layers > 0 ? L.layers : 0);
     L.table = tb.buf, L.width = width, L.rows = (size_t)tb.len / (8 * width);
     L.delay_s = delay, L.spin_s = spin;
     if (L.start > L.end || L.end > L.cap || L.cap < PREFIX + HEAD || L.hidden <= 0 || L.hidden % 32
@@ -328,16 +331,17 @@ PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * link_send(fd, head, x): one `mlp` (prefix + fixed header `head`, 52 bytes, then x) in one
  * sendmsg, waiting at most IO_TIMEOUT_S for room: None, or why it failed.
  *
- * link_gather(fds, bufs, pos, status, t, out, step, epoch, layer, N, H, version, f64, max_frame,
- * timeout_s, spin_s): wait up to timeout_s for one `mlp_out` from each link whose status is 0,
- * reading into each link's buffer (bufs[i], unread bytes at pos[i]). A reply that carries exactly
- * (step, epoch, layer), the whole holding (sub-range 0, 0), N rows of H finite float64 is copied
+ * link_gather(fds, bufs, pos, subs, status, t, out, step, epoch, layer, N, H, version, f64,
+ * max_frame, timeout_s, spin_s): wait up to timeout_s for one `mlp_out` from each link whose
+ * status is 0, reading into each link's buffer (bufs[i], unread bytes at pos[i]). A reply that
+ * carries exactly (step, epoch, layer), the sub-range asked (subs[i]; 0, 0: the whole holding),
+ * N rows of H finite float64 is copied
  * to out[i], status 1, t[i] = seconds after the call began. Anything else at the head of a
  * buffer is left there for the Python path (status 2); a link that broke: status 3, and its
  * error in the returned tuple. Links still silent at the deadline keep status 0. */
 typedef struct {
     loop_t L;
-    int64_t *pos, *status;
+    int64_t *pos, *sub, *status;
     double *t;
     double *out;
 } peer_t;
@@ -380,7 +384,8 @@ static int take_reply(peer_t *P, uint64_t step, uint64_t epoch, uint32_t layer, 
     const uint8_t *h = p + PREFIX;
     if (h[0] != MAGIC || h[1] != L->version || h[2] != KIND_MLP_OUT || h[3] != L->f64 || rd32(h + 4) != N
         || (int)rd32(h + 8) != L->hidden || rd64(h + 12) != step || rd64(h + 20) != epoch || rd32(h + 28) != layer
-        || rd32(h + 32) || rd32(h + 36) || (size_t)N * L->hidden * 8 != body || body > L->max_frame)
+        || rd32(h + 32) != (uint64_t)P->sub[0] || rd32(h + 36) != (uint64_t)P->sub[1]
+        || (size_t)N * L->hidden * 8 != body || body > L->max_frame)
         return 2;
     const double *y = (const double *)(h + HEAD);   /* unaligned reads via memcpy below */
     size_t n = (size_t)N * L->hidden;
@@ -425,16 +430,16 @@ static int drain(peer_t *P)
 
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 16) {
-        PyErr_Format(PyExc_TypeError, "link_gather: expected 16 arguments, got %zd", nargs);
+    if (nargs != 17) {
+        PyErr_Format(PyExc_TypeError, "link_gather: expected 17 arguments, got %zd", nargs);
         return NULL;
     }
     long long iv[8];
     for (int i = 0; i < 8; i++) {
-        iv[i] = PyLong_AsLongLong(args[6 + i]);
+        iv[i] = PyLong_AsLongLong(args[7 + i]);
         if (iv[i] == -1 && PyErr_Occurred()) return NULL;
     }
-    double timeout = PyFloat_AsDouble(args[14]), spin = PyFloat_AsDouble(args[15]);
+    double timeout = PyFloat_AsDouble(args[15]), spin = PyFloat_AsDouble(args[16]);
     if (PyErr_Occurred()) return NULL;
     Py_ssize_t k = PyList_Check(args[0]) ? PyList_GET_SIZE(args[0]) : -1;
     if (k < 0 || k > MAX_PEERS || !PyList_Check(args[1]) || PyList_GET_SIZE(args[1]) != k) {
@@ -442,14 +447,16 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     long long N = iv[3], H = iv[4];
-    Py_buffer pb, sb, tb, ob, bb[MAX_PEERS];
+    Py_buffer pb, rb, sb, tb, ob, bb[MAX_PEERS];
     int got_bufs = 0, ok = 0;
     peer_t P[MAX_PEERS];
     if (PyObject_GetBuffer(args[2], &pb, PyBUF_WRITABLE) < 0) return NULL;
-    if (PyObject_GetBuffer(args[3], &sb, PyBUF_WRITABLE) < 0) goto e1;
-    if (PyObject_GetBuffer(args[4], &tb, PyBUF_WRITABLE) < 0) goto e2;
-    if (PyObject_GetBuffer(args[5], &ob, PyBUF_WRITABLE) < 0) goto e3;
-    if (N <= 0 || H <= 0 || pb.len != 16 * k || sb.len != 8 * k || tb.len != 8 * k || ob.len != k * N * H * 8) {
+    if (PyObject_GetBuffer(args[3], &rb, PyBUF_SIMPLE) < 0) goto e0;
+    if (PyObject_GetBuffer(args[4], &sb, PyBUF_WRITABLE) < 0) goto e1;
+    if (PyObject_GetBuffer(args[5], &tb, PyBUF_WRITABLE) < 0) goto e2;
+    if (PyObject_GetBuffer(args[6], &ob, PyBUF_WRITABLE) < 0) goto e3;
+    if (N <= 0 || H <= 0 || pb.len != 16 * k || rb.len != 16 * k || sb.len != 8 * k || tb.len != 8 * k
+        || ob.len != k * N * H * 8) {
         PyErr_SetString(PyExc_ValueError, "link_gather: array sizes do not match");
         goto e4;
     }
@@ -459,6 +466,7 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
         memset(q, 0, sizeof *q);
         q->L.fd = (int)PyLong_AsLong(PyList_GET_ITEM(args[0], got_bufs));
         q->pos = (int64_t *)pb.buf + 2 * got_bufs;
+        q->sub = (int64_t *)rb.buf + 2 * got_bufs;
         q->status = (int64_t *)sb.buf + got_bufs;
         q->t = (double *)tb.buf + got_bufs;
         q->out = (double *)ob.buf + (size_t)got_bufs * N * H;
@@ -507,6 +515,8 @@ e3:
 e2:
     PyBuffer_Release(&sb);
 e1:
+    PyBuffer_Release(&rb);
+e0:
     PyBuffer_Release(&pb);
     if (!ok) return NULL;
     PyObject *errs = PyTuple_New(k);

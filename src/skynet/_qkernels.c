@@ -1951,8 +1951,8 @@ static PyMethodDef methods[] = {
     {"link_serve", (PyCFunction)(void (*)(void))sk_py_link_serve, METH_FASTCALL, SK_LINK_SERVE_DOC},
     {"link_send", (PyCFunction)(void (*)(void))sk_py_link_send, METH_FASTCALL, "link_send(fd, head, x) -> None or why"},
     {"link_gather", (PyCFunction)(void (*)(void))sk_py_link_gather, METH_FASTCALL,
-     "link_gather(fds, bufs, pos, status, t, out, step, epoch, layer, N, H, version, f64, max_frame, timeout_s,"
-     " spin_s) -> errors: see _link.c"},
+     "link_gather(fds, bufs, pos, subs, status, t, out, step, epoch, layer, N, H, version, f64, max_frame,"
+     " timeout_s, spin_s) -> errors: see _link.c"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(g, u, n): g = silu(g) * u in place"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
     {"pool_stats", py_pool_stats, METH_NOARGS, "(workers, jobs, joined, chunks) of the persistent workers"},

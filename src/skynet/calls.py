@@ -25,7 +25,7 @@ class Call:
     miss_at: float = 0.0                           # when the server stops waiting for a range
     dropped: set = field(default_factory=set)      # nodes not to ask again in this call
     out: dict = field(default_factory=dict)        # (start, end) sub-range -> its encoded Mlp
-    fast: list = field(default_factory=list)       # (range, node) sent by the compiled path (fastpath.py)
+    fast: list = field(default_factory=list)       # (range, node, sub-range) sent by the compiled path (fastpath.py)
 
 
 def malformed(y: np.ndarray, shape: tuple, dtype: np.dtype) -> str:

@@ -217,12 +217,12 @@ class DataConn:
             pass
 
 
-def link_head(step: int, epoch: int, layer: int, rows: int, cols: int) -> bytes:
-    """Prefix and fixed header of an `mlp` of (rows, cols) float32 for a node's whole holding:
-    the bytes fastframe.encode + pack put before the tensor."""
+def link_head(step: int, epoch: int, layer: int, rows: int, cols: int, start: int = 0, end: int = 0) -> bytes:
+    """Prefix and fixed header of an `mlp` of (rows, cols) float32 for neurons [start, end) of a
+    node's holding (0, 0: all of it): the bytes fastframe.encode + pack put before the tensor."""
     return (PREFIX.pack(2, fastframe.HEADER.size, rows * cols * 4)
             + fastframe.HEADER.pack(fastframe.MAGIC, wire.VERSION, 1, _DTYPE_CODE[wire.DTYPES["float32"]], rows, cols,
-                                    step, epoch, layer, 0, 0))
+                                    step, epoch, layer, start, end))
 
 
 def send_mlp(conn: DataConn, head: bytes, x) -> None:
@@ -235,15 +235,17 @@ def send_mlp(conn: DataConn, head: bytes, x) -> None:
 
 
 def gather_mlp(conns: list, status: np.ndarray, out: np.ndarray, key: tuple[int, int, int],
-               max_frame: int, timeout_s: float, spin_s: float = 0.0) -> tuple[np.ndarray, tuple]:
+               max_frame: int, timeout_s: float, spin_s: float = 0.0, subs=None) -> tuple[np.ndarray, tuple]:
     """The server's compiled wait (_link.c) for one `mlp_out` per link whose status is 0, up to
-    timeout_s. Per link, status becomes 1 (the reply is in out[i]: exactly `key`, the whole
-    holding, out's rows of finite float64), 2 (another message waits: read it with
+    timeout_s. Per link, status becomes 1 (the reply is in out[i]: exactly `key`, the sub-range
+    asked of it (subs[i]; default 0, 0: its whole holding), out's rows of finite float64), 2
+    (another message waits: read it with
     recv_multipart), 3 (the link broke: the error is in the returned tuple), or stays 0.
     Returns (seconds after the call began each reply came, errors)."""
     pos = np.array([(c._start, c._end) for c in conns], np.int64).reshape(len(conns), 2)
     t = np.zeros(len(conns))
-    errs = _k.link_gather([c.sock.fileno() for c in conns], [c._buf for c in conns], pos, status, t, out,
+    subs = np.zeros((len(conns), 2), np.int64) if subs is None else np.asarray(subs, np.int64).reshape(len(conns), 2)
+    errs = _k.link_gather([c.sock.fileno() for c in conns], [c._buf for c in conns], pos, subs, status, t, out,
                           *key, out.shape[1], out.shape[2], wire.VERSION, _DTYPE_CODE[wire.DTYPES["float64"]],
                           max_frame, timeout_s, spin_s)
     for c, (s, e) in zip(conns, pos.tolist()):

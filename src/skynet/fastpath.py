@@ -1,8 +1,8 @@
 """The common case of one distributed MLP call in C (_link.c), instead of the ~250 Python
 function calls of ClusterMLP.scatter + gather: ~150 µs of the server's CPU per layer.
 
-It applies when every range goes to one node that holds exactly that range (no replicas),
-serves, is not benched or loading, and has a data link; every other call in flight is a fast
+It applies when every range's first holder (its primary; replicas.py) serves, is not benched or
+loading, and has a data link; every other call in flight is a fast
 one (overlap.py keeps two); nobody is outrun; the partials are float64 (the fast precision);
 and a reply fits a link's read buffer. Then
 
@@ -40,7 +40,9 @@ class FastPath:
         return datalink.NATIVE and mlp.weights.quantized and mlp.c.links is not None
 
     def targets(self, rows: int) -> list | None:
-        """[(range, node)] when the fast path applies to a call of `rows` rows, else None."""
+        """[(range, node, sub-range)] when the fast path applies to a call of `rows` rows, else
+        None: each range goes to its first holder, as ClusterMLP._ask would send it (sub-range
+        0, 0 when the node holds exactly that range)."""
         m = self.m
         if m.always_both or m.outrun or not m.holders or any(not c.fast for c in m.inflight.values()) \
                 or datalink.PREFIX.size + 40 + rows * m.weights.hidden * 8 > datalink.READ_CHUNK:
@@ -48,9 +50,9 @@ class FastPath:
         out = []
         for rng, who in m.holders.items():
             n = m.c.serving(who[0])
-            if n is None or n.link is None or n.loading_rows or who[0] in m.benched or m.plan.held(who[0]) != rng:
+            if n is None or n.link is None or n.loading_rows or who[0] in m.benched:
                 return None
-            out.append((rng, n))
+            out.append((rng, n, (0, 0) if m.plan.held(who[0]) == rng else rng))
         return out
 
     def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call | None:
@@ -62,8 +64,9 @@ class FastPath:
             return None
         m.stats["fast_calls"] += 1
         call = Call((MICRO * m.step + micro, m.epoch, layer), x, time.perf_counter(), list(m.plan.local))
-        head = datalink.link_head(*call.key, *x.shape)
-        for rng, n in targets:
+        heads: dict = {}
+        for rng, n, sub in targets:
+            head = heads.get(sub) or heads.setdefault(sub, datalink.link_head(*call.key, *x.shape, *sub))
             try:
                 datalink.send_mlp(n.link, head, x)
             except datalink.LinkError as e:
@@ -76,7 +79,7 @@ class FastPath:
             miss_s, hedge_s = self._deadlines(n, x.shape[0])
             call.miss_at = max(call.miss_at, call.t_sent + miss_s)
             call.hedge_at[rng] = call.t_sent + hedge_s
-            call.fast.append((rng, n))
+            call.fast.append((rng, n, sub))
         m.inflight[call.key] = call
         return call
 
@@ -97,18 +100,18 @@ class FastPath:
         """Wait (in C) for the fast-sent ranges still waiting until the call's first deadline,
         and accept what came; ClusterMLP.finish does the rest."""
         m = self.m
-        sent = [(rng, n) for rng, n in call.fast if n.id in call.waiting.get(rng, ()) and n.link is not None]
+        sent = [(rng, n, sub) for rng, n, sub in call.fast if n.id in call.waiting.get(rng, ()) and n.link is not None]
         if not sent:
             return
         wake = min([call.miss_at, *call.hedge_at.values()])
         status = np.zeros(len(sent), np.int64)
         out = np.empty((len(sent), *call.x.shape))
-        conns = [n.link for _, n in sent]
+        conns = [n.link for _, n, _ in sent]
         t0 = time.perf_counter()
         t, errs = datalink.gather_mlp(conns, status, out, call.key, min(c.max_frame for c in conns),
-                                      max(wake - t0, 0.0), m.spin_s)
+                                      max(wake - t0, 0.0), m.spin_s, [sub for _, _, sub in sent])
         seen = time.monotonic()
-        for i, (rng, n) in enumerate(sent):
+        for i, (rng, n, _) in enumerate(sent):
             if status[i] == 1:   # what ClusterMLP._accept does; C checked shape, dtype, finiteness
                 n.last_seen = seen
                 del call.waiting[rng]

@@ -101,16 +101,26 @@ class QSliceLayer:
         return self.gate.data, self.up.data, self.down.data
 
 
-def link_table(served: dict) -> np.ndarray | None:
-    """The epochs a node serves, as the compiled link loop reads them (_link.c): one int64 row
-    per epoch, [epoch, start, end, then per layer gate, up, down addresses and their types
-    (gate | up << 8 | down << 16)]. None unless every slice is in blocks. The addresses are valid
-    while the slices are referenced (the caller keeps `served`' lists)."""
+def link_table(served: dict, parts: dict | None = None) -> np.ndarray | None:
+    """The slices a node serves, as the compiled link loop reads them (_link.c): one int64 row
+    per range, [epoch, start, end, whole, then per layer gate, up, down addresses and their types
+    (gate | up << 8 | down << 16)]. `served`: epoch -> every layer's slice of the whole holding
+    (whole = 1); `parts` (assembly.Slices.parts): (epoch, layer, start, end) -> a replica's
+    sub-range, listed once every layer has it. None unless every slice is in blocks. The
+    addresses are valid while the slices are referenced (the caller keeps them)."""
+    ranges = [(e, 1, layers) for e, layers in served.items()]
+    by_range: dict = {}
+    for (epoch, layer, s, e), sl in (parts or {}).items():
+        by_range.setdefault((epoch, s, e), {})[layer] = sl
+    for (epoch, s, e), got in by_range.items():
+        n = len(served.get(epoch) or ())
+        if n and len(got) == n:
+            ranges.append((epoch, 0, [got[i] for i in range(n)]))
     rows = []
-    for epoch, layers in served.items():
+    for epoch, whole, layers in ranges:
         if not layers or not all(isinstance(sl, QSliceLayer) for sl in layers):
             return None
-        row = [epoch, layers[0].start, layers[0].end]
+        row = [epoch, layers[0].start, layers[0].end, whole]
         for sl in layers:
             row += [sl.gate._ptr, sl.up._ptr, sl.down._ptr, sl.gate._t | sl.up._t << 8 | sl.down._t << 16]
         rows.append(row)

@@ -213,13 +213,16 @@ class Node:
         return other
 
     def _link_table(self):
-        """mlp.link_table of the served epochs, rebuilt when they change (None: Python path)."""
+        """mlp.link_table of the served epochs and replica sub-ranges, rebuilt when they change
+        (None: Python path). A sub-range is listed once the Python path has served it in every
+        layer (Slices.part builds it on first use)."""
         if not datalink.NATIVE or self.lie or self.cfg.delay_ms or self.slices is None:
             return None
-        key = tuple((e, id(layers)) for e, layers in self.slices.served.items())
+        sl = self.slices
+        key = (tuple((e, id(layers)) for e, layers in sl.served.items()), len(sl.parts))
         if key != self._table_key:
-            self._table_key, self._table = key, link_table(self.slices.served)
-            self._table_refs = dict(self.slices.served)   # the addresses stay valid while referenced
+            self._table_key, self._table = key, link_table(sl.served, sl.parts)
+            self._table_refs = (dict(sl.served), dict(sl.parts))   # the addresses stay valid while referenced
         return self._table
 
     def _keepalive(self) -> None:
