@@ -1799,7 +1799,12 @@ static inline float sk_expf(float x)
 
 /* g = silu(g) * u = g / (1 + e^-g) * u, one rounding per operation. GCC vectorizes the loop
  * only if it may evaluate both sides of the clamps: setup.py builds with -fno-trapping-math
- * (floating-point exception flags may differ, never a value). */
+ * (floating-point exception flags may differ, never a value). On x86-64 Linux it is compiled
+ * for AVX-512, AVX2 and the baseline and picked at load time: the vector width changes, the
+ * operations (no FMA: -ffp-contract=off) and so the bits do not. */
+#if defined(SK_X86) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 static void silu_mul_f32(float *restrict g, const float *restrict u, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
