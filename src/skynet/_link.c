@@ -116,11 +116,14 @@ static int wait_in(loop_t *L, double deadline, double spin_s)
     }
 }
 
-/* Buffer at least n unread bytes (n <= cap). 1 done, 0 deadline passed, -1 broken (L->err). */
-static int fill(loop_t *L, size_t n, double deadline)
+/* Read what has arrived, without waiting; unread bytes move to the front when the buffer's end
+ * is reached. 1 if bytes came, 0 if none are there now (or the buffer is full of one message
+ * larger than it), -1 broken (L->err). */
+static int read_some(loop_t *L)
 {
-    while (L->end - L->start < n) {
-        if (L->end == L->cap) {   /* move the unread bytes to the front */
+    for (;;) {
+        if (L->end == L->cap) {
+            if (!L->start) return 0;
             memmove(L->buf, L->buf + L->start, L->end - L->start);
             L->end -= L->start;
             L->start = 0;
@@ -128,21 +131,31 @@ static int fill(loop_t *L, size_t n, double deadline)
         ssize_t got = recv(L->fd, L->buf + L->end, L->cap - L->end, MSG_DONTWAIT);
         if (got > 0) {
             L->end += (size_t)got;
-            continue;
+            return 1;
         }
         if (got == 0) {
             L->err = "closed by the peer";
             return -1;
         }
         if (errno == EINTR) continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK) {
-            L->err = "receive failed", L->err_no = errno;
-            return -1;
-        }
-        int w = wait_in(L, deadline, 0);
-        if (w <= 0) {
-            if (w < 0) L->err = "poll failed", L->err_no = errno;
-            return w;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        L->err = "receive failed", L->err_no = errno;
+        return -1;
+    }
+}
+
+/* Buffer at least n unread bytes (n <= cap). 1 done, 0 deadline passed, -1 broken (L->err). */
+static int fill(loop_t *L, size_t n, double deadline)
+{
+    while (L->end - L->start < n) {
+        int r = read_some(L);
+        if (r < 0) return -1;
+        if (r == 0) {
+            int w = wait_in(L, deadline, 0);
+            if (w <= 0) {
+                if (w < 0) L->err = "poll failed", L->err_no = errno;
+                return w;
+            }
         }
     }
     return 1;
@@ -402,28 +415,9 @@ static int take_reply(peer_t *P, uint64_t step, uint64_t epoch, uint32_t layer, 
 /* Read what has arrived on P's socket without waiting: 0, or -1 broken (EOF, error). */
 static int drain(peer_t *P)
 {
-    loop_t *L = &P->L;
-    for (;;) {
-        if (L->end == L->cap) {
-            if (!L->start) return 0;   /* full: a message larger than the buffer; Python reads it */
-            memmove(L->buf, L->buf + L->start, L->end - L->start);
-            L->end -= L->start;
-            L->start = 0;
-        }
-        ssize_t got = recv(L->fd, L->buf + L->end, L->cap - L->end, MSG_DONTWAIT);
-        if (got > 0) {
-            L->end += (size_t)got;
-            continue;
-        }
-        if (got == 0) {
-            L->err = "closed by the peer";
-            return -1;
-        }
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
-        L->err = "receive failed", L->err_no = errno;
-        return -1;
-    }
+    int r;
+    while ((r = read_some(&P->L)) > 0) {}
+    return r;
 }
 
 #define MAX_PEERS 256
