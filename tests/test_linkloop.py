@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -175,6 +176,17 @@ def _bad_messages():
     }
 
 
+def test_node_loop_leaves_an_epoch_older_than_one_it_served_to_the_python_path(served):
+    """Python drops older epochs once it serves a newer one (Slices.switched): after serving
+    epoch E + 1, the loop leaves an mlp for E unread, and reports E + 1 as the epoch served."""
+    both = {EPOCH: served[EPOCH], EPOCH + 1: served[EPOCH]}
+    x = np.ones((1, H), np.float32)
+    older = _mlp_bytes(wire.Mlp(2, EPOCH, 0, x))
+    other, n, epoch, node, _ = _serve(both, _mlp_bytes(wire.Mlp(1, EPOCH + 1, 0, x)) + older)
+    assert (other, n, epoch) == (True, 1, EPOCH + 1)
+    assert b"".join(bytes(f) for f in datalink.pack(node.recv_multipart(timeout=1))) == older
+
+
 def test_node_loop_serves_a_replica_sub_range_once_its_slices_exist(served):
     """A sub-range of the holding (a replica's, replicas.py) goes to the Python path until
     Slices.part has built it for every layer; then the table lists it and the loop serves it."""
@@ -285,6 +297,26 @@ def test_gather_takes_good_replies_leaves_others_and_reports_broken_links():
     for (raw, want), (_, srv) in zip(cases.values(), pairs):
         if want == 2:   # left unread for the Python path, byte for byte
             assert b"".join(bytes(f) for f in datalink.pack(srv.recv_multipart(timeout=1))) == raw
+
+
+def test_gather_takes_a_reply_that_came_just_before_the_link_closed():
+    y = np.full((2, H), 0.5)
+    node, server = _pair()
+    node.sock.sendall(_reply(y))
+    node.close()
+    time.sleep(0.05)
+    status, out = np.zeros(1, np.int64), np.zeros((1, 2, H))
+    datalink.gather_mlp([server], status, out, KEY, 1 << 20, 1.0)
+    assert status[0] == 1 and np.array_equal(out[0], y)
+    status[0] = 0
+    _, errs = datalink.gather_mlp([server], status, out, KEY, 1 << 20, 1.0)
+    assert status[0] == 3 and "closed" in errs[0]
+
+
+def test_send_refuses_rows_the_header_does_not_describe():
+    _, server = _pair()
+    with pytest.raises(ValueError):
+        datalink.send_mlp(server, datalink.link_head(*KEY, 2, H), np.ones((3, H), np.float32))
 
 
 @fuzz

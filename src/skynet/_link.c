@@ -161,9 +161,9 @@ static int fill(loop_t *L, size_t n, double deadline)
     return 1;
 }
 
-static int send_all(loop_t *L, struct iovec *iov, int n)
+static int send_all(loop_t *L, struct iovec *iov, int n, double timeout_s)
 {
-    double deadline = now_s() + IO_TIMEOUT_S;
+    double deadline = now_s() + timeout_s;
     struct msghdr m = {0};
     while (n) {
         m.msg_iov = iov;
@@ -257,7 +257,7 @@ static int serve_one(loop_t *L, const int64_t *row, size_t body)
     }
     if (L->delay_s > 0) pause_s(L->delay_s);   /* ... and of the way out */
     struct iovec iov[2] = {{out, sizeof out}, {L->y, ybytes}};
-    return send_all(L, iov, 2);
+    return send_all(L, iov, 2, IO_TIMEOUT_S);
 }
 
 /* The loop: ST_IDLE when the budget is spent, ST_OTHER with a message for Python at the head of
@@ -272,15 +272,16 @@ static int run(loop_t *L, double budget_s, long long *served, long long *last_ep
         if (r <= 0) return r < 0 ? ST_BROKEN : ST_IDLE;
         const uint8_t *p = L->buf + L->start;
         uint32_t count = rd32(p), head = rd32(p + 4), body = rd32(p + 8);
-        if (count != 2 || head != HEAD || (size_t)PREFIX + HEAD + body > L->cap) return ST_OTHER;
+        if (count != 2 || head != HEAD || body > L->cap - PREFIX - HEAD) return ST_OTHER;
         r = fill(L, PREFIX + HEAD + body, now_s() + IO_TIMEOUT_S);
         if (r <= 0) {
             if (r == 0) L->err = "receive failed: timed out";
             return ST_BROKEN;
         }
         const int64_t *row = servable(L, body);
-        if (!row) return ST_OTHER;
-        *last_epoch = (long long)rd64(L->buf + L->start + PREFIX + 20);
+        long long epoch = row ? (long long)rd64(L->buf + L->start + PREFIX + 20) : 0;
+        if (!row || epoch < *last_epoch) return ST_OTHER;   /* Python drops epochs older than one served */
+        *last_epoch = epoch;
         if (serve_one(L, row, body)) return ST_BROKEN;
         ++*served;
         if (now_s() - t0 >= budget_s) return ST_IDLE;
@@ -341,8 +342,9 @@ PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return Py_BuildValue("(innLLN)", st, (Py_ssize_t)L.start, (Py_ssize_t)L.end, served, last_epoch, err);
 }
 /* ------------------------------------------------------------------ the server's side
- * link_send(fd, head, x): one `mlp` (prefix + fixed header `head`, 52 bytes, then x) in one
- * sendmsg, waiting at most IO_TIMEOUT_S for room: None, or why it failed.
+ * link_send(fd, head, x, timeout_s): one `mlp` (prefix + fixed header `head`, 52 bytes, then x,
+ * exactly the tensor bytes the prefix states) in one sendmsg, waiting at most timeout_s for
+ * room: None, or why it failed.
  *
  * link_gather(fds, bufs, pos, subs, status, t, out, step, epoch, layer, N, H, version, f64,
  * max_frame, timeout_s, spin_s): wait up to timeout_s for one `mlp_out` from each link whose
@@ -361,23 +363,31 @@ typedef struct {
 
 PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "link_send(fd, head, x)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "link_send(fd, head, x, timeout_s)");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
     if (fd == -1 && PyErr_Occurred()) return NULL;
+    double timeout = PyFloat_AsDouble(args[3]);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
     Py_buffer hb, xb;
     if (PyObject_GetBuffer(args[1], &hb, PyBUF_SIMPLE) < 0) return NULL;
     if (PyObject_GetBuffer(args[2], &xb, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&hb);
         return NULL;
     }
+    if (hb.len != PREFIX + HEAD || rd32((const uint8_t *)hb.buf + 8) != (uint64_t)xb.len) {
+        PyBuffer_Release(&xb);
+        PyBuffer_Release(&hb);
+        PyErr_SetString(PyExc_ValueError, "link_send: the header does not state x's byte length");
+        return NULL;
+    }
     loop_t L = {fd};
     struct iovec iov[2] = {{hb.buf, (size_t)hb.len}, {xb.buf, (size_t)xb.len}};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = send_all(&L, iov, xb.len ? 2 : 1);
+    rc = send_all(&L, iov, xb.len ? 2 : 1, timeout);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&xb);
     PyBuffer_Release(&hb);
@@ -392,7 +402,7 @@ static int take_reply(peer_t *P, uint64_t step, uint64_t epoch, uint32_t layer, 
     if (L->end - L->start < PREFIX) return 0;
     const uint8_t *p = L->buf + L->start;
     uint32_t count = rd32(p), head = rd32(p + 4), body = rd32(p + 8);
-    if (count != 2 || head != HEAD || (size_t)PREFIX + HEAD + body > L->cap) return 2;
+    if (count != 2 || head != HEAD || body > L->cap - PREFIX - HEAD) return 2;
     if (L->end - L->start < PREFIX + HEAD + body) return 0;
     const uint8_t *h = p + PREFIX;
     if (h[0] != MAGIC || h[1] != L->version || h[2] != KIND_MLP_OUT || h[3] != L->f64 || rd32(h + 4) != N
@@ -420,7 +430,7 @@ static int drain(peer_t *P)
     return r;
 }
 
-#define MAX_PEERS 256
+#define MAX_PEERS 64   /* fastpath.MAX_PEERS: more links take the Python path */
 
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -482,8 +492,11 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
             peer_t *q = &P[i];
             if (*q->status) continue;
             int r = take_reply(q, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N);
-            if (r == 0 && drain(q) < 0) r = -1;
-            else if (r == 0) r = take_reply(q, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N);
+            if (r == 0) {   /* read what came; a reply that came before an EOF still counts */
+                int d = drain(q);
+                r = take_reply(q, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N);
+                if (r == 0 && d < 0) r = -1;
+            }
             if (r == 1) *q->t = now_s() - t0;
             if (r) *q->status = r < 0 ? 3 : r;
             else fds[waiting++] = (struct pollfd){q->L.fd, POLLIN, 0};

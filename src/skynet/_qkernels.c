@@ -1776,12 +1776,16 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssiz
  * is inf where it overflows (x > 88.72), and NaN stays NaN. No
  * libm and no target-specific instruction, so its bits are the same on every CPU, compiler
  * vectorized or not (-ffp-contract=off), and the silu loop below vectorizes. */
+#if defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0
+#error "sk_expf needs float expressions evaluated in float (SSE or NEON math, not x87)"
+#endif
 static inline float sk_expf(float x)
 {
     int over = x > 88.72283935546875f;   /* e^x > FLT_MAX */
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round(x / ln 2) */
+    n = n == n ? n : 0.0f;   /* NaN: no float -> int conversion of it (the result is NaN anyway) */
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -1802,7 +1806,7 @@ static inline float sk_expf(float x)
  * (floating-point exception flags may differ, never a value). On x86-64 Linux it is compiled
  * for AVX-512, AVX2 and the baseline and picked at load time: the vector width changes, the
  * operations (no FMA: -ffp-contract=off) and so the bits do not. */
-#if defined(SK_X86) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(SK_X86) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 static void silu_mul_f32(float *restrict g, const float *restrict u, size_t n)
@@ -1954,7 +1958,7 @@ static PyMethodDef methods[] = {
     {"qmlp", (PyCFunction)(void (*)(void))py_qmlp, METH_FASTCALL,
      "qmlp(x, out, N, H, n, gate_ptr, gt, up_ptr, ut, down_ptr, dt, threads): one MLP slice, float64 out"},
     {"link_serve", (PyCFunction)(void (*)(void))sk_py_link_serve, METH_FASTCALL, SK_LINK_SERVE_DOC},
-    {"link_send", (PyCFunction)(void (*)(void))sk_py_link_send, METH_FASTCALL, "link_send(fd, head, x) -> None or why"},
+    {"link_send", (PyCFunction)(void (*)(void))sk_py_link_send, METH_FASTCALL, "link_send(fd, head, x, timeout_s) -> None or why"},
     {"link_gather", (PyCFunction)(void (*)(void))sk_py_link_gather, METH_FASTCALL,
      "link_gather(fds, bufs, pos, subs, status, t, out, step, epoch, layer, N, H, version, f64, max_frame,"
      " timeout_s, spin_s) -> errors: see _link.c"},

@@ -16,8 +16,8 @@ typedef struct {
 int sk_qmlp(const sk_qslice *s, const float *x, int N, double *out, int threads);
 
 #define SK_LINK_SERVE_DOC \
-    "link_serve(fd, buf, start, end, table, hidden, layers, max_frame, threads, budget_s, delay_s, spin_s)" \
-    " -> (status, start, end, served, last_epoch, error): see _link.c"
+    "link_serve(fd, buf, start, end, table, hidden, layers, max_frame, threads, budget_s, delay_s, spin_s," \
+    " version, f32 code, f64 code) -> (status, start, end, served, highest epoch served, error): see _link.c"
 PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

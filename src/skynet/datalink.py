@@ -225,11 +225,12 @@ def link_head(step: int, epoch: int, layer: int, rows: int, cols: int, start: in
                                     step, epoch, layer, start, end))
 
 
-def send_mlp(conn: DataConn, head: bytes, x) -> None:
+def send_mlp(conn: DataConn, head: bytes, x, timeout_s: float = 5.0) -> None:
     """The server's compiled send (_link.c): prefix + fixed header `head` (fastframe.link_head),
-    then x, in one sendmsg; LinkError if the peer is gone or does not read in time. (The
+    then x (C-contiguous, the byte length head states), in one sendmsg; LinkError if the peer
+    is gone or does not read within timeout_s. (The
     benchmarks' emulated delay is the node's, `--link-delay-ms`: the server's links have none.)"""
-    err = _k.link_send(conn.sock.fileno(), head, x)
+    err = _k.link_send(conn.sock.fileno(), head, x, timeout_s)
     if err is not None:
         raise LinkError(err)
 

@@ -27,13 +27,15 @@ from .cluster import Reply
 from .links import unlink
 from .replicas import hedge_after
 
-MICRO = 2   # dispatch.MICRO: step tags of micro-batches
+MICRO = 2       # dispatch.MICRO: step tags of micro-batches
+MAX_PEERS = 64  # the most links one compiled gather waits on (_link.c); more take the Python path
+_F32 = np.dtype(np.float32)
 
 
 class FastPath:
     def __init__(self, mlp):
         self.m = mlp
-        self._key, self._cache = None, {}   # per (step, rows): node id -> (miss, hedge) seconds
+        self._step, self._cache = None, {}   # this step's (node id, rows) -> (miss, hedge) seconds
 
     @staticmethod
     def available(mlp) -> bool:
@@ -44,7 +46,8 @@ class FastPath:
         None: each range goes to its first holder, as ClusterMLP._ask would send it (sub-range
         0, 0 when the node holds exactly that range)."""
         m = self.m
-        if m.always_both or m.outrun or not m.holders or any(not c.fast for c in m.inflight.values()) \
+        if m.always_both or m.outrun or not m.holders or len(m.holders) > MAX_PEERS \
+                or any(not c.fast for c in m.inflight.values()) \
                 or datalink.PREFIX.size + 40 + rows * m.weights.hidden * 8 > datalink.READ_CHUNK:
             return None
         out = []
@@ -59,7 +62,7 @@ class FastPath:
         """Send x to every range's node in C and keep the books as ClusterMLP.scatter does; None
         (nothing sent) when the fast path does not apply."""
         m = self.m
-        targets = self.targets(x.shape[0])
+        targets = self.targets(x.shape[0]) if x.dtype == _F32 and x.flags.c_contiguous else None
         if targets is None:
             return None
         m.stats["fast_calls"] += 1
@@ -68,7 +71,7 @@ class FastPath:
         for rng, n, sub in targets:
             head = heads.get(sub) or heads.setdefault(sub, datalink.link_head(*call.key, *x.shape, *sub))
             try:
-                datalink.send_mlp(n.link, head, x)
+                datalink.send_mlp(n.link, head, x, m.min_deadline_s)
             except datalink.LinkError as e:
                 unlink(n, str(e))
                 m.send_range(call, rng, m.holders[rng])   # over ZeroMQ, to another holder, or here
@@ -86,14 +89,14 @@ class FastPath:
     def _deadlines(self, n, rows: int) -> tuple[float, float]:
         """(miss, hedge) seconds after sending for n's range, as ClusterMLP.deadlines sets them,
         from n's reply-time distribution as it stood at its first call of this step and row count
-        (computed once per step, not per layer)."""
+        (computed once per step and row count, not per layer)."""
         m = self.m
-        if self._key != (m.step, rows):
-            self._key, self._cache = (m.step, rows), {}
-        d = self._cache.get(n.id)
+        if self._step != m.step:
+            self._step, self._cache = m.step, {}
+        d = self._cache.get((n.id, rows))
         if d is None:
             scale = row_scale(rows)
-            d = self._cache[n.id] = (m._miss_limit(n, scale), hedge_after(n.lat, scale, m._ceiling(n, scale)))
+            d = self._cache[(n.id, rows)] = (m._miss_limit(n, scale), hedge_after(n.lat, scale, m._ceiling(n, scale)))
         return d
 
     def gather(self, call: Call) -> None:
