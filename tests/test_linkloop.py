@@ -1,4 +1,4 @@
-"""The per-layer exchange in C (_link.c): a node's compiled loop, the server's compiled send and
+"""The per-layer exchange in C (_link.c, clink.py): a node's compiled loop, the server's compiled send and
 gather, and the one C MLP slice (quant.qmlp) they and everyone else compute with.
 
 The loops take only the messages the Python path would accept with the same meaning, and leave
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skynet import datalink, fastframe, quant, wire
+from skynet import clink, datalink, fastframe, quant, wire
 from skynet.datalink import DataConn
 from skynet.mlp import QSliceLayer, link_table, silu_mul
 from skynet.quant import QMatrix, QType
@@ -23,7 +23,7 @@ H, N_HELD, LAYERS = 64, 64, 2
 LIMITS = wire.Limits(hidden=H, layers=LAYERS)
 EPOCH, HELD = 5, (32, 96)
 fuzz = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-pytestmark = pytest.mark.skipif(not datalink.NATIVE, reason="the compiled data link needs POSIX sockets")
+pytestmark = pytest.mark.skipif(not clink.NATIVE, reason="the compiled data link needs POSIX sockets")
 
 
 def _pair() -> tuple[DataConn, DataConn]:
@@ -132,7 +132,7 @@ def _serve(served, raw: bytes, budget: float = 0.05):
     """Send raw bytes to a node end, run its compiled loop once: (other, served, epoch, node end, server end)."""
     server, node = _pair()
     server.sock.sendall(raw)
-    other, n, epoch = node.serve_mlp(link_table(served), LIMITS, 1, budget)
+    other, n, epoch = clink.serve_mlp(node, link_table(served), LIMITS, 1, budget)
     return other, n, epoch, node, server
 
 
@@ -150,10 +150,10 @@ def test_node_loop_answers_like_the_python_path(served):
 
 def test_node_loop_returns_when_idle_and_when_the_link_closes(served):
     server, node = _pair()
-    assert node.serve_mlp(link_table(served), LIMITS, 1, 0.02) == (False, 0, -1)
+    assert clink.serve_mlp(node, link_table(served), LIMITS, 1, 0.02) == (False, 0, -1)
     server.close()
     with pytest.raises(datalink.LinkError):
-        node.serve_mlp(link_table(served), LIMITS, 1, 0.5)
+        clink.serve_mlp(node, link_table(served), LIMITS, 1, 0.5)
 
 
 def _bad_messages():
@@ -200,8 +200,8 @@ def test_node_loop_serves_a_replica_sub_range_once_its_slices_exist(served):
     half = {k: v for k, v in parts.items() if k[1] == 0}
     server, node = _pair()
     server.sock.sendall(raw)
-    assert node.serve_mlp(link_table(served, half), LIMITS, 1, 0.05)[:2] == (True, 0)   # not every layer
-    assert node.serve_mlp(link_table(served, parts), LIMITS, 1, 0.05) == (False, 1, EPOCH)
+    assert clink.serve_mlp(node, link_table(served, half), LIMITS, 1, 0.05)[:2] == (True, 0)   # not every layer
+    assert clink.serve_mlp(node, link_table(served, parts), LIMITS, 1, 0.05) == (False, 1, EPOCH)
     got = fastframe.decode(server.recv_multipart(timeout=2), LIMITS)
     assert (got.start, got.end) == sub and np.array_equal(got.y, parts[(EPOCH, 1, *sub)](x))
 
@@ -256,29 +256,29 @@ def _gather(raws: list[bytes | None], rows: int = 2, timeout: float = 0.05):
             node.sock.sendall(raw)
     status = np.zeros(len(raws), np.int64)
     out = np.zeros((len(raws), rows, H))
-    _, errs = datalink.gather_mlp([srv for _, srv in pairs], status, out, KEY, 1 << 20, timeout)
+    _, errs = clink.gather_mlp([srv for _, srv in pairs], status, out, KEY, 1 << 20, timeout)
     return status, out, errs, pairs
 
 
 def test_send_then_gather_round_trip():
     node, server = _pair()
     x = np.arange(2 * H, dtype=np.float32).reshape(2, H)
-    datalink.send_mlp(server, datalink.link_head(*KEY, 2, H), x)
+    clink.send_mlp(server, clink.link_head(*KEY, 2, H), x)
     msg = fastframe.decode(node.recv_multipart(timeout=2), LIMITS)
     assert msg == wire.Mlp(*KEY, x) and np.array_equal(msg.x, x)
     y = np.random.default_rng(3).standard_normal((2, H))
     node.send_multipart(fastframe.encode(wire.MlpOut(*KEY, y)))
     status, out = np.zeros(1, np.int64), np.zeros((1, 2, H))
-    datalink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0)
+    clink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0)
     assert status[0] == 1 and np.array_equal(out[0], y)
     node.send_multipart(fastframe.encode(wire.MlpOut(*KEY, y, 32, 64)))   # a replica's sub-range
     status[0] = 0
-    datalink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0, subs=[(32, 96)])
+    clink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0, subs=[(32, 96)])
     assert status[0] == 2   # not the sub-range asked: left for the Python path
     server.recv_multipart(timeout=1)
     node.send_multipart(fastframe.encode(wire.MlpOut(*KEY, y, 32, 64)))
     status[0] = 0
-    datalink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0, subs=[(32, 64)])
+    clink.gather_mlp([server], status, out, KEY, 1 << 20, 2.0, subs=[(32, 64)])
     assert status[0] == 1
 
 
@@ -306,17 +306,17 @@ def test_gather_takes_a_reply_that_came_just_before_the_link_closed():
     node.close()
     time.sleep(0.05)
     status, out = np.zeros(1, np.int64), np.zeros((1, 2, H))
-    datalink.gather_mlp([server], status, out, KEY, 1 << 20, 1.0)
+    clink.gather_mlp([server], status, out, KEY, 1 << 20, 1.0)
     assert status[0] == 1 and np.array_equal(out[0], y)
     status[0] = 0
-    _, errs = datalink.gather_mlp([server], status, out, KEY, 1 << 20, 1.0)
+    _, errs = clink.gather_mlp([server], status, out, KEY, 1 << 20, 1.0)
     assert status[0] == 3 and "closed" in errs[0]
 
 
 def test_send_refuses_rows_the_header_does_not_describe():
     _, server = _pair()
     with pytest.raises(ValueError):
-        datalink.send_mlp(server, datalink.link_head(*KEY, 2, H), np.ones((3, H), np.float32))
+        clink.send_mlp(server, clink.link_head(*KEY, 2, H), np.ones((3, H), np.float32))
 
 
 @fuzz

@@ -21,16 +21,10 @@ from __future__ import annotations
 import select
 import socket
 import struct
-import sys
 import time
 
-import numpy as np
+from . import wire
 
-from . import _qkernels as _k
-from . import fastframe, wire
-
-_DTYPE_CODE = {dt: i for i, dt in enumerate(wire.DTYPES.values())}   # fastframe's dtype codes
-NATIVE = hasattr(_k, "link_serve") and sys.platform != "win32"   # the compiled node loop (_link.c)
 PREFIX = struct.Struct("<III")
 MAX_HELLO_BYTES = 1024      # the whole first message of an unauthenticated connection
 HELLO_TIMEOUT_S = 2.0       # to send it, from the accept
@@ -183,20 +177,6 @@ class DataConn:
                 raise LinkError("closed by the peer")
             self._end += got
 
-    def serve_mlp(self, table, limits: wire.Limits, threads: int, budget_s: float,
-                  spin_s: float = 0.0) -> tuple[bool, int, int]:
-        """A node's compiled loop (_link.c): serve `mlp` messages for the slices in `table`
-        (mlp.link_table) for up to budget_s, sharing this connection's read buffer. Returns
-        (another message waits: read it with recv_multipart, mlp messages served, the last one's
-        epoch); LinkError if the link broke."""
-        st, self._start, self._end, served, epoch, err = _k.link_serve(
-            self.sock.fileno(), self._buf, self._start, self._end, table, limits.hidden, limits.layers,
-            min(limits.max_frame, self.max_frame), threads, budget_s, self.delay_s, spin_s, wire.VERSION,
-            _DTYPE_CODE[wire.DTYPES["float32"]], _DTYPE_CODE[wire.DTYPES["float64"]])
-        if st == 2:
-            raise LinkError(err)
-        return st == 1, served, epoch
-
     def readable(self, timeout_s: float) -> bool:
         """A message (or EOF) can be read: buffered already, or the socket becomes readable
         within timeout_s. One poll() on this socket alone."""
@@ -215,43 +195,6 @@ class DataConn:
             self.sock.close()
         except OSError:
             pass
-
-
-def link_head(step: int, epoch: int, layer: int, rows: int, cols: int, start: int = 0, end: int = 0) -> bytes:
-    """Prefix and fixed header of an `mlp` of (rows, cols) float32 for neurons [start, end) of a
-    node's holding (0, 0: all of it): the bytes fastframe.encode + pack put before the tensor."""
-    return (PREFIX.pack(2, fastframe.HEADER.size, rows * cols * 4)
-            + fastframe.HEADER.pack(fastframe.MAGIC, wire.VERSION, 1, _DTYPE_CODE[wire.DTYPES["float32"]], rows, cols,
-                                    step, epoch, layer, start, end))
-
-
-def send_mlp(conn: DataConn, head: bytes, x, timeout_s: float = 5.0) -> None:
-    """The server's compiled send (_link.c): prefix + fixed header `head` (fastframe.link_head),
-    then x (C-contiguous, the byte length head states), in one sendmsg; LinkError if the peer
-    is gone or does not read within timeout_s. (The
-    benchmarks' emulated delay is the node's, `--link-delay-ms`: the server's links have none.)"""
-    err = _k.link_send(conn.sock.fileno(), head, x, timeout_s)
-    if err is not None:
-        raise LinkError(err)
-
-
-def gather_mlp(conns: list, status: np.ndarray, out: np.ndarray, key: tuple[int, int, int],
-               max_frame: int, timeout_s: float, spin_s: float = 0.0, subs=None) -> tuple[np.ndarray, tuple]:
-    """The server's compiled wait (_link.c) for one `mlp_out` per link whose status is 0, up to
-    timeout_s. Per link, status becomes 1 (the reply is in out[i]: exactly `key`, the sub-range
-    asked of it (subs[i]; default 0, 0: its whole holding), out's rows of finite float64), 2
-    (another message waits: read it with
-    recv_multipart), 3 (the link broke: the error is in the returned tuple), or stays 0.
-    Returns (seconds after the call began each reply came, errors)."""
-    pos = np.array([(c._start, c._end) for c in conns], np.int64).reshape(len(conns), 2)
-    t = np.zeros(len(conns))
-    subs = np.zeros((len(conns), 2), np.int64) if subs is None else np.asarray(subs, np.int64).reshape(len(conns), 2)
-    errs = _k.link_gather([c.sock.fileno() for c in conns], [c._buf for c in conns], pos, subs, status, t, out,
-                          *key, out.shape[1], out.shape[2], wire.VERSION, _DTYPE_CODE[wire.DTYPES["float64"]],
-                          max_frame, timeout_s, spin_s)
-    for c, (s, e) in zip(conns, pos.tolist()):
-        c._start, c._end = s, e
-    return t, errs
 
 
 def connect(host: str, port: int, hello: wire.DataHello, timeout: float = 5.0) -> DataConn:

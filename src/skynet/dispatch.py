@@ -89,8 +89,10 @@ class ClusterMLP:
         return self.overlap and bool(self.plan.ranges)
 
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """x (N, H) -> sum of all ranges' partials (N, H)."""
-        return self.gather(self.scatter(layer, x))
+        """x (N, H) -> sum of all ranges' partials (N, H): the compiled whole call when it applies
+        (fastpath.py), else scatter and gather."""
+        y = self.fast.call(layer, x) if self.fast is not None else None
+        return self.gather(self.scatter(layer, x)) if y is None else y
 
     def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call:
         """Send x (N, H) of micro-batch `micro` to each range's primary (or, if it cannot take it,

@@ -2,18 +2,21 @@
 function calls of ClusterMLP.scatter + gather: ~150 µs of the server's CPU per layer.
 
 It applies when every range's first holder (its primary; replicas.py) serves, is not benched or
-loading, and has a data link; every other call in flight is a fast
-one (overlap.py keeps two); nobody is outrun; the partials are float64 (the fast precision);
-and a reply fits a link's read buffer. Then
+loading, and has a data link; every other call in flight is a fast one (overlap.py keeps two);
+nobody is outrun; the partials are float64 (the fast precision); and a reply fits a link's read
+buffer. Then
 
-    scatter: x to each node, one sendmsg each (datalink.send_mlp)
-    gather:  the server's own ranges, then one wait for every reply (datalink.gather_mlp)
+    call:    (nothing else in flight, no server range) x to each node, one sendmsg each
+             (clink.send_mlp), one wait for every reply (clink.gather_mlp), the sum;
+             when every reply came, no Call is made: the counts and latency samples are kept
+             here, as ClusterMLP._accept keeps them
+    scatter: x to each node; the Call in flight with its deadlines, as ClusterMLP.scatter
+    gather:  the server's own ranges, then one wait for every reply; each goes through
+             ClusterMLP.took, as ClusterMLP._accept does
 
-with the books of ClusterMLP.scatter/gather: the call is in flight with its deadlines, and each
-reply goes through ClusterMLP._accept. Whatever the C side does not take (a late or malformed
-reply, a broken link, silence past the call's first deadline) stays where the Python path finds
-it, and ClusterMLP.finish carries on exactly as for any call. The sum's bits do not change: the
-same partials, summed in range order.
+Whatever the C side does not take (a late or malformed reply, a broken link, silence past the
+call's first deadline) stays where the Python path finds it, and ClusterMLP.finish carries on
+exactly as for any call. The sum's bits do not change: the same partials, summed in range order.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import datalink
+from . import clink, datalink
 from .calls import Call, row_scale
 from .cluster import Reply
 from .links import unlink
@@ -29,6 +32,7 @@ from .replicas import hedge_after
 
 MICRO = 2       # dispatch.MICRO: step tags of micro-batches
 MAX_PEERS = 64  # the most links one compiled gather waits on (_link.c); more take the Python path
+HEAD_BYTES = 40  # fastframe.HEADER.size: what a fixed header adds to the bytes sent (stats)
 _F32 = np.dtype(np.float32)
 
 
@@ -39,7 +43,7 @@ class FastPath:
 
     @staticmethod
     def available(mlp) -> bool:
-        return datalink.NATIVE and mlp.weights.quantized and mlp.c.links is not None
+        return clink.NATIVE and mlp.weights.quantized and mlp.c.links is not None
 
     def targets(self, rows: int) -> list | None:
         """[(range, node, sub-range)] when the fast path applies to a call of `rows` rows, else
@@ -56,7 +60,7 @@ class FastPath:
             if n is None or n.link is None or n.loading_rows or who[0] in m.benched:
                 return None
             out.append((rng, n, (0, 0) if m.plan.held(who[0]) == rng else rng))
-        return out
+        return sorted(out, key=lambda target: target[0])
 
     def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call | None:
         """Send x to every range's node in C and keep the books as ClusterMLP.scatter does; None
@@ -65,26 +69,100 @@ class FastPath:
         targets = self.targets(x.shape[0]) if x.dtype == _F32 and x.flags.c_contiguous else None
         if targets is None:
             return None
-        m.stats["fast_calls"] += 1
-        call = Call((MICRO * m.step + micro, m.epoch, layer), x, time.perf_counter(), list(m.plan.local))
+        key = (MICRO * m.step + micro, m.epoch, layer)
+        t_sent = time.perf_counter()
+        sent, failed = self._send(key, x, targets)
+        return self._books(key, x, t_sent, sent, failed)
+
+    def _send(self, key, x: np.ndarray, targets: list) -> tuple[list, list]:
+        """x to each target in C: ([(range, node, sub-range, when)] sent, [range] whose link broke)."""
         heads: dict = {}
+        sent, failed = [], []
         for rng, n, sub in targets:
-            head = heads.get(sub) or heads.setdefault(sub, datalink.link_head(*call.key, *x.shape, *sub))
+            head = heads.get(sub) or heads.setdefault(sub, clink.link_head(*key, *x.shape, *sub))
             try:
-                datalink.send_mlp(n.link, head, x, m.min_deadline_s)
+                clink.send_mlp(n.link, head, x, self.m.min_deadline_s)
+                sent.append((rng, n, sub, time.perf_counter()))
             except datalink.LinkError as e:
                 unlink(n, str(e))
-                m.send_range(call, rng, m.holders[rng])   # over ZeroMQ, to another holder, or here
-                continue
+                failed.append(rng)
+        return sent, failed
+
+    def _books(self, key, x: np.ndarray, t_sent: float, sent: list, failed: list) -> Call:
+        """The Call that ClusterMLP.scatter would have made, in flight: the sent ranges with their
+        deadlines, and the failed ones asked again the Python way (over ZeroMQ, of another
+        holder, or computed here)."""
+        m = self.m
+        m.stats["fast_calls"] += 1
+        call = Call(key, x, t_sent, list(m.plan.local))
+        for rng, n, sub, t in sent:
             call.waiting[rng] = [n.id]
-            call.sent[(rng, n.id)] = time.perf_counter()
-            m.stats["bytes_out"] += len(head) - datalink.PREFIX.size + x.nbytes
+            call.sent[(rng, n.id)] = t
+            m.stats["bytes_out"] += HEAD_BYTES + x.nbytes
             miss_s, hedge_s = self._deadlines(n, x.shape[0])
-            call.miss_at = max(call.miss_at, call.t_sent + miss_s)
-            call.hedge_at[rng] = call.t_sent + hedge_s
+            call.miss_at = max(call.miss_at, t_sent + miss_s)
+            call.hedge_at[rng] = t_sent + hedge_s
             call.fast.append((rng, n, sub))
-        m.inflight[call.key] = call
+        for rng in failed:
+            m.send_range(call, rng, m.holders[rng])
+        m.inflight[key] = call
         return call
+
+    def call(self, layer: int, x: np.ndarray) -> np.ndarray | None:
+        """A whole call when nothing else is in flight and the server computes no range: the sum
+        (N, H) float32, or None when the fast path does not apply. If every reply comes by the
+        call's first deadline, the books are kept here without a Call (the same counts and
+        latency samples ClusterMLP._accept keeps); otherwise the Call is made as scatter makes it
+        and ClusterMLP.finish takes over with what is left."""
+        m = self.m
+        if m.inflight or m.plan.local or x.dtype != _F32 or not x.flags.c_contiguous:
+            return None
+        targets = self.targets(x.shape[0])
+        if targets is None:
+            return None
+        key, rows = (MICRO * m.step, m.epoch, layer), x.shape[0]
+        t_sent = time.perf_counter()
+        sent, failed = self._send(key, x, targets)
+        if failed or not sent:
+            return m.gather(self._books(key, x, t_sent, sent, failed))
+        deadlines = [self._deadlines(n, rows) for _, n, _, _ in sent]
+        wake = t_sent + min(max(d[0] for d in deadlines), *(d[1] for d in deadlines))
+        status = np.zeros(len(sent), np.int64)
+        out = np.empty((len(sent), rows, x.shape[1]))
+        conns = [n.link for _, n, _, _ in sent]
+        t0 = time.perf_counter()
+        t, errs = clink.gather_mlp(conns, status, out, key, min(c.max_frame for c in conns),
+                                      max(wake - t0, 0.0), m.spin_s, [sub for _, _, sub, _ in sent])
+        if not (status == 1).all():
+            call = self._books(key, x, t_sent, sent, [])
+            self._accept(call, [s[:3] for s in sent], status, out, t0, t, errs)
+            return m.finish(call, t0, t0)
+        return self._sum(sent, out, t0, t, x.nbytes)
+
+    def _sum(self, sent: list, out: np.ndarray, t0: float, t: np.ndarray, x_bytes: int) -> np.ndarray:
+        """Every reply came: ClusterMLP's counts and latency samples, and the partials summed in
+        range order (targets are in range order) as ClusterMLP.finish sums them."""
+        m = self.m
+        st = m.stats
+        st["calls"] += 1
+        st["fast_calls"] += 1
+        st["wait_s"] += time.perf_counter() - t0
+        st["bytes_out"] += len(sent) * (HEAD_BYTES + x_bytes)
+        st["bytes_in"] += out.nbytes
+        st["direct_replies"] += len(sent)
+        seen, scale = time.monotonic(), row_scale(out.shape[1])
+        for i, (rng, n, _, t_send) in enumerate(sent):
+            st["replica_replies"] += m.plan.ranges.get(n.id) != rng
+            st["replies"][n.name] = st["replies"].get(n.name, 0) + 1
+            lat = t0 + t[i] - t_send
+            if m.on_latency is not None:
+                m.on_latency(n, lat)
+            n.observe_latency(lat / scale)
+            n.last_seen = seen
+        y = out[0].copy() if len(sent) == 1 else out[0] + out[1]
+        for i in range(2, len(sent)):
+            y += out[i]
+        return y.astype(np.float32, copy=False)
 
     def _deadlines(self, n, rows: int) -> tuple[float, float]:
         """(miss, hedge) seconds after sending for n's range, as ClusterMLP.deadlines sets them,
@@ -111,11 +189,17 @@ class FastPath:
         out = np.empty((len(sent), *call.x.shape))
         conns = [n.link for _, n, _ in sent]
         t0 = time.perf_counter()
-        t, errs = datalink.gather_mlp(conns, status, out, call.key, min(c.max_frame for c in conns),
+        t, errs = clink.gather_mlp(conns, status, out, call.key, min(c.max_frame for c in conns),
                                       max(wake - t0, 0.0), m.spin_s, [sub for _, _, sub in sent])
+        self._accept(call, sent, status, out, t0, t, errs)
+
+    def _accept(self, call: Call, sent: list, status, out, t0: float, t, errs) -> None:
+        """What ClusterMLP._accept does with each reply the C gather took (it checked shape,
+        dtype and finiteness); a broken link drops its node as ClusterMLP._take does."""
+        m = self.m
         seen = time.monotonic()
         for i, (rng, n, _) in enumerate(sent):
-            if status[i] == 1:   # what ClusterMLP._accept does; C checked shape, dtype, finiteness
+            if status[i] == 1:
                 n.last_seen = seen
                 del call.waiting[rng]
                 call.hedge_at.pop(rng, None)

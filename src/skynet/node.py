@@ -16,11 +16,11 @@ import time
 import numpy as np
 import zmq
 
-from . import datalink, faults, fastframe, wire
+from . import clink, datalink, faults, fastframe, wire
 from .assembly import LostBase, Slices
 from .auth import Keyring
 from .config import NodeConfig, parse_hostport
-from .mlp import F32Format, QFormat, link_table
+from .mlp import F32Format, QFormat
 from .nodecache import NodeCache
 from .placement import LOAD_FRAMES_IN_FLIGHT
 from .polling import wait_readable
@@ -51,7 +51,7 @@ class Node:
         self.cache = NodeCache(cfg.cache_dir, cfg.cache_max_bytes)   # a no-op without a directory
         self.last_transfer = time.monotonic()   # the last Assign or Load
         self.sock, self.last_alive = None, time.monotonic()   # this session's control socket
-        self._table_key, self._table, self._table_refs = None, None, {}   # the compiled loop's slices
+        self.loop = clink.NodeLoop()   # the compiled data-link loop's table of our slices
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -201,29 +201,17 @@ class Node:
     def _serve_native(self) -> bool:
         """Serve Mlp in the compiled loop for up to LINK_WAIT_S; True if a message waits for
         the Python path (always, where the loop does not apply: float32 slices, test faults)."""
-        table = self._link_table()
+        usable = clink.NATIVE and not self.lie and not self.cfg.delay_ms and self.slices is not None
+        table = self.loop.table(self.slices) if usable else None
         if table is None:
             return True
-        other, served, epoch = self.link.serve_mlp(table, self.limits, self.cfg.threads, LINK_WAIT_S,
-                                                   self.cfg.spin_us / 1e6)
+        other, served, epoch = clink.serve_mlp(self.link, table, self.limits, self.cfg.threads, LINK_WAIT_S,
+                                               self.cfg.spin_us / 1e6)
         if served:
             self.cache.release()   # as in _mlp: the server serves an epoch of ours
             self.served += served
             self.slices.switched(epoch)
         return other
-
-    def _link_table(self):
-        """mlp.link_table of the served epochs and replica sub-ranges, rebuilt when they change
-        (None: Python path). A sub-range is listed once the Python path has served it in every
-        layer (Slices.part builds it on first use)."""
-        if not datalink.NATIVE or self.lie or self.cfg.delay_ms or self.slices is None:
-            return None
-        sl = self.slices
-        key = (tuple((e, id(layers)) for e, layers in sl.served.items()), len(sl.parts))
-        if key != self._table_key:
-            self._table_key, self._table = key, link_table(sl.served, sl.parts)
-            self._table_refs = (dict(sl.served), dict(sl.parts))   # the addresses stay valid while referenced
-        return self._table
 
     def _keepalive(self) -> None:
         """The server's pings queue behind weight loads on this one socket: while rows are being
