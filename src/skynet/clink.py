@@ -63,10 +63,10 @@ def link_head(step: int, epoch: int, layer: int, rows: int, cols: int, start: in
 
 
 def send_mlp(conn: DataConn, head: bytes, x, timeout_s: float = 5.0) -> None:
-    """The server's compiled send (_link.c): prefix + fixed header `head` (fastframe.link_head),
-    then x (C-contiguous, the byte length head states), in one sendmsg; LinkError if the peer
-    is gone or does not read within timeout_s. (The
-    benchmarks' emulated delay is the node's, `--link-delay-ms`: the server's links have none.)"""
+    """The server's compiled send (_link.c): prefix + fixed header `head` (link_head), then x
+    (C-contiguous, the byte length head states), in one sendmsg; LinkError if the peer is gone
+    or does not read within timeout_s. (The benchmarks' emulated delay is the node's,
+    `--link-delay-ms`: the server's links have none.)"""
     err = _k.link_send(conn.sock.fileno(), head, x, timeout_s)
     if err is not None:
         raise LinkError(err)
@@ -77,9 +77,9 @@ def gather_mlp(conns: list, status: np.ndarray, out: np.ndarray, key: tuple[int,
     """The server's compiled wait (_link.c) for one `mlp_out` per link whose status is 0, up to
     timeout_s. Per link, status becomes 1 (the reply is in out[i]: exactly `key`, the sub-range
     asked of it (subs[i]; default 0, 0: its whole holding), out's rows of finite float64), 2
-    (another message waits: read it with
-    recv_multipart), 3 (the link broke: the error is in the returned tuple), or stays 0.
-    Returns (seconds after the call began each reply came, errors)."""
+    (another message waits: read it with recv_multipart), 3 (the link broke: the error is in
+    the returned tuple), or stays 0. Returns (seconds after the call began each reply came,
+    errors)."""
     pos = np.array([(c._start, c._end) for c in conns], np.int64).reshape(len(conns), 2)
     t = np.zeros(len(conns))
     subs = np.zeros((len(conns), 2), np.int64) if subs is None else np.asarray(subs, np.int64).reshape(len(conns), 2)
