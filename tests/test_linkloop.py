@@ -139,7 +139,9 @@ def _serve(served, raw: bytes, budget: float = 0.05):
 def test_node_loop_answers_like_the_python_path(served):
     x = np.random.default_rng(2).standard_normal((3, H), dtype=np.float32)
     msgs = [wire.Mlp(7, EPOCH, layer, x, *sub) for layer in range(LAYERS) for sub in ((0, 0), HELD)]
-    other, n, epoch, node, server = _serve(served, b"".join(_mlp_bytes(m) for m in msgs))
+    # the loop returns once the budget is spent after a message: 1 s serves all four even on a
+    # loaded box, and then waits out the rest of it
+    other, n, epoch, node, server = _serve(served, b"".join(_mlp_bytes(m) for m in msgs), budget=1.0)
     assert (other, n, epoch) == (False, len(msgs), EPOCH)
     for m in msgs:
         got = fastframe.decode(server.recv_multipart(timeout=2), LIMITS)
@@ -182,7 +184,7 @@ def test_node_loop_leaves_an_epoch_older_than_one_it_served_to_the_python_path(s
     both = {EPOCH: served[EPOCH], EPOCH + 1: served[EPOCH]}
     x = np.ones((1, H), np.float32)
     older = _mlp_bytes(wire.Mlp(2, EPOCH, 0, x))
-    other, n, epoch, node, _ = _serve(both, _mlp_bytes(wire.Mlp(1, EPOCH + 1, 0, x)) + older)
+    other, n, epoch, node, _ = _serve(both, _mlp_bytes(wire.Mlp(1, EPOCH + 1, 0, x)) + older, budget=1.0)
     assert (other, n, epoch) == (True, 1, EPOCH + 1)
     assert b"".join(bytes(f) for f in datalink.pack(node.recv_multipart(timeout=1))) == older
 
