@@ -97,7 +97,11 @@ def test_a_plan_switches_only_at_a_step_boundary():
         late = ScriptedNode(port, "b")
         late.may_ready.clear()
         late.start()
-        _until(cluster, lambda: cluster.pending is not None and late.missing == 0, "b to hold its rows")
+        # a's Ready for the pending epoch must be in too: a node still loading rows is not asked
+        # (dispatch._ask), which a loaded box can make last past b's rows
+        _until(cluster, lambda: cluster.pending is not None and late.missing == 0
+               and not any(n.loading_rows for n in cluster.nodes.values() if n.name == "a"),
+               "b to hold its rows and a to be ready")
         epoch = cluster.epoch
         mlp.begin_step()
         x = np.ones((1, H), np.float32)
@@ -147,11 +151,12 @@ def test_a_late_primary_is_hedged_to_its_replica_and_one_slow_step_does_not_evic
         assert cluster.plan.held(1) == cluster.plan.held(2) == (0, NEURONS)
         mlp = ClusterMLP(cluster, min_deadline_s=0.3)
         _steps(mlp, 10)                       # the reply-time distribution is learnt
-        assert mlp.stats["hedges"] == 0 and mlp.stats["fallbacks"] == 0
+        hedges = mlp.stats["hedges"]          # 0 on a quiet box; a stall past 10 ms (a busy CI box) hedges
+        assert mlp.stats["fallbacks"] == 0
         slow.set()
         worst = _steps(mlp, 1)                # a: 0.5 s per reply, for one step
         slow.clear()
-        assert mlp.stats["hedges"] == 1 and mlp.stats["replica_replies"] >= LAYERS, mlp.stats
+        assert mlp.stats["hedges"] == hedges + 1 and mlp.stats["replica_replies"] >= LAYERS, mlp.stats
         assert mlp.stats["fallbacks"] == 0 and worst < 0.25, (worst, mlp.stats)
         time.sleep(0.6)                       # a's late replies arrive: duplicates, not summed
         _steps(mlp, 4)
