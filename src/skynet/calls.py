@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+MICRO = 2   # calls that may be in flight at once: one per micro-batch (overlap.py); step tags
+
+
 @dataclass
 class Call:
     """One layer's MLP for one batch of rows: sent, then gathered."""
@@ -45,3 +48,13 @@ def row_scale(rows: int) -> float:
     """How much longer a call with `rows` rows takes than a 1-row call, roughly (latency EMAs
     are kept per 1-row call so that prefill and decode steps share one estimate)."""
     return 1 + rows / 64
+
+
+def sum_parts(parts: list) -> np.ndarray:
+    """(range start, partial (N, H)) pairs -> their sum in range order, rounded to float32 once:
+    the same bits whichever order the partials came in."""
+    parts = sorted(parts, key=lambda p: p[0])
+    out = parts[0][1].copy() if len(parts) == 1 else parts[0][1] + parts[1][1]
+    for _, p in parts[2:]:
+        out += p
+    return out.astype(np.float32, copy=False)

@@ -27,13 +27,12 @@ import time
 import numpy as np
 
 from . import fastframe, wire
-from .calls import Call, malformed as _malformed, row_scale as _row_scale
+from .calls import MICRO, Call, malformed as _malformed, row_scale as _row_scale, sum_parts
 from .cluster import Cluster, Reply
 from .fastpath import FastPath
 from .replicas import hedge_after, holders, miss_after
 
 log = logging.getLogger("skynet.dispatch")
-MICRO = 2           # calls that may be in flight at once: one per micro-batch (overlap.py)
 MISS_FLOOR_S = 0.1  # a reply later than this (and than the node's own distribution says) is missed
 
 Range = tuple[int, int]   # [start, end) of the neurons
@@ -100,11 +99,15 @@ class ClusterMLP:
         call = self.fast.scatter(layer, x, micro) if self.fast is not None else None
         if call is not None:   # the compiled common case (fastpath.py)
             return call
-        call = Call((MICRO * self.step + micro, self.epoch, layer), x, time.perf_counter(), list(self.plan.local))
+        call = Call(self.key(layer, micro), x, time.perf_counter(), list(self.plan.local))
         for rng, who in self.holders.items():
             self.send_range(call, rng, who)
         self.inflight[call.key] = call
         return call
+
+    def key(self, layer: int, micro: int = 0) -> tuple[int, int, int]:
+        """(step tag, epoch, layer) of this step's call for `layer` and micro-batch `micro`."""
+        return MICRO * self.step + micro, self.epoch, layer
 
     def send_range(self, call: Call, rng: Range, who: tuple[int, ...]) -> None:
         """Ask rng of its first holder that can take it (every holder with --hedge always) and
@@ -118,10 +121,15 @@ class ClusterMLP:
 
     def deadlines(self, call: Call, rng: Range) -> None:
         """When rng, just asked, is late (a replica is asked too) and missed (computed here)."""
-        scale = _row_scale(call.x.shape[0])
-        primary = self.c.serving(call.waiting[rng][0])
-        call.miss_at = max(call.miss_at, call.t_sent + self._miss_limit(primary, scale))
-        call.hedge_at[rng] = call.t_sent + hedge_after(primary.lat, scale, self._ceiling(primary, scale))
+        miss_s, hedge_s = self.deadline_offsets(self.c.serving(call.waiting[rng][0]), call.x.shape[0])
+        call.miss_at = max(call.miss_at, call.t_sent + miss_s)
+        call.hedge_at[rng] = call.t_sent + hedge_s
+
+    def deadline_offsets(self, primary, rows: int) -> tuple[float, float]:
+        """(missed, hedged) seconds after sending a call of `rows` rows to `primary`, from its
+        reply-time distribution (replicas.miss_after, replicas.hedge_after)."""
+        scale = _row_scale(rows)
+        return self._miss_limit(primary, scale), hedge_after(primary.lat, scale, self._ceiling(primary, scale))
 
     def _ask(self, call: Call, rng: Range, who: tuple[int, ...], why: str = "") -> bool:
         """Send rng to the first holder in `who` that can take it now and was not asked yet;
@@ -170,11 +178,7 @@ class ClusterMLP:
         self.stats["calls"] += 1
         self.stats["local_s"] += t1 - t0
         self.stats["wait_s"] += t2 - t1
-        parts = sorted(call.parts, key=lambda p: p[0])
-        out = parts[0][1].copy() if len(parts) == 1 else parts[0][1] + parts[1][1]
-        for _, p in parts[2:]:
-            out += p
-        return out.reshape(call.x.shape).astype(np.float32, copy=False)
+        return sum_parts(call.parts).reshape(call.x.shape)
 
     def _gather(self, call: Call) -> None:
         """Wait for the call's ranges until its miss deadline, hedging late ones to replicas."""
@@ -247,11 +251,14 @@ class ClusterMLP:
     def took(self, call: Call, rng: Range, n, y: np.ndarray, t: float, direct: bool) -> None:
         """n's partial y (N, H) of rng, which came at time t, is summed: the books and its latency."""
         call.parts.append((rng[0], y))
+        self.count_reply(rng, n, y, t - call.sent[(rng, n.id)], direct)
+
+    def count_reply(self, rng: Range, n, y: np.ndarray, lat: float, direct: bool) -> None:
+        """A summed reply's counts and its round trip lat (a latency sample, scaled to 1 row)."""
         self.stats["bytes_in"] += y.nbytes
         self.stats["direct_replies"] += direct
         self.stats["replica_replies"] += self.plan.ranges.get(n.id) != rng
         self.stats["replies"][n.name] = self.stats["replies"].get(n.name, 0) + 1
-        lat = t - call.sent[(rng, n.id)]
         if self.on_latency is not None:
             self.on_latency(n, lat)
         n.observe_latency(lat / _row_scale(y.shape[0]))

@@ -24,15 +24,13 @@ import time
 
 import numpy as np
 
-from . import clink, datalink
-from .calls import Call, row_scale
+from . import clink, datalink, fastframe
+from .calls import Call, sum_parts
 from .cluster import Reply
 from .links import unlink
-from .replicas import hedge_after
 
-MICRO = 2       # dispatch.MICRO: step tags of micro-batches
 MAX_PEERS = 64  # the most links one compiled gather waits on (_link.c); more take the Python path
-HEAD_BYTES = 40  # fastframe.HEADER.size: what a fixed header adds to the bytes sent (stats)
+HEAD_BYTES = fastframe.HEADER.size   # what a fixed header adds to the bytes sent (stats)
 _F32 = np.dtype(np.float32)
 
 
@@ -45,14 +43,15 @@ class FastPath:
     def available(mlp) -> bool:
         return clink.NATIVE and mlp.weights.quantized and mlp.c.links is not None
 
-    def targets(self, rows: int) -> list | None:
-        """[(range, node, sub-range)] when the fast path applies to a call of `rows` rows, else
-        None: each range goes to its first holder, as ClusterMLP._ask would send it (sub-range
-        0, 0 when the node holds exactly that range)."""
+    def targets(self, x: np.ndarray) -> list | None:
+        """[(range, node, sub-range)] when the fast path applies to a call on x, else None: each
+        range goes to its first holder, as ClusterMLP._ask would send it (sub-range 0, 0 when
+        the node holds exactly that range)."""
         m = self.m
         if m.always_both or m.outrun or not m.holders or len(m.holders) > MAX_PEERS \
+                or x.dtype != _F32 or not x.flags.c_contiguous \
                 or any(not c.fast for c in m.inflight.values()) \
-                or datalink.PREFIX.size + 40 + rows * m.weights.hidden * 8 > datalink.READ_CHUNK:
+                or datalink.PREFIX.size + HEAD_BYTES + x.shape[0] * m.weights.hidden * 8 > datalink.READ_CHUNK:
             return None
         out = []
         for rng, who in m.holders.items():
@@ -65,11 +64,10 @@ class FastPath:
     def scatter(self, layer: int, x: np.ndarray, micro: int = 0) -> Call | None:
         """Send x to every range's node in C and keep the books as ClusterMLP.scatter does; None
         (nothing sent) when the fast path does not apply."""
-        m = self.m
-        targets = self.targets(x.shape[0]) if x.dtype == _F32 and x.flags.c_contiguous else None
+        targets = self.targets(x)
         if targets is None:
             return None
-        key = (MICRO * m.step + micro, m.epoch, layer)
+        key = self.m.key(layer, micro)
         t_sent = time.perf_counter()
         sent, failed = self._send(key, x, targets)
         return self._books(key, x, t_sent, sent, failed)
@@ -115,54 +113,50 @@ class FastPath:
         latency samples ClusterMLP._accept keeps); otherwise the Call is made as scatter makes it
         and ClusterMLP.finish takes over with what is left."""
         m = self.m
-        if m.inflight or m.plan.local or x.dtype != _F32 or not x.flags.c_contiguous:
-            return None
-        targets = self.targets(x.shape[0])
+        targets = None if m.inflight or m.plan.local else self.targets(x)
         if targets is None:
             return None
-        key, rows = (MICRO * m.step, m.epoch, layer), x.shape[0]
+        key = m.key(layer)
         t_sent = time.perf_counter()
         sent, failed = self._send(key, x, targets)
         if failed or not sent:
             return m.gather(self._books(key, x, t_sent, sent, failed))
-        deadlines = [self._deadlines(n, rows) for _, n, _, _ in sent]
+        deadlines = [self._deadlines(n, x.shape[0]) for _, n, _, _ in sent]
         wake = t_sent + min(max(d[0] for d in deadlines), *(d[1] for d in deadlines))
-        status = np.zeros(len(sent), np.int64)
-        out = np.empty((len(sent), rows, x.shape[1]))
-        conns = [n.link for _, n, _, _ in sent]
-        t0 = time.perf_counter()
-        t, errs = clink.gather_mlp(conns, status, out, key, min(c.max_frame for c in conns),
-                                      max(wake - t0, 0.0), m.spin_s, [sub for _, _, sub, _ in sent])
+        sent3 = [s[:3] for s in sent]
+        status, out, t0, t, errs = self._wait(key, x.shape, sent3, wake)
         if not (status == 1).all():
             call = self._books(key, x, t_sent, sent, [])
-            self._accept(call, [s[:3] for s in sent], status, out, t0, t, errs)
+            self._accept(call, sent3, status, out, t0, t, errs)
             return m.finish(call, t0, t0)
         return self._sum(sent, out, t0, t, x.nbytes)
 
+    def _wait(self, key, shape: tuple, sent: list, wake: float):
+        """One compiled wait, until `wake`, for a reply from each (range, node, sub-range) in
+        sent: (status, partials (len(sent), N, H), when the wait began, arrival offsets, errors);
+        see clink.gather_mlp."""
+        status = np.zeros(len(sent), np.int64)
+        out = np.empty((len(sent), *shape))
+        conns = [n.link for _, n, _ in sent]
+        t0 = time.perf_counter()
+        t, errs = clink.gather_mlp(conns, status, out, key, min(c.max_frame for c in conns),
+                                   max(wake - t0, 0.0), self.m.spin_s, [sub for _, _, sub in sent])
+        return status, out, t0, t, errs
+
     def _sum(self, sent: list, out: np.ndarray, t0: float, t: np.ndarray, x_bytes: int) -> np.ndarray:
-        """Every reply came: ClusterMLP's counts and latency samples, and the partials summed in
-        range order (targets are in range order) as ClusterMLP.finish sums them."""
+        """Every reply came: what ClusterMLP.finish and took count (ClusterMLP.count_reply), and
+        the partials summed as finish sums them (calls.sum_parts)."""
         m = self.m
         st = m.stats
         st["calls"] += 1
         st["fast_calls"] += 1
         st["wait_s"] += time.perf_counter() - t0
         st["bytes_out"] += len(sent) * (HEAD_BYTES + x_bytes)
-        st["bytes_in"] += out.nbytes
-        st["direct_replies"] += len(sent)
-        seen, scale = time.monotonic(), row_scale(out.shape[1])
+        seen = time.monotonic()
         for i, (rng, n, _, t_send) in enumerate(sent):
-            st["replica_replies"] += m.plan.ranges.get(n.id) != rng
-            st["replies"][n.name] = st["replies"].get(n.name, 0) + 1
-            lat = t0 + t[i] - t_send
-            if m.on_latency is not None:
-                m.on_latency(n, lat)
-            n.observe_latency(lat / scale)
+            m.count_reply(rng, n, out[i], t0 + t[i] - t_send, True)
             n.last_seen = seen
-        y = out[0].copy() if len(sent) == 1 else out[0] + out[1]
-        for i in range(2, len(sent)):
-            y += out[i]
-        return y.astype(np.float32, copy=False)
+        return sum_parts([(rng[0], out[i]) for i, (rng, _, _, _) in enumerate(sent)])
 
     def _deadlines(self, n, rows: int) -> tuple[float, float]:
         """(miss, hedge) seconds after sending for n's range, as ClusterMLP.deadlines sets them,
@@ -173,25 +167,16 @@ class FastPath:
             self._step, self._cache = m.step, {}
         d = self._cache.get((n.id, rows))
         if d is None:
-            scale = row_scale(rows)
-            d = self._cache[(n.id, rows)] = (m._miss_limit(n, scale), hedge_after(n.lat, scale, m._ceiling(n, scale)))
+            d = self._cache[(n.id, rows)] = m.deadline_offsets(n, rows)
         return d
 
     def gather(self, call: Call) -> None:
         """Wait (in C) for the fast-sent ranges still waiting until the call's first deadline,
         and accept what came; ClusterMLP.finish does the rest."""
-        m = self.m
         sent = [(rng, n, sub) for rng, n, sub in call.fast if n.id in call.waiting.get(rng, ()) and n.link is not None]
-        if not sent:
-            return
-        wake = min([call.miss_at, *call.hedge_at.values()])
-        status = np.zeros(len(sent), np.int64)
-        out = np.empty((len(sent), *call.x.shape))
-        conns = [n.link for _, n, _ in sent]
-        t0 = time.perf_counter()
-        t, errs = clink.gather_mlp(conns, status, out, call.key, min(c.max_frame for c in conns),
-                                      max(wake - t0, 0.0), m.spin_s, [sub for _, _, sub in sent])
-        self._accept(call, sent, status, out, t0, t, errs)
+        if sent:
+            wake = min([call.miss_at, *call.hedge_at.values()])
+            self._accept(call, sent, *self._wait(call.key, call.x.shape, sent, wake))
 
     def _accept(self, call: Call, sent: list, status, out, t0: float, t, errs) -> None:
         """What ClusterMLP._accept does with each reply the C gather took (it checked shape,
