@@ -16,6 +16,7 @@ if sys.platform != "win32":   # pthreads serve threads > 1; Windows builds run s
     compile_args.append("-pthread")
     link_args.append("-pthread")
 
-setup(ext_modules=[Extension("skynet._qkernels", ["src/skynet/_qkernels.c", "src/skynet/_link.c"],
+setup(ext_modules=[Extension("skynet._qkernels", ["src/skynet/_qkernels.c", "src/skynet/_link.c",
+                                                       "src/skynet/_attn.c"],
                              depends=["src/skynet/_qkernels.h"],
                              extra_compile_args=compile_args, extra_link_args=link_args)])

@@ -28,6 +28,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TINY_NEURONS = 1000  # divisible by neither 3 nor 7: uneven node ranges
 
 
+def expf_reference(x: np.ndarray) -> np.ndarray:
+    """sk_expf (_qkernels.h), step by step in numpy float32: each operation rounds once, as IEEE
+    float32 arithmetic in C does, so C must match it bit for bit."""
+    f = np.float32
+    x = np.asarray(x, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        c = np.clip(x, f(-87.0), f(88.0))
+        c = np.where(np.isnan(x), x, c)
+        n = (c * f(1.44269504088896341) + f(12582912.0)) - f(12582912.0)
+        r = c - n * f(0.693359375)
+        r = r - n * f(-2.12194440e-4)
+        p = np.full_like(r, f(1.9875691500e-4))
+        for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = p * r + f(k)
+        p = p * (r * r) + r + f(1.0)
+        e = np.nan_to_num(n, nan=0).astype(np.int32)
+        scale = ((e + 127) * (1 << 23)).astype(np.int32).view(np.float32)
+        return np.where(x > f(88.72283935546875), f(np.inf), p * scale)
+
+
 def child_env(**extra) -> dict:
     return {**os.environ, "SKYNET_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **extra}
 

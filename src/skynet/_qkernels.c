@@ -1770,37 +1770,7 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
-/* ------------------------------------------------------------------ exp and silu
- * e^x in float32 from IEEE + - * / and conversions only (Cody-Waite reduction by ln 2, a degree-6
- * polynomial): within 2 ulp of expf on [-87, 88]; x is clamped to that range, except that e^x
- * is inf where it overflows (x > 88.72), and NaN stays NaN. No
- * libm and no target-specific instruction, so its bits are the same on every CPU, compiler
- * vectorized or not (-ffp-contract=off), and the silu loop below vectorizes. */
-#if defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0
-#error "sk_expf needs float expressions evaluated in float (SSE or NEON math, not x87)"
-#endif
-static inline float sk_expf(float x)
-{
-    int over = x > 88.72283935546875f;   /* e^x > FLT_MAX */
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round(x / ln 2) */
-    n = n == n ? n : 0.0f;   /* NaN: no float -> int conversion of it (the result is NaN anyway) */
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) * (1 << 23);
-    float scale;
-    memcpy(&scale, &e, 4);
-    return over ? INFINITY : p * scale;
-}
-
+/* ------------------------------------------------------------------ silu (sk_expf: _qkernels.h) */
 /* g = silu(g) * u = g / (1 + e^-g) * u, one rounding per operation. GCC vectorizes the loop
  * only if it may evaluate both sides of the clamps: setup.py builds with -fno-trapping-math
  * (floating-point exception flags may differ, never a value). On x86-64 Linux it is compiled
@@ -1962,6 +1932,9 @@ static PyMethodDef methods[] = {
     {"link_gather", (PyCFunction)(void (*)(void))sk_py_link_gather, METH_FASTCALL,
      "link_gather(fds, bufs, pos, subs, status, t, out, step, epoch, layer, N, H, version, f64, max_frame,"
      " timeout_s, spin_s) -> errors: see _link.c"},
+    {"rmsnorm", (PyCFunction)(void (*)(void))sk_py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, out, N, H, eps): see _attn.c"},
+    {"attn_decode", (PyCFunction)(void (*)(void))sk_py_attn_decode, METH_FASTCALL,
+     "attn_decode(h, att, rows, cos, sin, layer, layers, nh, kvh, D, scale): see _attn.c"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(g, u, n): g = silu(g) * u in place"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
     {"pool_stats", py_pool_stats, METH_NOARGS, "(workers, jobs, joined, chunks) of the persistent workers"},

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import quant
+from . import _qkernels, quant
 from .arch import Arch
 from .layers import linear
 from .mlp import MLPWeights
@@ -52,16 +52,33 @@ def rope_inv_freq(a: Arch) -> np.ndarray:
 
 
 class KVCache:
-    """One sequence's keys and values, preallocated for its whole length: (L, kvh, cap, D)."""
+    """One sequence's keys and values, preallocated for its whole length: values (L, kvh, cap, D);
+    keys the same, or transposed (L, kvh, D, cap) with `keys_t` (fast: a decode row's scores then
+    run along contiguous keys in C; exact keeps the layout its reference figures were taken with)."""
 
-    def __init__(self, a: Arch, capacity: int):
-        self.k = np.empty((a.layers, a.kv_heads, capacity, a.head_dim), np.float32)
-        self.v = np.empty_like(self.k)
-        self.capacity = capacity
+    def __init__(self, a: Arch, capacity: int, keys_t: bool = False):
+        shape = (a.layers, a.kv_heads, a.head_dim, capacity) if keys_t else (a.layers, a.kv_heads, capacity, a.head_dim)
+        self.k = np.empty(shape, np.float32)
+        self.v = np.empty((a.layers, a.kv_heads, capacity, a.head_dim), np.float32)
+        self.capacity, self.keys_t = capacity, keys_t
+        self.addr = (self.k.__array_interface__["data"][0], self.v.__array_interface__["data"][0])
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes * 2
+
+    def put(self, li: int, p: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store k, v (n, kvh, D) of positions [p, p + n) in layer li."""
+        n = k.shape[0]
+        if self.keys_t:
+            self.k[li, :, :, p:p + n] = k.transpose(1, 2, 0)
+        else:
+            self.k[li, :, p:p + n] = k.transpose(1, 0, 2)
+        self.v[li, :, p:p + n] = v.transpose(1, 0, 2)
+
+    def keys_t_view(self, li: int, t: int) -> np.ndarray:
+        """Layer li's keys of positions [0, t), transposed: (kvh, D, t)."""
+        return self.k[li, :, :, :t] if self.keys_t else self.k[li, :, :t].transpose(0, 2, 1)
 
 
 @dataclass
@@ -72,6 +89,20 @@ class Segment:
     row: int
     n: int
     pos: int
+
+
+@dataclass
+class StepRows:
+    """How one step's rows are attended: `decode` (S, 5) int64 lists the single-row segments that
+    the compiled path takes ([row, position, k cache address, v cache address, capacity], fast
+    only; None when there are none), `wide` the segments numpy attends, with RoPE tables cos, sin
+    (N, 1, D/2) at each packed row's position."""
+
+    cos: np.ndarray
+    sin: np.ndarray
+    decode: np.ndarray | None
+    wide: list[Segment]
+    caches: list[KVCache]   # the caches `decode` points into, referenced while it is in use
 
 
 @dataclass
@@ -97,7 +128,7 @@ class Model:
         self.quantized = isinstance(tensors[f"{p}layers.0.mlp.gate_proj.weight"], QMatrix)
         self.lm_head = head                                                        # (V, H)
         self.lm_head_t = None if isinstance(head, QMatrix) else np.ascontiguousarray(head.T)  # (H, V)
-        self.norm = tensors[p + "norm.weight"]
+        self.norm = self._norm_weight(tensors[p + "norm.weight"])
         self.layers: list[Layer] = []
         gate, up, down_t = [], [], []
         for i in range(a.layers):
@@ -106,7 +137,8 @@ class Model:
             b = (np.concatenate([tensors[att + n + "_proj.bias"] for n in "qkv"])
                  if a.qkv_bias else None)
             self.layers.append(Layer(
-                tensors[q + "input_layernorm.weight"], tensors[q + "post_attention_layernorm.weight"],
+                self._norm_weight(tensors[q + "input_layernorm.weight"]),
+                self._norm_weight(tensors[q + "post_attention_layernorm.weight"]),
                 linear(*[tensors[att + n + "_proj.weight"] for n in "qkv"], threads=threads), b,
                 linear(tensors[att + "o_proj.weight"], threads=threads)))
             gate.append(tensors[q + "mlp.gate_proj.weight"])                           # (I, H)
@@ -119,6 +151,21 @@ class Model:
         self.cos, self.sin = np.cos(freqs), np.sin(freqs)
         self.scale = 1.0 / float(np.sqrt(a.head_dim))
         self.last_head_s = 0.0
+        self.compiled_decode = self.quantized   # fast: decode rows attended in C (rope_tables)
+
+    @staticmethod
+    def _norm_weight(w: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """RMSNorm of each row times w: numpy in exact (the reference's order of operations), one
+        C call in fast (_attn.c; a row's bits depend on that row alone either way)."""
+        if not self.quantized:
+            return rmsnorm(x, w, self.arch.eps)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        _qkernels.rmsnorm(x, w, out, x.shape[0], x.shape[1], self.arch.eps)
+        return out
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """x (S, H) -> logits (S, V). The head streams ~V*H*4 bytes from memory; measured on the
@@ -136,40 +183,55 @@ class Model:
         return self.embed[tokens]
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.arch, capacity)
+        return KVCache(self.arch, capacity, keys_t=self.quantized)
 
     def forward(self, tokens: np.ndarray, segments: list[Segment], mlp: MLPFn,
                 last_only: bool = True, rows: list[int] | None = None) -> np.ndarray:
         """tokens (N,) packed over segments -> logits (S, V) of each segment's last row
         (or (N, V) for every row with last_only=False, or (len(rows), V) for the packed rows
         asked). Appends to each segment's cache."""
-        a = self.arch
         rope = self.rope_tables(segments)
         x = self.embed_rows(tokens)                                                # (N, H)
         for li in range(len(self.layers)):
             x = self.attention(li, x, segments, rope)                              # (N, H)
-            x = x + mlp(li, rmsnorm(x, self.layers[li].ln2, a.eps))                # (N, H)
+            x = x + mlp(li, self.rmsnorm(x, self.layers[li].ln2))                  # (N, H)
         return self.logits(x, segments, last_only, rows)
 
-    def rope_tables(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (N, 1, D/2) at each packed row's position."""
+    def rope_tables(self, segments: list[Segment]) -> StepRows:
+        """How this step's rows are attended (StepRows). In fast, a single-row segment (a decode
+        row) is attended in C; prefill chunks, and every row in exact, in numpy. The choice is by
+        the kind of row, never by what else is in the step."""
         pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
-        return self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        if int(pos.max(initial=0)) >= len(self.cos):
+            raise ValueError(f"position {int(pos.max())} is beyond the model's context ({len(self.cos)})")
+        one = [s for s in segments if s.n == 1 and s.cache.keys_t] if self.compiled_decode else []
+        decode = None
+        if one:
+            decode = np.array([[s.row, s.pos, *s.cache.addr, s.cache.capacity]
+                               for s in one], np.int64)
+        wide = [s for s in segments if s.n != 1] if one else segments
+        return StepRows(self.cos[pos][:, None, :], self.sin[pos][:, None, :], decode, wide,
+                        [s.cache for s in one])
 
-    def attention(self, li: int, x: np.ndarray, segments: list[Segment], rope) -> np.ndarray:
-        """x (N, H) -> x + attention block of layer li (N, H); appends k, v to each cache."""
-        a, layer, (cos, sin) = self.arch, self.layers[li], rope
+    def attention(self, li: int, x: np.ndarray, segments: list[Segment], rope: StepRows) -> np.ndarray:
+        """x (N, H) -> x + attention block of layer li (N, H); appends k, v to each cache.
+        `rope`: rope_tables(segments)."""
+        a, layer = self.arch, self.layers[li]
         nq, nkv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-        h = layer.qkv(rmsnorm(x, layer.ln1, a.eps))                                # (N, qkv)
+        h = layer.qkv(self.rmsnorm(x, layer.ln1))                                 # (N, qkv)
         if layer.bqkv is not None:
             h += layer.bqkv
-        qk = _rope(h[:, :nq + nkv].reshape(-1, a.heads + a.kv_heads, a.head_dim), cos, sin)
-        q, k = qk[:, :a.heads], qk[:, a.heads:]                                   # (N, nh|kvh, D)
-        v = h[:, nq + nkv:].reshape(-1, a.kv_heads, a.head_dim)                   # (N, kvh, D)
         att = np.empty((x.shape[0], nq), np.float32)                              # (N, nh D)
-        for s in segments:
-            att[s.row:s.row + s.n] = self._attend(li, s, q[s.row:s.row + s.n],
-                                                  k[s.row:s.row + s.n], v[s.row:s.row + s.n])
+        if rope.decode is not None:
+            _qkernels.attn_decode(h, att, rope.decode, self.cos, self.sin, li, a.layers, a.heads,
+                                  a.kv_heads, a.head_dim, self.scale)
+        if rope.wide:
+            qk = _rope(h[:, :nq + nkv].reshape(-1, a.heads + a.kv_heads, a.head_dim), rope.cos, rope.sin)
+            q, k = qk[:, :a.heads], qk[:, a.heads:]                               # (N, nh|kvh, D)
+            v = h[:, nq + nkv:].reshape(-1, a.kv_heads, a.head_dim)               # (N, kvh, D)
+            for s in rope.wide:
+                att[s.row:s.row + s.n] = self._attend(li, s, q[s.row:s.row + s.n],
+                                                      k[s.row:s.row + s.n], v[s.row:s.row + s.n])
         return x + layer.o(att)                                                    # (N, H)
 
     def logits(self, x: np.ndarray, segments: list[Segment], last_only: bool = True,
@@ -181,7 +243,7 @@ class Model:
             x = x[rows]                                                            # (R, H)
         elif last_only:
             x = x[[s.row + s.n - 1 for s in segments]]                             # (S, H)
-        out = self.head(rmsnorm(x, self.norm, self.arch.eps))                     # (S, V)
+        out = self.head(self.rmsnorm(x, self.norm))                               # (S, V)
         self.last_head_s = time.perf_counter() - t0
         return out
 
@@ -194,16 +256,15 @@ class Model:
         a, c, n, p = self.arch, s.cache, s.n, s.pos
         if n == 1:
             return self._attend_one(li, c, p, q, k, v)
-        c.k[li, :, p:p + n] = k.transpose(1, 0, 2)
-        c.v[li, :, p:p + n] = v.transpose(1, 0, 2)
+        c.put(li, p, k, v)
         g, D = a.heads // a.kv_heads, a.head_dim
         qg = q.reshape(n, a.kv_heads, g, D).transpose(1, 0, 2, 3)                  # (kvh, n, g, D)
         out = np.empty((n, a.kv_heads, g, D), np.float32)
         for r0 in range(0, n, ATTN_BLOCK):
             r1 = min(n, r0 + ATTN_BLOCK)
             m, T = r1 - r0, p + r1
-            K, V = c.k[li, :, :T], c.v[li, :, :T]                                  # (kvh, T, D)
-            sc = qg[:, r0:r1].reshape(a.kv_heads, m * g, D) @ K.transpose(0, 2, 1)  # (kvh, m g, T)
+            Kt, V = c.keys_t_view(li, T), c.v[li, :, :T]                           # (kvh, D|T, T|D)
+            sc = qg[:, r0:r1].reshape(a.kv_heads, m * g, D) @ Kt                   # (kvh, m g, T)
             sc *= self.scale
             tri = sc.reshape(a.kv_heads, m, g, T)[..., p + r0:]                     # keys of rows r0..r1
             tri[np.broadcast_to(_upper(m)[None, :, None, :], tri.shape)] = -np.inf
@@ -216,10 +277,9 @@ class Model:
     def _attend_one(self, li: int, c: KVCache, p: int, q, k, v) -> np.ndarray:
         """_attend for one new row (a decode step), with fewer numpy calls: (1, nh D)."""
         a = self.arch
-        c.k[li, :, p] = k[0]
-        c.v[li, :, p] = v[0]
-        K, V = c.k[li, :, :p + 1], c.v[li, :, :p + 1]                             # (kvh, T, D)
-        sc = q.reshape(a.kv_heads, -1, a.head_dim) @ K.transpose(0, 2, 1)          # (kvh, g, T)
+        c.put(li, p, k, v)
+        Kt, V = c.keys_t_view(li, p + 1), c.v[li, :, :p + 1]                       # (kvh, D|T, T|D)
+        sc = q.reshape(a.kv_heads, -1, a.head_dim) @ Kt                            # (kvh, g, T)
         sc *= self.scale
         sc -= sc.max(axis=-1, keepdims=True)
         np.exp(sc, out=sc)

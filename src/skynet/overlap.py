@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import Model, Segment, rmsnorm
+from .model import Model, Segment
 
 
 def split(segments: list[Segment]) -> tuple[list[Segment], list[Segment]] | None:
@@ -41,7 +41,7 @@ def forward(model: Model, tokens: np.ndarray, segments: list[Segment], mlp,
     groups = split(segments)
     if groups is None:
         return model.forward(tokens, segments, mlp, rows=rows)
-    eps, n0 = model.arch.eps, sum(s.n for s in groups[0])
+    n0 = sum(s.n for s in groups[0])
     xs = [model.embed_rows(tokens[:n0]), model.embed_rows(tokens[n0:])]             # (N_m, H)
     ropes = [model.rope_tables(g) for g in groups]
     calls = [None, None]
@@ -50,7 +50,7 @@ def forward(model: Model, tokens: np.ndarray, segments: list[Segment], mlp,
             if calls[m] is not None:
                 xs[m] = xs[m] + mlp.gather(calls[m])                                  # (N_m, H)
             xs[m] = model.attention(li, xs[m], g, ropes[m])                          # (N_m, H)
-            calls[m] = mlp.scatter(li, rmsnorm(xs[m], model.layers[li].ln2, eps), m)
+            calls[m] = mlp.scatter(li, model.rmsnorm(xs[m], model.layers[li].ln2), m)
     for m in range(2):
         xs[m] = xs[m] + mlp.gather(calls[m])
     return model.logits(np.concatenate(xs), segments, rows=rows)                     # (S | R, V)

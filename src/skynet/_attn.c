@@ -1,0 +1,316 @@
+/* The server's per-row float32 work in the fast precision, in C: RMSNorm of whole rows and a
+ * decode row's attention (RoPE, the KV-cache write, scores, softmax, the weighted values).
+ *
+ * In numpy each of these is several calls of a few µs for a vector of 576 values; per decode
+ * token that was ~60 µs a layer, more than the layer's quantized matmuls. Here they are one call.
+ *
+ * Canonical arithmetic, as in _qkernels.c: the bits do not depend on the CPU or the vector width.
+ * Built with -ffp-contract=off (no FMA). A score is its dot product summed over d in order (the
+ * lanes run over keys: the cache keeps keys transposed); a weighted value sums over keys in order
+ * (lanes over d); the sums of squares and of e^x keep a fixed number of lanes, lane l taking the
+ * elements i with i % lanes == l in order, folded in a fixed tree. GCC vectorizes all of it without
+ * reassociating anything, so the AVX-512, AVX2 and baseline clones give the same bits. e^x is
+ * sk_expf (IEEE + - * / only). RoPE is x1*cos - x2*sin and x2*cos + x1*sin in float32, one
+ * rounding per operation: the same bits as the numpy expression in model._rope.
+ *
+ * A row's result depends only on that row (and its own sequence's cache), never on the other rows
+ * in the call, so a sequence's tokens do not depend on what shares its batch.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "_qkernels.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SK_CLONES
+#endif
+
+#define LANES 16
+
+static inline float fold(float *acc)
+{
+    for (int w = LANES / 2; w; w >>= 1)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+/* out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w for N rows of H. The sum of squares is in
+ * double (x^2 is exact there), 8 lanes folded in a fixed tree; sqrt is IEEE (correctly rounded). */
+SK_CLONES
+static void rmsnorm_rows(const float *restrict x, const float *restrict w, int N, int H, double eps,
+                         float *restrict out)
+{
+    for (int r = 0; r < N; r++) {
+        const float *xr = x + (size_t)r * H;
+        double acc[8] = {0};
+        int i = 0;
+        for (; i + 8 <= H; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] += (double)xr[i + l] * (double)xr[i + l];
+        for (int l = 0; i + l < H; l++) acc[l] += (double)xr[i + l] * (double)xr[i + l];
+        for (int s = 4; s; s >>= 1)
+            for (int l = 0; l < s; l++) acc[l] += acc[l + s];
+        float inv = (float)(1.0 / sqrt(acc[0] / H + eps));
+        float *o = out + (size_t)r * H;
+        for (int j = 0; j < H; j++) o[j] = xr[j] * inv * w[j];
+    }
+}
+
+/* HF's rotate-half RoPE of one head of D values at one position (half = D / 2). */
+static inline void rope_head(const float *restrict x, const float *restrict c, const float *restrict s,
+                             int half, float *restrict y)
+{
+    for (int i = 0; i < half; i++) {
+        float a = x[i] * c[i], b = x[i + half] * s[i];
+        y[i] = a - b;
+    }
+    for (int i = 0; i < half; i++) {
+        float a = x[i + half] * c[i], b = x[i] * s[i];
+        y[i + half] = a + b;
+    }
+}
+
+typedef struct {
+    int nh, kvh, D, cap, layer;
+    float scale;
+} attn_shape;
+
+#define KEYS 128   /* keys scored at once: independent lanes, so the adds do not wait on each other */
+
+#if defined(__GNUC__)
+/* 16 floats as one GCC vector: each operation is elementwise and rounds once, on any target (AVX-512
+ * one register, AVX2 two, SSE four); aligned(4) lets it load from any float address. */
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+#define SK_VEC 1
+#endif
+
+/* sc[t] = (q . K[t]) * scale for t < T; kt holds K transposed, D rows of `cap` keys. Each score is
+ * the sum over d in order, in float: lanes run over keys, never over d. */
+static inline void scores(const float *restrict q, const float *restrict kt, int cap, int D, int T, float scale,
+                          float *restrict sc)
+{
+    int t = 0;
+#ifdef SK_VEC
+    for (; t + KEYS <= T; t += KEYS) {
+        vf16 a[KEYS / 16] = {{0}};
+        for (int d = 0; d < D; d++) {
+            vf16 qd = (vf16){0} + q[d];
+            const vf16 *k = (const vf16 *)(kt + (size_t)d * cap + t);
+            for (int i = 0; i < KEYS / 16; i++) a[i] += qd * k[i];
+        }
+        vf16 *o = (vf16 *)(sc + t);
+        for (int i = 0; i < KEYS / 16; i++) o[i] = a[i] * scale;
+    }
+#endif
+    for (; t < T; t += KEYS) {
+        int m = T - t < KEYS ? T - t : KEYS;
+        float acc[KEYS] = {0};
+        for (int d = 0; d < D; d++) {
+            float qd = q[d];
+            const float *k = kt + (size_t)d * cap + t;
+            for (int l = 0; l < m; l++) acc[l] += qd * k[l];
+        }
+        for (int l = 0; l < m; l++) sc[t + l] = acc[l] * scale;
+    }
+}
+
+/* o[d] = sum over t < T of w[t] * V[t][d] (w = sc * inv, rounded first): even and odd t are
+ * summed apart, each in order, and then added (two chains, so the adds overlap). */
+static inline void weigh(const float *restrict sc, float inv, const float *restrict V, int D, int T,
+                         float *restrict o)
+{
+    int d = 0;
+#ifdef SK_VEC
+    for (; d + 64 <= D; d += 64) {
+        vf16 a[4] = {{0}}, b[4] = {{0}};
+        int u = 0;
+        for (; u + 2 <= T; u += 2) {
+            vf16 w = (vf16){0} + sc[u] * inv, x = (vf16){0} + sc[u + 1] * inv;
+            const vf16 *v = (const vf16 *)(V + (size_t)u * D + d), *y = (const vf16 *)(V + (size_t)(u + 1) * D + d);
+            for (int i = 0; i < 4; i++) {
+                a[i] += w * v[i];
+                b[i] += x * y[i];
+            }
+        }
+        if (u < T) {
+            vf16 w = (vf16){0} + sc[u] * inv;
+            const vf16 *v = (const vf16 *)(V + (size_t)u * D + d);
+            for (int i = 0; i < 4; i++) a[i] += w * v[i];
+        }
+        vf16 *out = (vf16 *)(o + d);
+        for (int i = 0; i < 4; i++) out[i] = a[i] + b[i];
+    }
+#endif
+    if (d == D) return;
+    float a[64], b[64];   /* the columns the vector loop did not take (fewer than 64) */
+    int n = D - d, u = 0;
+    for (int e = 0; e < n; e++) a[e] = b[e] = 0.0f;
+    for (; u + 2 <= T; u += 2) {
+        float w = sc[u] * inv, x = sc[u + 1] * inv;
+        const float *v = V + (size_t)u * D + d, *y = V + (size_t)(u + 1) * D + d;
+        for (int e = 0; e < n; e++) {
+            a[e] += w * v[e];
+            b[e] += x * y[e];
+        }
+    }
+    if (u < T) {
+        float w = sc[u] * inv;
+        const float *v = V + (size_t)u * D + d;
+        for (int e = 0; e < n; e++) a[e] += w * v[e];
+    }
+    for (int e = 0; e < n; e++) o[d + e] = a[e] + b[e];
+}
+
+/* One decode row at position p: q (nh heads) and k, v (kvh heads) in h; rope q and k, write k, v
+ * to the cache at p, and att = softmax(q K^T * scale) V over cache positions 0..p, per head (head j
+ * reads kv head j / (nh / kvh)). kc: this sequence's keys, transposed (layers, kvh, D, cap); vc its
+ * values (layers, kvh, cap, D). sc: p + 1 floats of scratch. */
+SK_CLONES
+static void attend_row(const attn_shape *a, const float *restrict h, const float *restrict cs,
+                       const float *restrict sn, int p, float *kc, float *vc, float *restrict sc,
+                       float *restrict att)
+{
+    int D = a->D, half = D / 2, grp = a->nh / a->kvh, T = p + 1;
+    size_t plane = (size_t)a->cap * D;
+    float q[1024];
+    for (int g = 0; g < a->kvh; g++) {
+        float *K = kc + ((size_t)a->layer * a->kvh + g) * plane;
+        float *V = vc + ((size_t)a->layer * a->kvh + g) * plane;
+        rope_head(h + (size_t)(a->nh + g) * D, cs, sn, half, q);
+        for (int d = 0; d < D; d++) K[(size_t)d * a->cap + p] = q[d];
+        memcpy(V + (size_t)p * D, h + (size_t)(a->nh + a->kvh + g) * D, (size_t)D * 4);
+        for (int j = g * grp; j < (g + 1) * grp; j++) {
+            rope_head(h + (size_t)j * D, cs, sn, half, q);
+            scores(q, K, a->cap, D, T, a->scale, sc);
+            float mx[LANES];
+            for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
+            int t = 0;
+            for (; t + LANES <= T; t += LANES)
+                for (int l = 0; l < LANES; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
+            for (int l = 0; t + l < T; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
+            float m = mx[0];
+            for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+            for (int t = 0; t < T; t++) sc[t] = sk_expf(sc[t] - m);
+            float acc[LANES] = {0};
+            for (t = 0; t + LANES <= T; t += LANES)
+                for (int l = 0; l < LANES; l++) acc[l] += sc[t + l];
+            for (int l = 0; t + l < T; l++) acc[l] += sc[t + l];
+            weigh(sc, 1.0f / fold(acc), V, D, T, att + (size_t)j * D);
+        }
+    }
+}
+
+static int buffer(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const char *what)
+{
+    if (PyObject_GetBuffer(o, b, writable ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS : PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", what, b->len, need);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+/* rmsnorm(x, w, out, N, H, eps): out = RMSNorm(x) * w, float32 rows. */
+PyObject *sk_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "rmsnorm takes 6 arguments");
+    long long N = PyLong_AsLongLong(args[3]), H = PyLong_AsLongLong(args[4]);
+    double eps = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if (N < 0 || H <= 0 || N > INT32_MAX / H)
+        return PyErr_Format(PyExc_ValueError, "rmsnorm: bad shape (%lld, %lld)", N, H);
+    Py_buffer xb, wb, ob;
+    if (buffer(args[0], &xb, 0, (Py_ssize_t)(N * H * 4), "x") < 0) return NULL;
+    if (buffer(args[1], &wb, 0, (Py_ssize_t)(H * 4), "w") < 0) {
+        PyBuffer_Release(&xb);
+        return NULL;
+    }
+    if (buffer(args[2], &ob, 1, (Py_ssize_t)(N * H * 4), "out") < 0) {
+        PyBuffer_Release(&wb);
+        PyBuffer_Release(&xb);
+        return NULL;
+    }
+    rmsnorm_rows(xb.buf, wb.buf, (int)N, (int)H, eps, ob.buf);
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&wb);
+    PyBuffer_Release(&xb);
+    Py_RETURN_NONE;
+}
+
+/* attn_decode(h, att, rows, cos, sin, layer, layers, nh, kvh, D, scale)
+ *
+ * h (N, (nh + 2 kvh) D) float32: each row's q, k, v before RoPE. att (N, nh D) float32: written
+ * for the rows listed. rows (S, 5) int64: per decode row [row, position, k cache address, v cache
+ * address, cache capacity]; the caches are C-contiguous float32, keys (layers, kvh, D, capacity) and
+ * values (layers, kvh, capacity, D), that the caller keeps alive for the call. cos, sin (C, D / 2) float32 by position. */
+PyObject *sk_py_attn_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) return PyErr_Format(PyExc_TypeError, "attn_decode takes 11 arguments");
+    long long li = PyLong_AsLongLong(args[5]), L = PyLong_AsLongLong(args[6]);
+    long long nh = PyLong_AsLongLong(args[7]), kvh = PyLong_AsLongLong(args[8]), D = PyLong_AsLongLong(args[9]);
+    double scale = PyFloat_AsDouble(args[10]);
+    if (PyErr_Occurred()) return NULL;
+    if (li < 0 || li >= L || kvh <= 0 || nh <= 0 || nh % kvh || D <= 0 || D % 2 || D > 1024 || nh > 4096)
+        return PyErr_Format(PyExc_ValueError, "attn_decode: bad shape (layer %lld of %lld, %lld/%lld heads of %lld)",
+                            li, L, nh, kvh, D);
+    Py_buffer hb, ab, rb, cb, sb;
+    memset(&rb, 0, sizeof rb);
+    if (buffer(args[0], &hb, 0, 0, "h") < 0) return NULL;
+    int ok = 0;
+    if (buffer(args[1], &ab, 1, 0, "att") < 0) goto out_h;
+    if (buffer(args[2], &rb, 0, 0, "rows") < 0) goto out_a;
+    if (buffer(args[3], &cb, 0, 0, "cos") < 0) goto out_r;
+    if (buffer(args[4], &sb, 0, 0, "sin") < 0) goto out_c;
+    long long width = (nh + 2 * kvh) * D, N = hb.len / 4 / width, S = rb.len / 8 / 5;
+    long long C = cb.len / 4 / (D / 2);
+    const int64_t *seg = rb.buf;
+    if (hb.len != (Py_ssize_t)(N * width * 4) || ab.len != (Py_ssize_t)(N * nh * D * 4)
+        || rb.len != (Py_ssize_t)(S * 40) || sb.len != cb.len) {
+        PyErr_SetString(PyExc_ValueError, "attn_decode: h, att, rows or the tables do not match the shape");
+        goto out_s;
+    }
+    long long most = 0;
+    for (long long i = 0; i < S; i++) {
+        const int64_t *r = seg + 5 * i;
+        if (r[0] < 0 || r[0] >= N || r[1] < 0 || r[1] >= r[4] || r[1] >= C || !r[2] || !r[3]) {
+            PyErr_Format(PyExc_ValueError, "attn_decode: row %lld at position %lld is out of range", (long long)r[0],
+                         (long long)r[1]);
+            goto out_s;
+        }
+        most = r[1] + 1 > most ? r[1] + 1 : most;
+    }
+    float *sc = malloc((size_t)(most ? most : 1) * sizeof(float));
+    if (!sc) {
+        PyErr_NoMemory();
+        goto out_s;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < S; i++) {
+        const int64_t *r = seg + 5 * i;
+        attn_shape a = {(int)nh, (int)kvh, (int)D, (int)r[4], (int)li, (float)scale};
+        attend_row(&a, (const float *)hb.buf + r[0] * width, (const float *)cb.buf + r[1] * (D / 2),
+                   (const float *)sb.buf + r[1] * (D / 2), (int)r[1], (float *)(uintptr_t)r[2],
+                   (float *)(uintptr_t)r[3], sc, (float *)ab.buf + r[0] * nh * D);
+    }
+    Py_END_ALLOW_THREADS
+    free(sc);
+    ok = 1;
+out_s:
+    PyBuffer_Release(&sb);
+out_c:
+    PyBuffer_Release(&cb);
+out_r:
+    PyBuffer_Release(&rb);
+out_a:
+    PyBuffer_Release(&ab);
+out_h:
+    PyBuffer_Release(&hb);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
