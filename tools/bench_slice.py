@@ -4,6 +4,9 @@ replaced, silu(g) * u alone, and a prefill of the default model in process.
 
 - qmlp: 30 layers of the default model's whole MLP, 1 and 8 rows, thread CPU, best of 5;
   "numpy silu" is quantize_act -> gate/up -> numpy's silu_mul -> down (the earlier path).
+- memory: one row through 30 layers in turn (weights from L3/DRAM, as in a decode step) against
+  one layer again and again (its 1.7 MB stay in L2); the ratio is what the weight stream costs.
+- head: the LM head (Q8_0, 49152 x 576) for one row, 1 thread.
 - silu: 8 x 1536 values, our C loop (whichever clone the CPU picked) against numpy's.
 - prefill: Model.forward over a 256-token (and an 11-token) prompt, server alone, 2 threads.
 Run with the project's venv:  .venv/bin/python tools/bench_slice.py
@@ -49,6 +52,12 @@ def main() -> None:
         ours = best(lambda: [sl(x) for sl in slices])
         theirs = best(lambda: [numpy_path(sl, x) for sl in slices])
         print(f"MLP, {w.layers} layers, {rows} row(s), 1 thread: qmlp {ours * 1e3:.2f} ms, numpy silu {theirs * 1e3:.2f} ms")
+    x = rng.standard_normal((1, w.hidden), dtype=np.float32)
+    turn = best(lambda: [sl(x) for sl in slices]) / w.layers
+    one = best(lambda: [slices[0](x) for _ in slices]) / w.layers
+    print(f"MLP per layer, 1 row, 1 thread: {turn * 1e6:.1f} µs with 30 layers in turn, {one * 1e6:.1f} µs "
+          f"L2-resident ({turn / one:.2f}x)")
+    print(f"LM head, 1 row, 1 thread: {best(lambda: model.lm_head(x, threads=1), inner=5) * 1e3:.2f} ms")
     g = rng.standard_normal(8 * w.neurons).astype(np.float32)
     u = g.copy()
     c = best(lambda: _qkernels.silu_mul(g.copy(), u, g.size), inner=1000)

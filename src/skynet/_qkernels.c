@@ -437,6 +437,21 @@ typedef struct {
 
 AVX2I uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
+/* A decode tile reads R rows at once: R interleaved streams, more than the hardware prefetcher runs
+ * ahead on. The next tile's rows are contiguous, so each block step asks for a share of their cache
+ * lines while it computes. Measured (default model's MLP, one row, one thread): 30 layers in turn
+ * took 1.23-1.42x the time of one L2-resident layer before, 1.01-1.14x after. */
+static inline void prefetch_next(const mm_args *a, int r, int R, int rend, int b, int nb)
+{
+    int rows = rend - (r + R) < R ? rend - (r + R) : R;
+    if (rows <= 0) return;
+    const char *next = (const char *)(a->w + (size_t)(r + R) * a->row_bytes);
+    int lines = (int)(((size_t)rows * a->row_bytes + 63) / 64), per = (lines + nb - 1) / nb;
+    int i1 = (b + 1) * per < lines ? (b + 1) * per : lines;
+    /* asm volatile: GCC 12 drops _mm_prefetch loops it deems free of side effects here */
+    for (int i = b * per; i < i1; i++) __asm__ volatile("prefetcht0 %0" : : "m"(next[(size_t)i * 64]));
+}
+
 /* Writes lane k of the results v[] to out[n][r + k] (r + k < rend). */
 static void lk_store(const mm_args *a, const double *v, int lanes, int r, int rend, int n)
 {
@@ -506,6 +521,7 @@ AVX2I void a2_decode(const lk_ctx *c, int r, int rend, int n)
     __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
     for (int b = 0; b < nb; b++) {
         size_t o = (size_t)b * bb;
+        prefetch_next(a, r, 8, rend, b, nb);
         __m256i A[4];
         for (int i = 0; i < 4; i++) {
             __m256i lo, hi;
@@ -1093,6 +1109,7 @@ AVX512I void a5_decode(const lk_ctx *c, int r, int rend, int n)
     __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
     for (int b = 0; b < nb; b++) {
         size_t o = (size_t)b * bb;
+        prefetch_next(a, r, 16, rend, b, nb);
         __m512i A[4];
         for (int i = 0; i < 4; i++) {
             __m512i lo, hi;
