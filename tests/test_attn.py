@@ -1,9 +1,9 @@
-"""The fast precision's compiled per-row work (_attn.c): RMSNorm and a decode row's attention.
+"""The fast precision's compiled per-row work (_attn.c): RMSNorm and each row's attention.
 
 Each is checked bit for bit against its documented arithmetic written out in numpy float32 (so its
 bits do not depend on the CPU or the vector width), near the float64 value, independent of the
-other rows in the call, and wired into the model: in fast a decode row takes it, a prefill chunk
-and every exact row do not."""
+other rows in the call, of where a prompt is cut into chunks and of the threads, and wired into the
+model: in fast every row takes it, in exact none."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,7 +42,7 @@ def lanes_sum(e: np.ndarray) -> np.float32:
 
 
 def attend_reference(h, kt, v, p, cos, sin, nh, kvh, d, scale):
-    """One decode row, as _attn.c documents it. h: the row's q, k, v before RoPE; kt (kvh, D, cap)
+    """One row, as _attn.c documents it. h: the row's q, k, v before RoPE; kt (kvh, D, cap)
     and v (kvh, cap, D): the layer's cache, written at p here as C writes it."""
     half, grp, t = d // 2, nh // kvh, p + 1
 
@@ -99,7 +99,7 @@ def test_rmsnorm_is_its_formula_bit_for_bit(h):
 
 @pytest.mark.parametrize("nh,kvh,d,p", [(9, 3, 64, 0), (9, 3, 64, 16), (9, 3, 64, 200), (4, 4, 64, 130),
                                          (6, 2, 80, 57), (2, 1, 32, 300), (3, 1, 128, 127)])
-def test_decode_attention_is_its_formula_bit_for_bit(nh, kvh, d, p):
+def test_row_attention_is_its_formula_bit_for_bit(nh, kvh, d, p):
     rng = np.random.default_rng(p + d)
     layers, cap, li = 3, 320, 1
     cos, sin = _tables(d, 400)
@@ -108,7 +108,7 @@ def test_decode_attention_is_its_formula_bit_for_bit(nh, kvh, d, p):
     att = np.full((2, nh * d), np.nan, f32)
     rows = np.array([[1, p, kt.ctypes.data, v.ctypes.data, cap]], np.int64)
     kt_ref, v_ref = kt[li].copy(), v[li].copy()
-    _qkernels.attn_decode(h, att, rows, cos, sin, li, layers, nh, kvh, d, 1 / np.sqrt(d))
+    _qkernels.attn_rows(h, att, rows, cos, sin, li, layers, nh, kvh, d, 1 / np.sqrt(d), 1)
     ref = attend_reference(h[1], kt_ref, v_ref, p, cos, sin, nh, kvh, d, 1 / np.sqrt(d))
     assert np.array_equal(att[1], ref) and np.isnan(att[0]).all()      # row 0 not listed: untouched
     assert np.array_equal(kt[li], kt_ref) and np.array_equal(v[li], v_ref)  # the cache write
@@ -122,7 +122,7 @@ def test_decode_attention_is_its_formula_bit_for_bit(nh, kvh, d, p):
         assert np.allclose(att[1, j * d:(j + 1) * d], want, rtol=1e-4, atol=1e-5)
 
 
-def test_decode_attention_rows_do_not_depend_on_each_other():
+def test_rows_do_not_depend_on_each_other():
     rng = np.random.default_rng(1)
     nh, kvh, d, layers, cap = 9, 3, 64, 2, 64
     cos, sin = _tables(d, cap)
@@ -132,14 +132,37 @@ def test_decode_attention_rows_do_not_depend_on_each_other():
     together, alone = np.empty((3, nh * d), f32), np.empty((3, nh * d), f32)
     snap = [(k.copy(), v.copy()) for k, v in caches]
     rows = np.array([[i, pos[i], k.ctypes.data, v.ctypes.data, cap] for i, (k, v) in enumerate(caches)], np.int64)
-    _qkernels.attn_decode(h, together, rows, cos, sin, 1, layers, nh, kvh, d, 0.125)
+    _qkernels.attn_rows(h, together, rows, cos, sin, 1, layers, nh, kvh, d, 0.125, 2)
     for i, (k, v) in enumerate(snap):
         one = np.array([[0, pos[i], k.ctypes.data, v.ctypes.data, cap]], np.int64)
-        _qkernels.attn_decode(np.ascontiguousarray(h[i:i + 1]), alone[i:i + 1], one, cos, sin, 1, layers, nh, kvh, d, 0.125)
+        _qkernels.attn_rows(np.ascontiguousarray(h[i:i + 1]), alone[i:i + 1], one, cos, sin, 1, layers, nh, kvh, d, 0.125, 1)
     assert np.array_equal(together, alone)
 
 
-def test_decode_attention_rejects_bad_input():
+def test_prompt_rows_do_not_depend_on_the_chunks_or_the_threads():
+    """A 300-row prompt attended in one call (1 and 3 threads), and cut into chunks of 1, 37 and
+    the rest, give the same bits; each row equals the per-row reference at its position."""
+    rng = np.random.default_rng(3)
+    nh, kvh, d, layers, cap, n = 6, 2, 64, 1, 320, 300
+    cos, sin = _tables(d, cap)
+    h = rng.standard_normal((n, (nh + 2 * kvh) * d), dtype=f32)
+    outs = []
+    for threads, cuts in ((1, [0, n]), (3, [0, n]), (2, [0, 1, 38, n])):
+        kt, v = np.zeros((layers, kvh, d, cap), f32), np.zeros((layers, kvh, cap, d), f32)
+        att = np.empty((n, nh * d), f32)
+        for a, b in zip(cuts, cuts[1:]):
+            rows = np.array([[i - a, i, kt.ctypes.data, v.ctypes.data, cap] for i in range(a, b)], np.int64)
+            _qkernels.attn_rows(np.ascontiguousarray(h[a:b]), att[a:b], rows, cos, sin, 0, layers, nh, kvh, d, 0.125, threads)
+        outs.append(att)
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    kt, v = np.zeros((kvh, d, cap), f32), np.zeros((kvh, cap, d), f32)
+    for p in range(n):
+        ref = attend_reference(h[p], kt, v, p, cos, sin, nh, kvh, d, 0.125)
+        if p in (0, 1, 37, 130, 299):
+            assert np.array_equal(outs[0][p], ref), p
+
+
+def test_attention_rejects_bad_input():
     rng = np.random.default_rng(2)
     nh, kvh, d, layers, cap = 4, 2, 32, 2, 16
     cos, sin = _tables(d, 32)
@@ -147,51 +170,50 @@ def test_decode_attention_rejects_bad_input():
     h = np.zeros((1, (nh + 2 * kvh) * d), f32)
     att = np.empty((1, nh * d), f32)
 
-    def call(row=0, p=3, layer=0, hh=h, a=att, heads=nh):
-        rows = np.array([[row, p, kt.ctypes.data, v.ctypes.data, cap]], np.int64)
-        _qkernels.attn_decode(hh, a, rows, cos, sin, layer, layers, heads, kvh, d, 0.1)
+    def call(row=0, p=3, layer=0, hh=h, a=att, heads=nh, threads=1, c=cap):
+        rows = np.array([[row, p, kt.ctypes.data, v.ctypes.data, c]], np.int64)
+        _qkernels.attn_rows(hh, a, rows, cos, sin, layer, layers, heads, kvh, d, 0.1, threads)
     call()
     for bad in (dict(row=1), dict(row=-1), dict(p=cap), dict(p=-1), dict(layer=layers), dict(layer=-1),
-                dict(hh=np.zeros((1, 5), f32)), dict(a=np.empty((1, 7), f32)), dict(heads=3)):
+                dict(hh=np.zeros((1, 5), f32)), dict(a=np.empty((1, 7), f32)), dict(heads=3), dict(threads=0), dict(c=12)):
         with pytest.raises(ValueError):
             call(**bad)
     with pytest.raises(ValueError):
         _qkernels.rmsnorm(np.zeros((2, 8), f32), np.ones(8, f32), np.empty((1, 8), f32), 2, 8, 1e-5)
 
 
-def test_fast_decode_rows_take_the_compiled_path_and_agree_with_numpy(default_fast_model):
-    """The same prompt decoded through C and through numpy (`compiled_decode` off): the first decode
-    row's k, v in layer 0 (same input there) have the same bits (RoPE is the same float32
-    expression) and the greedy tokens are the same. The logits differ by more than float32 noise:
+def test_fast_rows_take_the_compiled_path_and_agree_with_numpy(default_fast_model):
+    """The same prompt run through C and through numpy (`compiled_attention` off): the k, v that
+    layer 0 writes (same input there) have the same bits (RoPE is the same float32 expression) and
+    the greedy tokens are the same. The logits differ by more than float32 noise:
     8-bit activations turn a last-bit difference into a whole quantization step now and then
     (measured: 0.4-1.3 on logits up to 38 over 30 tokens); a random-token prompt with a 0.05
     margin diverged at its 10th token."""
     m, prompt, steps = default_fast_model, [1, 9690, 2682, 314, 4649, 314, 253, 3575, 30], 12
-    assert m.compiled_decode and m.new_cache(4).keys_t
+    assert m.compiled_attention and m.new_cache(4).keys_t
     caches, outs = [], []
     for compiled in (True, False):
-        m.compiled_decode = compiled
+        m.compiled_attention = compiled
         try:
             cache = m.new_cache(len(prompt) + steps)
             logits = [m.forward(np.array(prompt), [Segment(cache, 0, len(prompt), 0)], LocalMLP(m.mlp_weights))]
             rows = m.rope_tables([Segment(cache, 0, 1, len(prompt))])
-            assert (rows.decode is not None) == compiled and (not rows.wide) == compiled
+            assert (rows.compiled is not None) == compiled and (not rows.wide) == compiled
             for i in range(steps):
                 tok = int(logits[-1][0].argmax())
                 logits.append(m.forward(np.array([tok]), [Segment(cache, 0, 1, len(prompt) + i)], LocalMLP(m.mlp_weights)))
         finally:
-            m.compiled_decode = True
+            m.compiled_attention = True
         caches.append(cache)
         outs.append(np.concatenate(logits))
     p = len(prompt)
     assert np.array_equal(caches[0].k[0, :, :, :p + 1], caches[1].k[0, :, :, :p + 1])
     assert np.array_equal(caches[0].v[0, :, :p + 1], caches[1].v[0, :, :p + 1])
-    assert np.array_equal(caches[0].k[:, :, :, :p], caches[1].k[:, :, :, :p])       # the prefill: numpy both
     assert list(outs[0].argmax(-1)) == list(outs[1].argmax(-1))
     assert float(np.abs(outs[0] - outs[1]).max()) <= 0.06 * float(np.abs(outs[1]).max())
 
 
 def test_exact_keeps_numpy_and_its_cache_layout(tiny_model):
     m = load_model(tiny_model("llama"))
-    assert not m.compiled_decode and not m.new_cache(4).keys_t
-    assert m.rope_tables([Segment(m.new_cache(4), 0, 1, 2)]).decode is None
+    assert not m.compiled_attention and not m.new_cache(4).keys_t
+    assert m.rope_tables([Segment(m.new_cache(4), 0, 1, 2)]).compiled is None

@@ -1,8 +1,9 @@
-/* The server's per-row float32 work in the fast precision, in C: RMSNorm of whole rows and a
- * decode row's attention (RoPE, the KV-cache write, scores, softmax, the weighted values).
+/* The server's per-row float32 work in the fast precision, in C: RMSNorm of whole rows and each
+ * row's attention (RoPE, the KV-cache write, scores, softmax, the weighted values).
  *
  * In numpy each of these is several calls of a few µs for a vector of 576 values; per decode
- * token that was ~60 µs a layer, more than the layer's quantized matmuls. Here they are one call.
+ * token that was ~60 µs a layer, more than the layer's quantized matmuls. Here they are one call
+ * per layer for all the step's rows, prompt chunks included (on several threads when large).
  *
  * Canonical arithmetic, as in _qkernels.c: the bits do not depend on the CPU or the vector width.
  * Built with -ffp-contract=off (no FMA). A score is its dot product summed over d in order (the
@@ -23,6 +24,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include "_qkernels.h"
+#if defined(__unix__) || defined(__APPLE__)
+#define SK_PTHREADS 1
+#include <pthread.h>
+#endif
+
+#define ATTN_MAX_THREADS 64
+#define ATTN_THREAD_WORK (1LL << 21)   /* key x head x D products below which one thread does it all */
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 #define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -88,8 +96,10 @@ typedef float vf16 __attribute__((vector_size(64), aligned(4)));
 #define SK_VEC 1
 #endif
 
-/* sc[t] = (q . K[t]) * scale for t < T; kt holds K transposed, D rows of `cap` keys. Each score is
- * the sum over d in order, in float: lanes run over keys, never over d. */
+/* sc[t] = (q . K[t]) * scale for t < T; kt holds K transposed, D rows of `cap` keys, cap a multiple
+ * of 16 (model.KEY_RUN). Each score is the sum over d in order, in float: lanes run over keys, never
+ * over d. The last run of 16 may read keys past T (within cap; whatever they hold): their scores
+ * land in sc[T..] (sc has room for T rounded up to 16) and are never used. */
 static inline void scores(const float *restrict q, const float *restrict kt, int cap, int D, int T, float scale,
                           float *restrict sc)
 {
@@ -105,7 +115,18 @@ static inline void scores(const float *restrict q, const float *restrict kt, int
         vf16 *o = (vf16 *)(sc + t);
         for (int i = 0; i < KEYS / 16; i++) o[i] = a[i] * scale;
     }
-#endif
+    int runs = (T - t + 15) / 16;
+    if (runs > 0) {
+        vf16 a[KEYS / 16] = {{0}};
+        for (int d = 0; d < D; d++) {
+            vf16 qd = (vf16){0} + q[d];
+            const vf16 *k = (const vf16 *)(kt + (size_t)d * cap + t);
+            for (int i = 0; i < runs; i++) a[i] += qd * k[i];
+        }
+        vf16 *o = (vf16 *)(sc + t);
+        for (int i = 0; i < runs; i++) o[i] = a[i] * scale;
+    }
+#else
     for (; t < T; t += KEYS) {
         int m = T - t < KEYS ? T - t : KEYS;
         float acc[KEYS] = {0};
@@ -116,6 +137,7 @@ static inline void scores(const float *restrict q, const float *restrict kt, int
         }
         for (int l = 0; l < m; l++) sc[t + l] = acc[l] * scale;
     }
+#endif
 }
 
 /* o[d] = sum over t < T of w[t] * V[t][d] (w = sc * inv, rounded first): even and odd t are
@@ -165,43 +187,133 @@ static inline void weigh(const float *restrict sc, float inv, const float *restr
     for (int e = 0; e < n; e++) o[d + e] = a[e] + b[e];
 }
 
-/* One decode row at position p: q (nh heads) and k, v (kvh heads) in h; rope q and k, write k, v
- * to the cache at p, and att = softmax(q K^T * scale) V over cache positions 0..p, per head (head j
- * reads kv head j / (nh / kvh)). kc: this sequence's keys, transposed (layers, kvh, D, cap); vc its
- * values (layers, kvh, cap, D). sc: p + 1 floats of scratch. */
-SK_CLONES
-static void attend_row(const attn_shape *a, const float *restrict h, const float *restrict cs,
-                       const float *restrict sn, int p, float *kc, float *vc, float *restrict sc,
-                       float *restrict att)
+/* Row h (q: nh heads, then k, v: kvh heads) at position p: rope its k and write k, v to the
+ * cache at p. kc: the sequence's keys, transposed (layers, kvh, D, cap); vc: its values
+ * (layers, kvh, cap, D). */
+static void store_row(const attn_shape *a, const float *restrict h, const float *restrict cs,
+                      const float *restrict sn, int p, float *kc, float *vc)
 {
-    int D = a->D, half = D / 2, grp = a->nh / a->kvh, T = p + 1;
+    int D = a->D;
     size_t plane = (size_t)a->cap * D;
-    float q[1024];
+    float k[1024];
     for (int g = 0; g < a->kvh; g++) {
         float *K = kc + ((size_t)a->layer * a->kvh + g) * plane;
         float *V = vc + ((size_t)a->layer * a->kvh + g) * plane;
-        rope_head(h + (size_t)(a->nh + g) * D, cs, sn, half, q);
-        for (int d = 0; d < D; d++) K[(size_t)d * a->cap + p] = q[d];
+        rope_head(h + (size_t)(a->nh + g) * D, cs, sn, D / 2, k);
+        for (int d = 0; d < D; d++) K[(size_t)d * a->cap + p] = k[d];
         memcpy(V + (size_t)p * D, h + (size_t)(a->nh + a->kvh + g) * D, (size_t)D * 4);
-        for (int j = g * grp; j < (g + 1) * grp; j++) {
-            rope_head(h + (size_t)j * D, cs, sn, half, q);
-            scores(q, K, a->cap, D, T, a->scale, sc);
-            float mx[LANES];
-            for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
-            int t = 0;
-            for (; t + LANES <= T; t += LANES)
-                for (int l = 0; l < LANES; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
-            for (int l = 0; t + l < T; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
-            float m = mx[0];
-            for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-            for (int t = 0; t < T; t++) sc[t] = sk_expf(sc[t] - m);
-            float acc[LANES] = {0};
-            for (t = 0; t + LANES <= T; t += LANES)
-                for (int l = 0; l < LANES; l++) acc[l] += sc[t + l];
-            for (int l = 0; t + l < T; l++) acc[l] += sc[t + l];
-            weigh(sc, 1.0f / fold(acc), V, D, T, att + (size_t)j * D);
-        }
     }
+}
+
+/* att = softmax(q K^T * scale) V over cache positions 0..p, per head (head j reads kv head
+ * j / (nh / kvh)), q roped from h; the cache holds this row's k, v and every earlier position's.
+ * sc: p + 1 floats of scratch. */
+SK_CLONES
+static void attend_row(const attn_shape *a, const float *restrict h, const float *restrict cs,
+                       const float *restrict sn, int p, const float *kc, const float *vc,
+                       float *restrict sc, float *restrict att)
+{
+    int D = a->D, grp = a->nh / a->kvh, T = p + 1;
+    size_t plane = (size_t)a->cap * D;
+    float q[1024];
+    for (int j = 0; j < a->nh; j++) {
+        const float *K = kc + ((size_t)a->layer * a->kvh + j / grp) * plane;
+        const float *V = vc + ((size_t)a->layer * a->kvh + j / grp) * plane;
+        rope_head(h + (size_t)j * D, cs, sn, D / 2, q);
+        scores(q, K, a->cap, D, T, a->scale, sc);
+        float mx[LANES];
+        for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
+        int t = 0;
+        for (; t + LANES <= T; t += LANES)
+            for (int l = 0; l < LANES; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
+        for (int l = 0; t + l < T; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
+        float m = mx[0];
+        for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+        for (t = 0; t < T; t++) sc[t] = sk_expf(sc[t] - m);
+        float acc[LANES] = {0};
+        for (t = 0; t + LANES <= T; t += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] += sc[t + l];
+        for (int l = 0; t + l < T; l++) acc[l] += sc[t + l];
+        weigh(sc, 1.0f / fold(acc), V, D, T, att + (size_t)j * D);
+    }
+}
+
+/* One call's rows: each thread takes every nth row (rows of a prompt grow in cost with position,
+ * so interleaving balances them). */
+typedef struct {
+    int nh, kvh, D, layer, width, half, threads;
+    float scale;
+    long long S;
+    const int64_t *rows;
+    const float *h, *cos, *sin;
+    float *att;
+} attn_job;
+
+typedef struct {
+    const attn_job *job;
+    int k, failed;
+} attn_part;
+
+static void *attn_part_run(void *arg)
+{
+    attn_part *w = arg;
+    const attn_job *j = w->job;
+    long long most = 1;
+    for (long long i = w->k; i < j->S; i += j->threads) most = j->rows[5 * i + 1] + 1 > most ? j->rows[5 * i + 1] + 1 : most;
+    float *sc = malloc((size_t)(most + 16) * sizeof(float));   /* scores() may fill a whole last run of 16 */
+    if (!sc) {
+        w->failed = 1;
+        return NULL;
+    }
+    for (long long i = w->k; i < j->S; i += j->threads) {
+        const int64_t *r = j->rows + 5 * i;
+        attn_shape a = {j->nh, j->kvh, j->D, (int)r[4], j->layer, j->scale};
+        attend_row(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1],
+                   (const float *)(uintptr_t)r[2], (const float *)(uintptr_t)r[3], sc, j->att + r[0] * j->nh * j->D);
+    }
+    free(sc);
+    return NULL;
+}
+
+/* Every row's k, v into its cache first (a prompt's rows read each other's), then the rows'
+ * attention, on `threads` threads when the work is large enough to pay for starting them. */
+static int attn_run(attn_job *j, long long work)
+{
+    for (long long i = 0; i < j->S; i++) {
+        const int64_t *r = j->rows + 5 * i;
+        attn_shape a = {j->nh, j->kvh, j->D, (int)r[4], j->layer, j->scale};
+        store_row(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1],
+                  (float *)(uintptr_t)r[2], (float *)(uintptr_t)r[3]);
+    }
+    int n = j->threads;
+    if (work < ATTN_THREAD_WORK || j->S < 2) n = 1;
+    if (n > j->S) n = (int)j->S;
+    if (n > ATTN_MAX_THREADS) n = ATTN_MAX_THREADS;
+    j->threads = n;
+    attn_part parts[ATTN_MAX_THREADS];
+#ifdef SK_PTHREADS
+    pthread_t tid[ATTN_MAX_THREADS];
+    int started[ATTN_MAX_THREADS] = {0};
+    for (int k = 1; k < n; k++) {
+        parts[k] = (attn_part){j, k, 0};
+        started[k] = pthread_create(&tid[k], NULL, attn_part_run, &parts[k]) == 0;
+    }
+#endif
+    parts[0] = (attn_part){j, 0, 0};
+    attn_part_run(&parts[0]);
+    int failed = parts[0].failed;
+    for (int k = 1; k < n; k++) {
+#ifdef SK_PTHREADS
+        if (started[k]) {
+            pthread_join(tid[k], NULL);
+            failed |= parts[k].failed;
+            continue;
+        }
+#endif
+        attn_part_run(&parts[k]);   /* no thread: this one takes its rows */
+        failed |= parts[k].failed;
+    }
+    return failed ? -1 : 0;
 }
 
 static int buffer(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const char *what)
@@ -243,24 +355,28 @@ PyObject *sk_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* attn_decode(h, att, rows, cos, sin, layer, layers, nh, kvh, D, scale)
+/* attn_rows(h, att, rows, cos, sin, layer, layers, nh, kvh, D, scale, threads)
  *
  * h (N, (nh + 2 kvh) D) float32: each row's q, k, v before RoPE. att (N, nh D) float32: written
- * for the rows listed. rows (S, 5) int64: per decode row [row, position, k cache address, v cache
- * address, cache capacity]; the caches are C-contiguous float32, keys (layers, kvh, D, capacity) and
- * values (layers, kvh, capacity, D), that the caller keeps alive for the call. cos, sin (C, D / 2) float32 by position. */
-PyObject *sk_py_attn_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+ * for the rows listed. rows (S, 5) int64: per row [row, position, k cache address, v cache
+ * address, cache capacity]; the caches are C-contiguous float32, keys (layers, kvh, D, capacity)
+ * and values (layers, kvh, capacity, D), that the caller keeps alive for the call. A prompt chunk
+ * lists all its rows: each row's k, v are written first, then each row attends to positions
+ * 0..its own. cos, sin (C, D / 2) float32 by position. A row's result depends on its position
+ * and its cache only: not on the other rows listed, their number, or the threads. */
+PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11) return PyErr_Format(PyExc_TypeError, "attn_decode takes 11 arguments");
+    if (nargs != 12) return PyErr_Format(PyExc_TypeError, "attn_rows takes 12 arguments");
     long long li = PyLong_AsLongLong(args[5]), L = PyLong_AsLongLong(args[6]);
     long long nh = PyLong_AsLongLong(args[7]), kvh = PyLong_AsLongLong(args[8]), D = PyLong_AsLongLong(args[9]);
     double scale = PyFloat_AsDouble(args[10]);
+    long long threads = PyLong_AsLongLong(args[11]);
     if (PyErr_Occurred()) return NULL;
-    if (li < 0 || li >= L || kvh <= 0 || nh <= 0 || nh % kvh || D <= 0 || D % 2 || D > 1024 || nh > 4096)
-        return PyErr_Format(PyExc_ValueError, "attn_decode: bad shape (layer %lld of %lld, %lld/%lld heads of %lld)",
-                            li, L, nh, kvh, D);
+    if (li < 0 || li >= L || kvh <= 0 || nh <= 0 || nh % kvh || D <= 0 || D % 2 || D > 1024 || nh > 4096
+        || threads < 1)
+        return PyErr_Format(PyExc_ValueError, "attn_rows: bad shape (layer %lld of %lld, %lld/%lld heads of %lld, "
+                            "%lld threads)", li, L, nh, kvh, D, threads);
     Py_buffer hb, ab, rb, cb, sb;
-    memset(&rb, 0, sizeof rb);
     if (buffer(args[0], &hb, 0, 0, "h") < 0) return NULL;
     int ok = 0;
     if (buffer(args[1], &ab, 1, 0, "att") < 0) goto out_h;
@@ -272,34 +388,30 @@ PyObject *sk_py_attn_decode(PyObject *self, PyObject *const *args, Py_ssize_t na
     const int64_t *seg = rb.buf;
     if (hb.len != (Py_ssize_t)(N * width * 4) || ab.len != (Py_ssize_t)(N * nh * D * 4)
         || rb.len != (Py_ssize_t)(S * 40) || sb.len != cb.len) {
-        PyErr_SetString(PyExc_ValueError, "attn_decode: h, att, rows or the tables do not match the shape");
+        PyErr_SetString(PyExc_ValueError, "attn_rows: h, att, rows or the tables do not match the shape");
         goto out_s;
     }
-    long long most = 0;
+    long long work = 0;
     for (long long i = 0; i < S; i++) {
         const int64_t *r = seg + 5 * i;
-        if (r[0] < 0 || r[0] >= N || r[1] < 0 || r[1] >= r[4] || r[1] >= C || !r[2] || !r[3]) {
-            PyErr_Format(PyExc_ValueError, "attn_decode: row %lld at position %lld is out of range", (long long)r[0],
+        if (r[0] < 0 || r[0] >= N || r[1] < 0 || r[1] >= r[4] || r[1] >= C || r[4] > INT32_MAX || r[4] % 16
+            || !r[2] || !r[3]) {
+            PyErr_Format(PyExc_ValueError, "attn_rows: row %lld at position %lld is out of range", (long long)r[0],
                          (long long)r[1]);
             goto out_s;
         }
-        most = r[1] + 1 > most ? r[1] + 1 : most;
+        work += (r[1] + 1) * nh * D;
     }
-    float *sc = malloc((size_t)(most ? most : 1) * sizeof(float));
-    if (!sc) {
+    attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < ATTN_MAX_THREADS ? threads : ATTN_MAX_THREADS),
+                    (float)scale, S, seg, hb.buf, cb.buf, sb.buf, ab.buf};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = attn_run(&job, work);
+    Py_END_ALLOW_THREADS
+    if (rc) {
         PyErr_NoMemory();
         goto out_s;
     }
-    Py_BEGIN_ALLOW_THREADS
-    for (long long i = 0; i < S; i++) {
-        const int64_t *r = seg + 5 * i;
-        attn_shape a = {(int)nh, (int)kvh, (int)D, (int)r[4], (int)li, (float)scale};
-        attend_row(&a, (const float *)hb.buf + r[0] * width, (const float *)cb.buf + r[1] * (D / 2),
-                   (const float *)sb.buf + r[1] * (D / 2), (int)r[1], (float *)(uintptr_t)r[2],
-                   (float *)(uintptr_t)r[3], sc, (float *)ab.buf + r[0] * nh * D);
-    }
-    Py_END_ALLOW_THREADS
-    free(sc);
     ok = 1;
 out_s:
     PyBuffer_Release(&sb);

@@ -1950,8 +1950,8 @@ static PyMethodDef methods[] = {
      "link_gather(fds, bufs, pos, subs, status, t, out, step, epoch, layer, N, H, version, f64, max_frame,"
      " timeout_s, spin_s) -> errors: see _link.c"},
     {"rmsnorm", (PyCFunction)(void (*)(void))sk_py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, out, N, H, eps): see _attn.c"},
-    {"attn_decode", (PyCFunction)(void (*)(void))sk_py_attn_decode, METH_FASTCALL,
-     "attn_decode(h, att, rows, cos, sin, layer, layers, nh, kvh, D, scale): see _attn.c"},
+    {"attn_rows", (PyCFunction)(void (*)(void))sk_py_attn_rows, METH_FASTCALL,
+     "attn_rows(h, att, rows, cos, sin, layer, layers, nh, kvh, D, scale, threads): see _attn.c"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(g, u, n): g = silu(g) * u in place"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the kernel set in use"},
     {"pool_stats", py_pool_stats, METH_NOARGS, "(workers, jobs, joined, chunks) of the persistent workers"},

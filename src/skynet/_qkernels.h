@@ -55,5 +55,5 @@ PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t narg
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 /* _attn.c */
 PyObject *sk_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *sk_py_attn_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 #endif

@@ -9,7 +9,8 @@ One step carries the new tokens of several sequences packed into N rows. Each la
 
 The MLP is an object passed in (local, remote, or a mix): the model does not know which.
 Linear layers are `Dense` (exact: float32) or `QLinear` (fast: GGML blocks, 8-bit activations),
-chosen by the tensors given (layers.py); norms, RoPE, attention and softmax are float32 in both.
+chosen by the tensors given (layers.py); norms, RoPE, attention and softmax are float32 in both:
+numpy in exact, C in fast (_attn.c: one call per layer for every row, each row by its position).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .quant import QMatrix
 
 HEAD_ROWWISE = 4   # see Model.head
 ATTN_BLOCK = 64    # query rows per block of a prefill's causal attention (Model._attend)
+KEY_RUN = 16       # a transposed key cache's capacity is a multiple of this (_attn.c scores)
 MLPFn = Callable[[int, np.ndarray], np.ndarray]  # (layer, x (N, H)) -> (N, H)
 
 
@@ -57,6 +59,8 @@ class KVCache:
     run along contiguous keys in C; exact keeps the layout its reference figures were taken with)."""
 
     def __init__(self, a: Arch, capacity: int, keys_t: bool = False):
+        if keys_t:   # whole 16-key runs: C scores the last, partial one without a scalar tail
+            capacity = -(-capacity // KEY_RUN) * KEY_RUN
         shape = (a.layers, a.kv_heads, a.head_dim, capacity) if keys_t else (a.layers, a.kv_heads, capacity, a.head_dim)
         self.k = np.empty(shape, np.float32)
         self.v = np.empty((a.layers, a.kv_heads, capacity, a.head_dim), np.float32)
@@ -93,16 +97,16 @@ class Segment:
 
 @dataclass
 class StepRows:
-    """How one step's rows are attended: `decode` (S, 5) int64 lists the single-row segments that
-    the compiled path takes ([row, position, k cache address, v cache address, capacity], fast
-    only; None when there are none), `wide` the segments numpy attends, with RoPE tables cos, sin
-    (N, 1, D/2) at each packed row's position."""
+    """How one step's rows are attended: `compiled` (R, 5) int64 lists the rows that C attends
+    ([row, position, k cache address, v cache address, capacity]; fast; None when there are none),
+    `wide` the segments numpy attends, with RoPE tables cos, sin (N, 1, D/2) at each packed row's
+    position (None when no segment is attended in numpy)."""
 
-    cos: np.ndarray
-    sin: np.ndarray
-    decode: np.ndarray | None
+    cos: np.ndarray | None
+    sin: np.ndarray | None
+    compiled: np.ndarray | None
     wide: list[Segment]
-    caches: list[KVCache]   # the caches `decode` points into, referenced while it is in use
+    caches: list[KVCache]   # the caches `compiled` points into, referenced while it is in use
 
 
 @dataclass
@@ -151,7 +155,7 @@ class Model:
         self.cos, self.sin = np.cos(freqs), np.sin(freqs)
         self.scale = 1.0 / float(np.sqrt(a.head_dim))
         self.last_head_s = 0.0
-        self.compiled_decode = self.quantized   # fast: decode rows attended in C (rope_tables)
+        self.compiled_attention = self.quantized   # fast: rows attended in C (rope_tables)
 
     @staticmethod
     def _norm_weight(w: np.ndarray) -> np.ndarray:
@@ -198,20 +202,28 @@ class Model:
         return self.logits(x, segments, last_only, rows)
 
     def rope_tables(self, segments: list[Segment]) -> StepRows:
-        """How this step's rows are attended (StepRows). In fast, a single-row segment (a decode
-        row) is attended in C; prefill chunks, and every row in exact, in numpy. The choice is by
-        the kind of row, never by what else is in the step."""
-        pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
-        if int(pos.max(initial=0)) >= len(self.cos):
-            raise ValueError(f"position {int(pos.max())} is beyond the model's context ({len(self.cos)})")
-        one = [s for s in segments if s.n == 1 and s.cache.keys_t] if self.compiled_decode else []
-        decode = None
-        if one:
-            decode = np.array([[s.row, s.pos, *s.cache.addr, s.cache.capacity]
-                               for s in one], np.int64)
-        wide = [s for s in segments if s.n != 1] if one else segments
-        return StepRows(self.cos[pos][:, None, :], self.sin[pos][:, None, :], decode, wide,
-                        [s.cache for s in one])
+        """How this step's rows are attended (StepRows). In fast every row is attended in C, by its
+        position alone, so a row's result depends neither on the other rows in the step nor on
+        where its prompt was cut into chunks; in exact every row in numpy."""
+        top = max((s.pos + s.n for s in segments), default=0)
+        if top > len(self.cos):
+            raise ValueError(f"position {top - 1} is beyond the model's context ({len(self.cos)})")
+        comp = [s for s in segments if s.cache.keys_t] if self.compiled_attention else []
+        wide = [s for s in segments if not s.cache.keys_t] if comp else segments
+        rows = None
+        if comp:
+            rows = np.empty((sum(s.n for s in comp), 5), np.int64)
+            i = 0
+            for s in comp:
+                rows[i:i + s.n, 0] = np.arange(s.row, s.row + s.n)
+                rows[i:i + s.n, 1] = np.arange(s.pos, s.pos + s.n)
+                rows[i:i + s.n, 2:] = (*s.cache.addr, s.cache.capacity)
+                i += s.n
+        cos = sin = None
+        if wide:
+            pos = np.concatenate([np.arange(s.pos, s.pos + s.n) for s in segments])   # (N,)
+            cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        return StepRows(cos, sin, rows, wide, [s.cache for s in comp])
 
     def attention(self, li: int, x: np.ndarray, segments: list[Segment], rope: StepRows) -> np.ndarray:
         """x (N, H) -> x + attention block of layer li (N, H); appends k, v to each cache.
@@ -222,9 +234,9 @@ class Model:
         if layer.bqkv is not None:
             h += layer.bqkv
         att = np.empty((x.shape[0], nq), np.float32)                              # (N, nh D)
-        if rope.decode is not None:
-            _qkernels.attn_decode(h, att, rope.decode, self.cos, self.sin, li, a.layers, a.heads,
-                                  a.kv_heads, a.head_dim, self.scale)
+        if rope.compiled is not None:
+            _qkernels.attn_rows(h, att, rope.compiled, self.cos, self.sin, li, a.layers, a.heads,
+                                a.kv_heads, a.head_dim, self.scale, self.threads)
         if rope.wide:
             qk = _rope(h[:, :nq + nkv].reshape(-1, a.heads + a.kv_heads, a.head_dim), rope.cos, rope.sin)
             q, k = qk[:, :a.heads], qk[:, a.heads:]                               # (N, nh|kvh, D)
