@@ -7,8 +7,8 @@
  *
  * Canonical arithmetic, as in _qkernels.c: the bits do not depend on the CPU or the vector width.
  * Built with -ffp-contract=off (no FMA). A score is its dot product summed over d in order (the
- * lanes run over keys: the cache keeps keys transposed); a weighted value sums over keys in order
- * (lanes over d); the sums of squares and of e^x keep a fixed number of lanes, lane l taking the
+ * lanes run over keys: the cache keeps keys transposed); a weighted value sums the even and the odd
+ * keys apart, each in order, then adds the two (lanes over d); the sums of squares and of e^x keep a fixed number of lanes, lane l taking the
  * elements i with i % lanes == l in order, folded in a fixed tree. GCC vectorizes all of it without
  * reassociating anything, so the AVX-512, AVX2 and baseline clones give the same bits. e^x is
  * sk_expf (IEEE + - * / only). RoPE is x1*cos - x2*sin and x2*cos + x1*sin in float32, one
