@@ -201,8 +201,10 @@ def test_seeds_repeat_and_differ(client, story):
 
 
 def test_penalties_reach_the_sampler(client, story):
-    """Greedy with a strong negative frequency penalty repeats itself; a positive one does not."""
-    loop = _sample(client, temperature=0, frequency_penalty=-2.0)
+    """Greedy with the strongest negative penalties repeats itself; positive ones do not. (The
+    frequency penalty alone, +2 per earlier use, no longer beat this story's margins once fast's
+    attention moved to C; with the presence penalty a repeat gains 4.)"""
+    loop = _sample(client, temperature=0, frequency_penalty=-2.0, presence_penalty=-2.0)
     assert loop != story and len(set(loop.split())) < len(set(story.split())), (loop, story)
     assert _sample(client, temperature=0, presence_penalty=2.0, frequency_penalty=2.0) != loop
 
