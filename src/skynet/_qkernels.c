@@ -448,6 +448,12 @@ static inline void prefetch_line(const void *p)
     __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p));
 }
 
+/* Into L2 only: for the tile kernels, whose unpacked rows and activations fill L1. */
+static inline void prefetch_line_l2(const void *p)
+{
+    __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)p));
+}
+
 static inline void prefetch_next(const mm_args *a, int r, int R, int rend, int b, int nb)
 {
     int rows = rend - (r + R) < R ? rend - (r + R) : R;
@@ -807,8 +813,13 @@ AVX2I void t8_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob
     double ob[(L) * OBS];                                                                        \
     for (int rb = (r0); rb < (r1); rb += RB) {                                                   \
         int re = rb + RB < (r1) ? rb + RB : (r1);                                                \
-        for (int i = 0; rb + i < re; i++)                                                        \
+        for (int i = 0; rb + i < re; i++) {                                                      \
             w_unpack(T, VNNI, (a)->w + (size_t)(rb + i) * (a)->row_bytes, A_->nb, &W[i]);        \
+            if (rb + RB + i < (r1)) { /* the next block's row i arrives while these tiles compute */ \
+                const uint8_t *nx_ = (a)->w + (size_t)(rb + RB + i) * (a)->row_bytes;            \
+                for (size_t o_ = 0; o_ < (a)->row_bytes; o_ += 64) prefetch_line_l2(nx_ + o_);   \
+            }                                                                                    \
+        }                                                                                        \
         wrow Wt[RB];                                                                             \
         for (int i = 0; i < RB; i++) Wt[i] = W[rb + i < re ? i : re - rb - 1];                   \
         for (int g = 0; g < A_->nt; g++) {                                                       \
