@@ -170,16 +170,21 @@ def test_attention_rejects_bad_input():
     h = np.zeros((1, (nh + 2 * kvh) * d), f32)
     att = np.empty((1, nh * d), f32)
 
-    def call(row=0, p=3, layer=0, hh=h, a=att, heads=nh, threads=1, c=cap):
-        rows = np.array([[row, p, kt.ctypes.data, v.ctypes.data, c]], np.int64)
-        _qkernels.attn_rows(hh, a, rows, cos, sin, layer, layers, heads, kvh, d, 0.1, threads)
+    def call(row=0, p=3, layer=0, hh=h, a=att, heads=nh, threads=1, c=cap, table=cos, twice=False, dtype=np.int64):
+        rows = np.array([[row, p, kt.ctypes.data, v.ctypes.data, c]] * (2 if twice else 1), dtype)
+        _qkernels.attn_rows(hh, a, rows, table, sin if table is cos else table, layer, layers, heads, kvh, d, 0.1, threads)
     call()
+    h2, att2 = np.zeros((2, h.shape[1]), f32), np.empty((2, att.shape[1]), f32)
     for bad in (dict(row=1), dict(row=-1), dict(p=cap), dict(p=-1), dict(layer=layers), dict(layer=-1),
-                dict(hh=np.zeros((1, 5), f32)), dict(a=np.empty((1, 7), f32)), dict(heads=3), dict(threads=0), dict(c=12)):
+                dict(hh=np.zeros((1, 5), f32)), dict(a=np.empty((1, 7), f32)), dict(heads=3), dict(threads=0),
+                dict(c=12), dict(hh=h.astype(np.float64)), dict(a=att.astype(np.float64)), dict(dtype=np.float64),
+                dict(table=cos[:3]), dict(hh=h2, a=att2, twice=True)):
         with pytest.raises(ValueError):
             call(**bad)
     with pytest.raises(ValueError):
         _qkernels.rmsnorm(np.zeros((2, 8), f32), np.ones(8, f32), np.empty((1, 8), f32), 2, 8, 1e-5)
+    with pytest.raises(ValueError):
+        _qkernels.rmsnorm(np.zeros((2, 8)), np.ones(8, f32), np.empty((2, 8), f32), 2, 8, 1e-5)
 
 
 def test_fast_rows_take_the_compiled_path_and_agree_with_numpy(default_fast_model):

@@ -291,15 +291,12 @@ static int attn_run(attn_job *j, long long work)
     if (n > ATTN_MAX_THREADS) n = ATTN_MAX_THREADS;
     j->threads = n;
     attn_part parts[ATTN_MAX_THREADS];
+    for (int k = 0; k < n; k++) parts[k] = (attn_part){j, k, 0};
 #ifdef SK_PTHREADS
     pthread_t tid[ATTN_MAX_THREADS];
     int started[ATTN_MAX_THREADS] = {0};
-    for (int k = 1; k < n; k++) {
-        parts[k] = (attn_part){j, k, 0};
-        started[k] = pthread_create(&tid[k], NULL, attn_part_run, &parts[k]) == 0;
-    }
+    for (int k = 1; k < n; k++) started[k] = pthread_create(&tid[k], NULL, attn_part_run, &parts[k]) == 0;
 #endif
-    parts[0] = (attn_part){j, 0, 0};
     attn_part_run(&parts[0]);
     int failed = parts[0].failed;
     for (int k = 1; k < n; k++) {
@@ -316,10 +313,21 @@ static int attn_run(attn_job *j, long long work)
     return failed ? -1 : 0;
 }
 
-static int buffer(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const char *what)
+/* A C-contiguous buffer of `fmt` items ("f": float32, "q": int64) of at least `need` bytes. */
+static int buffer(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const char *what, char fmt)
 {
-    if (PyObject_GetBuffer(o, b, writable ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS : PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(o, b, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return -1;
+    const char *f = b->format ? b->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    int ok = fmt == 'f' ? (f[0] == 'f' && !f[1] && b->itemsize == 4)
+                        : ((f[0] == 'q' || f[0] == 'l') && !f[1] && b->itemsize == 8);
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %s items, got format '%s'", what,
+                     fmt == 'f' ? "float32" : "int64", b->format ? b->format : "B");
+        PyBuffer_Release(b);
+        return -1;
+    }
     if (b->len < need) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", what, b->len, need);
         PyBuffer_Release(b);
@@ -335,15 +343,15 @@ PyObject *sk_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long long N = PyLong_AsLongLong(args[3]), H = PyLong_AsLongLong(args[4]);
     double eps = PyFloat_AsDouble(args[5]);
     if (PyErr_Occurred()) return NULL;
-    if (N < 0 || H <= 0 || N > INT32_MAX / H)
+    if (N < 0 || H <= 0 || N > INT32_MAX / H || N * H > PY_SSIZE_T_MAX / 4)
         return PyErr_Format(PyExc_ValueError, "rmsnorm: bad shape (%lld, %lld)", N, H);
     Py_buffer xb, wb, ob;
-    if (buffer(args[0], &xb, 0, (Py_ssize_t)(N * H * 4), "x") < 0) return NULL;
-    if (buffer(args[1], &wb, 0, (Py_ssize_t)(H * 4), "w") < 0) {
+    if (buffer(args[0], &xb, 0, (Py_ssize_t)(N * H * 4), "x", 'f') < 0) return NULL;
+    if (buffer(args[1], &wb, 0, (Py_ssize_t)(H * 4), "w", 'f') < 0) {
         PyBuffer_Release(&xb);
         return NULL;
     }
-    if (buffer(args[2], &ob, 1, (Py_ssize_t)(N * H * 4), "out") < 0) {
+    if (buffer(args[2], &ob, 1, (Py_ssize_t)(N * H * 4), "out", 'f') < 0) {
         PyBuffer_Release(&wb);
         PyBuffer_Release(&xb);
         return NULL;
@@ -372,17 +380,18 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
     double scale = PyFloat_AsDouble(args[10]);
     long long threads = PyLong_AsLongLong(args[11]);
     if (PyErr_Occurred()) return NULL;
-    if (li < 0 || li >= L || kvh <= 0 || nh <= 0 || nh % kvh || D <= 0 || D % 2 || D > 1024 || nh > 4096
-        || threads < 1)
+    if (li < 0 || li >= L || L > INT32_MAX || kvh <= 0 || nh <= 0 || nh % kvh || D <= 0 || D % 2 || D > 1024
+        || nh > 4096 || threads < 1)
         return PyErr_Format(PyExc_ValueError, "attn_rows: bad shape (layer %lld of %lld, %lld/%lld heads of %lld, "
                             "%lld threads)", li, L, nh, kvh, D, threads);
     Py_buffer hb, ab, rb, cb, sb;
-    if (buffer(args[0], &hb, 0, 0, "h") < 0) return NULL;
+    if (buffer(args[0], &hb, 0, 0, "h", 'f') < 0) return NULL;
     int ok = 0;
-    if (buffer(args[1], &ab, 1, 0, "att") < 0) goto out_h;
-    if (buffer(args[2], &rb, 0, 0, "rows") < 0) goto out_a;
-    if (buffer(args[3], &cb, 0, 0, "cos") < 0) goto out_r;
-    if (buffer(args[4], &sb, 0, 0, "sin") < 0) goto out_c;
+    unsigned char *seen = NULL;
+    if (buffer(args[1], &ab, 1, 0, "att", 'f') < 0) goto out_h;
+    if (buffer(args[2], &rb, 0, 0, "rows", 'q') < 0) goto out_a;
+    if (buffer(args[3], &cb, 0, 0, "cos", 'f') < 0) goto out_r;
+    if (buffer(args[4], &sb, 0, 0, "sin", 'f') < 0) goto out_c;
     long long width = (nh + 2 * kvh) * D, N = hb.len / 4 / width, S = rb.len / 8 / 5;
     long long C = cb.len / 4 / (D / 2);
     const int64_t *seg = rb.buf;
@@ -391,16 +400,22 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_ValueError, "attn_rows: h, att, rows or the tables do not match the shape");
         goto out_s;
     }
+    seen = calloc((size_t)N + 1, 1);   /* a row listed twice would be written by two threads */
+    if (!seen) {
+        PyErr_NoMemory();
+        goto out_s;
+    }
     long long work = 0;
     for (long long i = 0; i < S; i++) {
         const int64_t *r = seg + 5 * i;
-        if (r[0] < 0 || r[0] >= N || r[1] < 0 || r[1] >= r[4] || r[1] >= C || r[4] > INT32_MAX || r[4] % 16
-            || !r[2] || !r[3]) {
-            PyErr_Format(PyExc_ValueError, "attn_rows: row %lld at position %lld is out of range", (long long)r[0],
-                         (long long)r[1]);
+        if (r[0] < 0 || r[0] >= N || seen[r[0]] || r[1] < 0 || r[1] >= r[4] || r[1] >= C || r[4] > INT32_MAX
+            || r[4] % 16 || !r[2] || !r[3]) {
+            PyErr_Format(PyExc_ValueError, "attn_rows: row %lld at position %lld is out of range or listed twice",
+                         (long long)r[0], (long long)r[1]);
             goto out_s;
         }
-        work += (r[1] + 1) * nh * D;
+        seen[r[0]] = 1;
+        work += (r[1] + 1) * nh * D;   /* at most S * C * 4096 * 1024: C is a table's length */
     }
     attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < ATTN_MAX_THREADS ? threads : ATTN_MAX_THREADS),
                     (float)scale, S, seg, hb.buf, cb.buf, sb.buf, ab.buf};
@@ -414,6 +429,7 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     ok = 1;
 out_s:
+    free(seen);
     PyBuffer_Release(&sb);
 out_c:
     PyBuffer_Release(&cb);

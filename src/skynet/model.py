@@ -65,7 +65,11 @@ class KVCache:
         self.k = np.empty(shape, np.float32)
         self.v = np.empty((a.layers, a.kv_heads, capacity, a.head_dim), np.float32)
         self.capacity, self.keys_t = capacity, keys_t
-        self.addr = (self.k.__array_interface__["data"][0], self.v.__array_interface__["data"][0])
+
+    @property
+    def addr(self) -> tuple[int, int]:
+        """The addresses of k and v as they are now (the C attention writes through them)."""
+        return self.k.__array_interface__["data"][0], self.v.__array_interface__["data"][0]
 
     @property
     def nbytes(self) -> int:
