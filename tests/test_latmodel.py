@@ -48,4 +48,7 @@ def test_the_emulation_predicts_delayed_points_from_the_zero_delay_one_and_print
                       "measured_over_model": 1.011}]}
     text = table(r)
     assert "| 1 | 20.0 | 17.0 | 0.85 |" in text and "| 8 | 60.0 | 51.0 | 0.85 |" in text
-    assert "| 0.25 ms | 18.0 | 55.6 | 55.0 | 1.011 |" in text
+    assert "| 0.25 ms | 18.0 | 55.6 | 55.0 | 1.011 |" in text and "TTFT" not in text
+    r["pinned"].update(prompt_tokens=256)
+    r["pinned"]["alone"]["ttft_long_s"], r["pinned"]["pinned"]["ttft_long_s"] = 0.30, 0.3204
+    assert "TTFT, 256-token prompt: server alone 300 ms, server + 1 node 320 ms" in table(r)

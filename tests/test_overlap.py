@@ -34,6 +34,16 @@ def test_split_keeps_sequences_whole_and_balances_rows(ns, cut):
 
 def test_one_sequence_is_not_split():
     assert overlap.split(segs(5)) is None
+    assert overlap.split(segs(127)) is None
+
+
+@pytest.mark.parametrize("n,cut", [(128, 64), (150, 64), (256, 128), (300, 128)])
+def test_one_long_prompt_chunk_is_cut_in_two(n, cut):
+    """At a multiple of ATTN_BLOCK (64): the second half's rows from 0, its positions after the first's."""
+    s = Segment("cache", 0, n, 7)
+    a, b = overlap.split([s])
+    assert [(x.row, x.n, x.pos, x.cache) for x in a] == [(0, cut, 7, "cache")]
+    assert [(x.row, x.n, x.pos, x.cache) for x in b] == [(0, n - cut, 7 + cut, "cache")]
 
 
 class Pipelined:
@@ -50,6 +60,25 @@ class Pipelined:
         layer, micro, x = call
         self.log.append(("gather", layer, micro))
         return self.local(layer, x)
+
+
+def test_a_long_prompt_cut_in_two_keeps_its_logits_bit_for_bit(tiny_model):
+    """One 200-token prompt as two pipelined halves: every row's logits (prompt logprobs need
+    them all) are the one-batch forward's, in exact (numpy blocks) and in fast (C attention)."""
+    from skynet import loader
+    from skynet.arch import arch_from_config
+    from skynet.model import Model
+    src = loader.open_model(str(tiny_model("llama", intermediate_size=1024)))   # whole Q8_0 blocks
+    fast = Model(arch_from_config(src.config), src.tensors("fast"))
+    assert fast.compiled_attention
+    prompt = np.random.default_rng(5).integers(3, 200, 200)
+    for model in (load_model(tiny_model("llama")), fast):
+        want = model.forward(prompt, [Segment(model.new_cache(256), 0, 200, 0)], LocalMLP(model.mlp_weights),
+                             rows=list(range(200)))
+        mlp = Pipelined(model.mlp_weights)
+        got = overlap.forward(model, prompt, [Segment(model.new_cache(256), 0, 200, 0)], mlp, rows=list(range(200)))
+        np.testing.assert_array_equal(got, want)
+        assert ("scatter", 0, 1) in mlp.log
 
 
 @pytest.mark.parametrize("asked", [None, [0, 3, 4, 7, 14]])   # last rows, or rows asked (logprobs)

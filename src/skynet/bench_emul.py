@@ -8,7 +8,8 @@
 
 The pinned server runs with `--overlap` (unless args.overlap is False): with 8 streams its
 attention for one micro-batch runs while the node computes the other's MLP (overlap.py);
-a single stream is not split.
+a single stream's decode is not split, a long prompt's prefill is cut into two pipelined halves
+(TTFT is measured too).
 
 The latency model (docs/benchmarks.md), per generated token:
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bench import ENV, complete, concurrent, say, single
-from .bench_hf import PROMPT
+from .bench_hf import PROMPT, long_prompt, median
 
 PIN_STREAMS = 8
 DELAYS_MS = (0.0, 0.1, 0.25, 0.5)
@@ -38,7 +39,7 @@ def _cluster(args, nodes: int, precision: str, tag: str, node_args: list[str] = 
                         node_args=["--cpus", "1", *node_args], env=ENV, log_dir=str(logs))
 
 
-def _run(lc, n: int, reps: int, nodes: int, streams: bool) -> dict:
+def _run(lc, n: int, reps: int, nodes: int, streams: bool, long_ids: list[int] | None = None) -> dict:
     s = single(lc, PROMPT, n, reps, nodes)
     row = {"tok_s_1": s["decode_tok_s"], "ms_per_token": 1000 / s["decode_tok_s"],
            "breakdown_ms_per_token": s["breakdown_ms_per_token"], "fallbacks": s["fallbacks"],
@@ -46,20 +47,33 @@ def _run(lc, n: int, reps: int, nodes: int, streams: bool) -> dict:
     if streams:
         complete(lc.url, PROMPT, 4)
         row[f"tok_s_{PIN_STREAMS}"] = concurrent(lc.url, PROMPT, n, PIN_STREAMS)
+    if long_ids:
+        complete(lc.url, long_ids, 1)   # first-call allocations of a long prompt
+        row["ttft_long_s"] = median(complete(lc.url, long_ids, 1)[0] for _ in range(reps))
     return row
+
+
+def _long_ids(args) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from . import loader
+    return long_prompt(AutoTokenizer.from_pretrained(str(loader.resolve(args.model))),
+                       getattr(args, "prompt_tokens", 256))
 
 
 def pinned(args, precision: str, n: int, reps: int, spin_us: float = SPIN_US) -> dict:
     """Server alone on core 0 vs server on core 0 + 1 node on core 1: tok/s at 1 and 8 streams."""
     out = {"spin_us": spin_us, "overlap": getattr(args, "overlap", True)}
     say("  emulation, pinned: the server alone on core 0 ...")
+    long_ids = _long_ids(args)
+    out["prompt_tokens"] = len(long_ids)
     with _cluster(args, 0, precision, "alone") as lc:
-        out["alone"] = _run(lc, n, reps, 0, True)
+        out["alone"] = _run(lc, n, reps, 0, True, long_ids)
     say("  emulation, pinned: server on core 0 + 1 node on core 1 ...")
     spin = ["--spin-us", str(spin_us)]
     overlap = ["--overlap"] if getattr(args, "overlap", True) else []   # 8 streams: two micro-batches
     with _cluster(args, 1, precision, "pinned", node_args=spin, server_args=[*spin, *overlap]) as lc:
-        out["pinned"] = _run(lc, n, reps, 1, True)
+        out["pinned"] = _run(lc, n, reps, 1, True, long_ids)
     for k in ("1", str(PIN_STREAMS)):
         out[f"ratio_{k}"] = out["pinned"][f"tok_s_{k}"] / out["alone"][f"tok_s_{k}"]
     out["same_text"] = out["pinned"]["text"] == out["alone"]["text"]
@@ -102,6 +116,9 @@ def table(r: dict) -> str:
                 f"| 1 | {a['tok_s_1']:.1f} | {b['tok_s_1']:.1f} | {p['ratio_1']:.2f} |",
                 f"| {PIN_STREAMS} | {a[f'tok_s_{PIN_STREAMS}']:.1f} | {b[f'tok_s_{PIN_STREAMS}']:.1f} | "
                 f"{p[f'ratio_{PIN_STREAMS}']:.2f} |"]
+        if "ttft_long_s" in a and "ttft_long_s" in b:
+            out.append(f"TTFT, {p.get('prompt_tokens', '?')}-token prompt: server alone {a['ttft_long_s'] * 1000:.0f} ms, "
+                       f"server + 1 node {b['ttft_long_s'] * 1000:.0f} ms")
     if r.get("delayed"):
         out += ["delayed (pinned pair, single stream): measured vs model t(0) + layers · 2d",
                 "| added delay each way | tok/s | ms/token | model ms/token | measured ÷ model |",

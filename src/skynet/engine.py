@@ -128,7 +128,7 @@ class Engine:
             if begin:
                 begin()
             ids, asked = np.asarray(tokens, np.int64), rows if every else None
-            if len(segments) > 1 and getattr(self.mlp, "overlaps", False):   # nodes to overlap with
+            if getattr(self.mlp, "overlaps", False) and overlap.split(segments) is not None:   # nodes to overlap with
                 logits = overlap.forward(self.model, ids, segments, self.mlp, rows=asked)  # (len(rows), V)
             else:
                 logits = self.model.forward(ids, segments, self.mlp, rows=asked)          # (len(rows), V)

@@ -2,7 +2,7 @@
 the other.
 
 A step's sequences are split, whole, into micro-batches a (the first ones) and b (the rest),
-about half the rows each. Per layer l:
+about half the rows each; a step of one long prompt chunk is cut into its two halves. Per layer l:
 
     x_a += gather(mlp_a, l-1);  x_a = attention(l, x_a);  scatter(mlp_a, l)   # nodes: mlp_b(l-1)
     x_b += gather(mlp_b, l-1);  x_b = attention(l, x_b);  scatter(mlp_b, l)   # nodes: mlp_a(l)
@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import Model, Segment
+from .model import ATTN_BLOCK, Model, Segment
 
 
 def split(segments: list[Segment]) -> tuple[list[Segment], list[Segment]] | None:
-    """Whole sequences into two row-balanced micro-batches, rows renumbered from 0 in each;
-    None when there are fewer than two sequences."""
+    """Whole sequences into two row-balanced micro-batches, rows renumbered from 0 in each. A step
+    of one prompt chunk of at least 2 * ATTN_BLOCK rows is cut in two instead, at a multiple of
+    ATTN_BLOCK: the second half's attention in each layer reads the keys the first half has just
+    written, and every row keeps its bits (fast attends each row by its position; exact's blocks
+    of ATTN_BLOCK rows stay the same blocks). None when there is nothing to split."""
+    if len(segments) == 1 and segments[0].n >= 2 * ATTN_BLOCK:
+        s = segments[0]
+        cut = s.n // 2 // ATTN_BLOCK * ATTN_BLOCK
+        return [Segment(s.cache, s.row, cut, s.pos)], [Segment(s.cache, 0, s.n - cut, s.pos + cut)]
     if len(segments) < 2:
         return None
     total, rows, cut = sum(s.n for s in segments), 0, 1
