@@ -55,8 +55,8 @@ def rope_inv_freq(a: Arch) -> np.ndarray:
 
 class KVCache:
     """One sequence's keys and values, preallocated for its whole length: values (L, kvh, cap, D);
-    keys the same, or transposed (L, kvh, D, cap) with `keys_t` (fast: a decode row's scores then
-    run along contiguous keys in C; exact keeps the layout its reference figures were taken with)."""
+    keys the same, or transposed (L, kvh, D, cap) with `keys_t` (fast: a row's scores in C then
+    run along contiguous keys; exact keeps the layout its reference figures were taken with)."""
 
     def __init__(self, a: Arch, capacity: int, keys_t: bool = False):
         if keys_t:   # whole 16-key runs: C scores the last, partial one without a scalar tail
