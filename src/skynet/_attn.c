@@ -168,7 +168,7 @@ static inline void weigh(const float *restrict sc, float inv, const float *restr
     }
 #endif
     if (d == D) return;
-    float a[64], b[64];   /* the columns the vector loop did not take (fewer than 64) */
+    float a[1024], b[1024];   /* the columns the vector loop did not take (all D <= 1024 without it) */
     int n = D - d, u = 0;
     for (int e = 0; e < n; e++) a[e] = b[e] = 0.0f;
     for (; u + 2 <= T; u += 2) {
