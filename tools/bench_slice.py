@@ -9,6 +9,8 @@ replaced, silu(g) * u alone, and a prefill of the default model in process.
 - head: the LM head (Q8_0, 49152 x 576) for one row, 1 thread.
 - silu: 8 x 1536 values, our C loop (whichever clone the CPU picked) against numpy's.
 - prefill: Model.forward over a 256-token (and an 11-token) prompt, server alone, 2 threads.
+- decode: 64 tokens after an 11-token prompt, 2 threads, the C attention (`compiled_attention`)
+  against numpy's, 6 alternating rounds.
 Run with the project's venv:  .venv/bin/python tools/bench_slice.py
 """
 from __future__ import annotations
@@ -77,6 +79,20 @@ def main() -> None:
             run()
             ts = sorted(run() for _ in range(7))
             print(f"prefill {n_tok} tokens in process, 2 threads: best {ts[0] * 1e3:.0f} ms, median {ts[3] * 1e3:.0f} ms")
+        per = {True: [], False: []}
+        for _ in range(6):
+            for compiled in (True, False):
+                model.compiled_attention = compiled
+                cache = model.new_cache(80)
+                model.forward(np.arange(1000, 1011), [Segment(cache, 0, 11, 0)], mlp)
+                t0 = time.perf_counter()
+                for i in range(64):
+                    model.forward(np.array([1000 + i]), [Segment(cache, 0, 1, 11 + i)], mlp)
+                per[compiled].append((time.perf_counter() - t0) / 64)
+        model.compiled_attention = True
+        for compiled, name in ((True, "C attention"), (False, "numpy attention")):
+            ts = sorted(per[compiled])
+            print(f"decode, {name}, 2 threads: best {ts[0] * 1e3:.2f} ms/token, median {ts[3] * 1e3:.2f}")
 
 
 if __name__ == "__main__":
