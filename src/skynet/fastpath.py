@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from . import clink, datalink, fastframe
-from .calls import Call, sum_parts
+from .calls import Call
 from .cluster import Reply
 from .links import unlink
 
@@ -34,10 +34,24 @@ HEAD_BYTES = fastframe.HEADER.size   # what a fixed header adds to the bytes sen
 _F32 = np.dtype(np.float32)
 
 
+class Route:
+    """A whole call's route, kept for a step and one row count: the targets in range order
+    ([(range, node, sub-range)]), the wait's first deadline after sending, and the compiled
+    wait over their links with its arrays (clink.Gather)."""
+
+    __slots__ = ("targets", "nodes", "wake_s", "gather")
+
+    def __init__(self, targets: list, rows: int, hidden: int, wake_s: float):
+        self.targets, self.wake_s = targets, wake_s
+        self.nodes = [n for _, n, _ in targets]
+        self.gather = clink.Gather([n.link for n in self.nodes], rows, hidden, [sub for _, _, sub in targets])
+
+
 class FastPath:
     def __init__(self, mlp):
         self.m = mlp
         self._step, self._cache = None, {}   # this step's (node id, rows) -> (miss, hedge) seconds
+        self._rstep, self._routes = None, {}  # this step's Route per row count
 
     @staticmethod
     def available(mlp) -> bool:
@@ -113,23 +127,42 @@ class FastPath:
         latency samples ClusterMLP._accept keeps); otherwise the Call is made as scatter makes it
         and ClusterMLP.finish takes over with what is left."""
         m = self.m
-        targets = None if m.inflight or m.plan.local else self.targets(x)
-        if targets is None:
+        route = None if m.inflight or m.plan.local else self.route(x)
+        if route is None:
             return None
         key = m.key(layer)
         t_sent = time.perf_counter()
-        sent, failed = self._send(key, x, targets)
+        sent, failed = self._send(key, x, route.targets)
         if failed or not sent:
             return m.gather(self._books(key, x, t_sent, sent, failed))
-        deadlines = [self._deadlines(n, x.shape[0]) for _, n, _, _ in sent]
-        wake = t_sent + min(max(d[0] for d in deadlines), *(d[1] for d in deadlines))
-        sent3 = [s[:3] for s in sent]
-        status, out, t0, t, errs = self._wait(key, x.shape, sent3, wake)
-        if not (status == 1).all():
+        t0 = time.perf_counter()
+        status, out, t, errs = route.gather.run(key, max(t_sent + route.wake_s - t0, 0.0), m.spin_s)
+        if status.tolist().count(1) != len(sent):
             call = self._books(key, x, t_sent, sent, [])
-            self._accept(call, sent3, status, out, t0, t, errs)
+            self._accept(call, route.targets, status, out.copy(), t0, t, errs)
             return m.finish(call, t0, t0)
-        return self._sum(sent, out, t0, t, x.nbytes)
+        return self._sum(sent, out, t0, t.tolist(), x.nbytes)
+
+    def route(self, x: np.ndarray) -> "Route | None":
+        """This step's Route for x's row count: made by `targets` on first use, then kept while
+        each of its nodes still serves over the same link and nobody was benched or outrun (what
+        can change inside a step: links break in our own calls, late nodes are benched); None when
+        the fast path does not apply."""
+        m = self.m
+        if self._rstep != m.step:
+            self._rstep, self._routes = m.step, {}
+        r = self._routes.get(x.shape[0])
+        if r is not None and x.dtype == _F32 and x.flags.c_contiguous and not m.outrun and not m.benched \
+                and all(n.link is c and m.c.serving(n.id) is n and not n.loading_rows
+                        for n, c in zip(r.nodes, r.gather.conns)):
+            return r
+        targets = self.targets(x)
+        if targets is None:
+            return None
+        deadlines = [self._deadlines(n, x.shape[0]) for _, n, _ in targets]
+        wake_s = min(max(d[0] for d in deadlines), *(d[1] for d in deadlines))
+        r = self._routes[x.shape[0]] = Route(targets, x.shape[0], m.weights.hidden, wake_s)
+        return r
 
     def _wait(self, key, shape: tuple, sent: list, wake: float):
         """One compiled wait, until `wake`, for a reply from each (range, node, sub-range) in
@@ -143,9 +176,10 @@ class FastPath:
                                    max(wake - t0, 0.0), self.m.spin_s, [sub for _, _, sub in sent])
         return status, out, t0, t, errs
 
-    def _sum(self, sent: list, out: np.ndarray, t0: float, t: np.ndarray, x_bytes: int) -> np.ndarray:
+    def _sum(self, sent: list, out: np.ndarray, t0: float, t: list, x_bytes: int) -> np.ndarray:
         """Every reply came: what ClusterMLP.finish and took count (ClusterMLP.count_reply), and
-        the partials summed as finish sums them (calls.sum_parts)."""
+        the partials summed as finish sums them (calls.sum_parts: in range order, which is the
+        order of `sent`, rounded to float32 once)."""
         m = self.m
         st = m.stats
         st["calls"] += 1
@@ -156,7 +190,10 @@ class FastPath:
         for i, (rng, n, _, t_send) in enumerate(sent):
             m.count_reply(rng, n, out[i], t0 + t[i] - t_send, True)
             n.last_seen = seen
-        return sum_parts([(rng[0], out[i]) for i, (rng, _, _, _) in enumerate(sent)])
+        y = out[0].copy() if len(sent) == 1 else out[0] + out[1]
+        for i in range(2, len(sent)):
+            y += out[i]
+        return y.astype(np.float32, copy=False)
 
     def _deadlines(self, n, rows: int) -> tuple[float, float]:
         """(miss, hedge) seconds after sending for n's range, as ClusterMLP.deadlines sets them,
