@@ -31,7 +31,7 @@
  *
  * Paths: generic C (any CPU), AVX2 and AVX-512 VNNI (x86-64, chosen at run time). All formats have
  * SIMD kernels: decode kernels for up to 8 (AVX2) or 16 (AVX-512) activation rows (lane = weight
- * row; Q4_0, Q4_1, Q8_0), 1..3 for the K-quants, and tile kernels that
+ * row; Q4_0, Q4_1, Q8_0), 1..KDEC_MAX (6) for the K-quants, and tile kernels that
  * re-lay out the activations (lane = activation row; see struct tact).
  *
  * threads > 1: the calling thread and persistent POSIX workers (started on first use) take
@@ -852,7 +852,7 @@ AVX2I int t8_run(const mm_args *a, int T, int r0, int r1)
     TILE_ROWS(a, T, r0, r1, 0, 8, 4, t8_tile);
 }
 
-/* K-quant decode (activation rows < 4): the roles swap, lanes are 8 weight rows. Their unpacked
+/* K-quant decode (activation rows <= KDEC_MAX): the roles swap, lanes are 8 weight rows. Their unpacked
  * values are re-laid out like the activation tiles (vector t of block b = bytes 4t..4t+3 of the 8
  * rows' blocks) and their scales put in lane order; one broadcast of 4 activation bytes times that
  * vector adds into one lane per weight row. Same integer sums, same float64 term per lane. */
@@ -1372,8 +1372,14 @@ static void select_kernels(int level)
  * weight block once for all of them, and a tiled call's remainder of 1..3 rows too. Measured on
  * AVX-512, SmolLM2's MLP, 30 layers, 1 thread: 8 rows 10.9-12.6 ms decoded against 20-25 in
  * 8-row tiles, 16 rows 17.6-22 against 24-34 in a 16-row tile; from ~32 rows the tile is ahead.
- * On AVX2 the 8-row tile ties with the decode tile from 8 rows on. The K-quants tile every row
- * when N >= 4 (8-row tiles below 12 rows on AVX-512), else run their decode kernel. */
+ * On AVX2 the 8-row tile ties with the decode tile from 8 rows on. The K-quants run their decode
+ * kernel (kdec: 8 weight rows unpacked once, then each activation row) up to KDEC_MAX rows, else
+ * tile every row (8-row tiles below 12 rows on AVX-512): a 1536 x 1024 Q4_K, Q5_K or Q6_K took
+ * ~32 µs more per decoded row from 137-154 µs at 1 row, against a flat 325-397 for 4-16 rows in
+ * tiles on AVX-512 (335-354 for 4-8 in one 8-row tile on AVX2). */
+#ifndef KDEC_MAX
+#define KDEC_MAX 6   /* K-quant calls of up to this many rows run kdec (tile_plan) */
+#endif
 static void tile_plan(int T, int N, int *L, int *n0)
 {
     *L = 0;
@@ -1384,7 +1390,7 @@ static void tile_plan(int T, int N, int *L, int *n0)
         if (N <= (K_.level == 2 ? 16 : 8)) return;
         *L = l;
         *n0 = N % l < 4 ? N % l : 0;
-    } else if (N >= 4) {
+    } else if (N > KDEC_MAX) {
         *L = K_.level == 2 && N >= 12 ? 16 : 8;
         *n0 = 0;
     }
