@@ -24,13 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include "_qkernels.h"
-#if defined(__unix__) || defined(__APPLE__)
-#define SK_PTHREADS 1
-#include <pthread.h>
-#endif
-
-#define ATTN_MAX_THREADS 64
-#define ATTN_THREAD_WORK (1LL << 21)   /* key x head x D products below which one thread does it all */
+/* key x head x D products below which one thread does it all: ~2^17 is ~50 µs of work here, and
+ * handing rows to the pool's workers costs ~1 µs when they spin (right after a matmul), 20-50 µs
+ * when they sleep */
+#define ATTN_THREAD_WORK (1LL << 17)
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 #define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -238,8 +235,9 @@ static void attend_row(const attn_shape *a, const float *restrict h, const float
     }
 }
 
-/* One call's rows: each thread takes every nth row (rows of a prompt grow in cost with position,
- * so interleaving balances them). */
+/* One call's rows, attended on the kernels' thread pool (sk_parallel): each row is one part,
+ * taken from an atomic counter, so rows of different cost (a prompt's grow with position) and a
+ * descheduled thread balance themselves; each row is still computed whole by one thread. */
 typedef struct {
     int nh, kvh, D, layer, width, half, threads;
     float scale;
@@ -249,34 +247,25 @@ typedef struct {
     float *att;
 } attn_job;
 
-typedef struct {
-    const attn_job *job;
-    int k, failed;
-} attn_part;
+#define SCORES_ON_STACK 4096
 
-static void *attn_part_run(void *arg)
+static int attn_part(void *ctx, int i)
 {
-    attn_part *w = arg;
-    const attn_job *j = w->job;
-    long long most = 1;
-    for (long long i = w->k; i < j->S; i += j->threads) most = j->rows[5 * i + 1] + 1 > most ? j->rows[5 * i + 1] + 1 : most;
-    float *sc = malloc((size_t)(most + 16) * sizeof(float));   /* scores() may fill a whole last run of 16 */
-    if (!sc) {
-        w->failed = 1;
-        return NULL;
-    }
-    for (long long i = w->k; i < j->S; i += j->threads) {
-        const int64_t *r = j->rows + 5 * i;
-        attn_shape a = {j->nh, j->kvh, j->D, (int)r[4], j->layer, j->scale};
-        attend_row(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1],
-                   (const float *)(uintptr_t)r[2], (const float *)(uintptr_t)r[3], sc, j->att + r[0] * j->nh * j->D);
-    }
-    free(sc);
-    return NULL;
+    const attn_job *j = ctx;
+    const int64_t *r = j->rows + 5 * (long long)i;
+    size_t need = (size_t)r[1] + 1 + 16;   /* scores() may fill a whole last run of 16 */
+    float stack[SCORES_ON_STACK];
+    float *sc = need <= SCORES_ON_STACK ? stack : malloc(need * sizeof(float));
+    if (!sc) return -1;
+    attn_shape a = {j->nh, j->kvh, j->D, (int)r[4], j->layer, j->scale};
+    attend_row(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1],
+               (const float *)(uintptr_t)r[2], (const float *)(uintptr_t)r[3], sc, j->att + r[0] * j->nh * j->D);
+    if (sc != stack) free(sc);
+    return 0;
 }
 
 /* Every row's k, v into its cache first (a prompt's rows read each other's), then the rows'
- * attention, on `threads` threads when the work is large enough to pay for starting them. */
+ * attention, on `threads` threads when the work is large enough to pay for handing rows out. */
 static int attn_run(attn_job *j, long long work)
 {
     for (long long i = 0; i < j->S; i++) {
@@ -285,32 +274,7 @@ static int attn_run(attn_job *j, long long work)
         store_row(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1],
                   (float *)(uintptr_t)r[2], (float *)(uintptr_t)r[3]);
     }
-    int n = j->threads;
-    if (work < ATTN_THREAD_WORK || j->S < 2) n = 1;
-    if (n > j->S) n = (int)j->S;
-    if (n > ATTN_MAX_THREADS) n = ATTN_MAX_THREADS;
-    j->threads = n;
-    attn_part parts[ATTN_MAX_THREADS];
-    for (int k = 0; k < n; k++) parts[k] = (attn_part){j, k, 0};
-#ifdef SK_PTHREADS
-    pthread_t tid[ATTN_MAX_THREADS];
-    int started[ATTN_MAX_THREADS] = {0};
-    for (int k = 1; k < n; k++) started[k] = pthread_create(&tid[k], NULL, attn_part_run, &parts[k]) == 0;
-#endif
-    attn_part_run(&parts[0]);
-    int failed = parts[0].failed;
-    for (int k = 1; k < n; k++) {
-#ifdef SK_PTHREADS
-        if (started[k]) {
-            pthread_join(tid[k], NULL);
-            failed |= parts[k].failed;
-            continue;
-        }
-#endif
-        attn_part_run(&parts[k]);   /* no thread: this one takes its rows */
-        failed |= parts[k].failed;
-    }
-    return failed ? -1 : 0;
+    return sk_parallel(attn_part, j, (int)j->S, work < ATTN_THREAD_WORK ? 1 : j->threads);
 }
 
 /* A C-contiguous buffer of `fmt` items ("f": float32, "q": int64) of at least `need` bytes. */
@@ -417,7 +381,7 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         seen[r[0]] = 1;
         work += (r[1] + 1) * nh * D;   /* at most S * C * 4096 * 1024: C is a table's length */
     }
-    attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < ATTN_MAX_THREADS ? threads : ATTN_MAX_THREADS),
+    attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < 64 ? threads : 64),
                     (float)scale, S, seg, hb.buf, cb.buf, sb.buf, ab.buf};
     int rc;
     Py_BEGIN_ALLOW_THREADS

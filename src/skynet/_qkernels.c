@@ -1408,6 +1408,8 @@ typedef struct {
     qa_fn qa;
     int units, unit_rows, chunks, chunk_rows;
     int next_unit, next_chunk, units_done, err;
+    sk_task task;         /* or, instead of a matmul, parts 0..chunks-1 of a task (sk_parallel) */
+    void *ctx;
 } job_t;
 
 static void job_unit(job_t *j, int u)
@@ -1431,6 +1433,10 @@ static int job_chunks(job_t *j)
     for (;; ran++) {
         int c = __atomic_fetch_add(&j->next_chunk, 1, __ATOMIC_RELAXED);
         if (c >= j->chunks) break;
+        if (j->task) {
+            if (j->task(j->ctx, c)) __atomic_store_n(&j->err, 1, __ATOMIC_RELAXED);
+            continue;
+        }
         int r0 = c * j->chunk_rows, r1 = r0 + j->chunk_rows < j->a->rows ? r0 + j->chunk_rows : j->a->rows;
         if (j->fn(j->a, r0, r1)) __atomic_store_n(&j->err, 1, __ATOMIC_RELAXED);
     }
@@ -1595,6 +1601,25 @@ static void pool_run(job_t *j, int helpers)
 #ifndef RB
 #define RB 64
 #endif
+
+/* task(ctx, part) for parts 0..parts-1 on the calling thread and up to threads - 1 pool workers,
+ * which take parts from an atomic counter (so a descheduled thread holds nothing up): -1 if a part
+ * failed. The workers are the matmuls' (no thread is started per call); when the pool is busy
+ * (another thread's call) the caller runs every part itself. */
+int sk_parallel(sk_task task, void *ctx, int parts, int threads)
+{
+    job_t j = {.task = task, .ctx = ctx, .chunks = parts};
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > parts) threads = parts;
+#ifdef SK_THREADS
+    if (threads > 1) {
+        pool_run(&j, threads - 1);
+        return j.err ? -1 : 0;
+    }
+#endif
+    job_chunks(&j);
+    return j.err ? -1 : 0;
+}
 
 /* Below this many multiply-adds (or 64 weight rows) a call stays on the calling thread: handing
  * a share to a spinning worker costs ~1 µs, to a sleeping one ~20-50 µs. */

@@ -14,6 +14,10 @@ typedef struct {
     const uint8_t *gate, *up, *down;
 } sk_qslice;
 
+/* A task of parts run by the kernels' thread pool (sk_parallel, _qkernels.c): 0, or -1 on failure. */
+typedef int (*sk_task)(void *ctx, int part);
+int sk_parallel(sk_task task, void *ctx, int parts, int threads);
+
 /* x (N, H) float32 -> out (N, H) float64, the slice's partial; 0, or -1 when out of memory. */
 int sk_qmlp(const sk_qslice *s, const float *x, int N, double *out, int threads);
 
