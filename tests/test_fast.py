@@ -146,6 +146,33 @@ def test_fast_tokens_do_not_depend_on_the_split(tiny_fast, nodes, n, weights):
     assert diff <= 1e-5
 
 
+def test_whole_call_route_is_kept_within_a_step(tiny_fast, nodes):
+    """fastpath.Route: made on a step's first whole call of a row count and reused for its other
+    layers; made again in the next step, for another row count, and not used once a node's link
+    broke (that call takes the Python path, over ZeroMQ, and sums the same bits)."""
+    from skynet.links import unlink
+    w = tiny_fast.mlp_weights
+    x = np.random.default_rng(3).standard_normal((2, w.hidden)).astype(np.float32)
+    with nodes(tiny_fast, 2, weights=[1.0, 1.0]) as nc:
+        m = nc.mlp
+        m.begin_step()
+        y0 = m(0, x)
+        r = m.fast.route(x)
+        assert r is not None and len(r.nodes) == 2
+        m(1, x)
+        assert m.fast.route(x) is r and m.fast.route(x[:1]) is not r
+        m.begin_step()
+        r2 = m.fast.route(x)
+        assert r2 is not None and r2 is not r
+        calls = m.stats["fast_calls"]
+        unlink(r2.nodes[0], "test")
+        assert m.fast.route(x) is None
+        y = m(0, x)
+        assert m.stats["fast_calls"] == calls, "a call took the compiled path without a link"
+    assert np.array_equal(y, y0)
+    np.testing.assert_allclose(y0, LocalMLP(w)(0, x), rtol=1e-5, atol=1e-6)
+
+
 def test_fast_tokens_survive_a_join_mid_generation(tiny_fast, nodes, tmp_path):
     ref_out, _ = _alone(tiny_fast)
     with nodes(tiny_fast, 2, weights=[1.0, 1.0]) as nc:
