@@ -1246,57 +1246,10 @@ AVX512I void t16_tile(const tact *A, const wrow *W, int T, int R, int g, double 
     }
 }
 
-/* AVX-512 tile of 8 activation rows (Q4_0, Q4_1, Q8_0; tile g of an L = 8 tact): t16_tile's
- * arithmetic with int32 lanes in 256-bit vpdpbusd and one 512-bit vector of float64 terms per
- * weight row, so 5..8 rows do not pay for a 16-lane tile's dead lanes. */
-AVX512I void t8v_tile(const tact *A, const wrow *W, int T, int R, int g, double *ob)
-{
-    int nb = A->nb;
-    __m512d F[TR];
-    for (int k = 0; k < R; k++) F[k] = _mm512_setzero_pd();
-    for (int b = 0; b < nb; b++) {
-        size_t tb = (size_t)g * nb + b;
-        const uint8_t *Q = A->qT + tb * 256;
-        __m256i I[TR];
-        for (int k = 0; k < R; k++) I[k] = _mm256_setzero_si256();
-        for (int t = 0; t < 8; t++) {
-            __m256i qv = _mm256_loadu_si256((const __m256i *)(Q + 32 * t));
-            for (int k = 0; k < R; k++)
-                I[k] = _mm256_dpbusd_epi32(I[k], _mm256_set1_epi32((int)rd32(W[k].u + 32 * b + 4 * t)), qv);
-        }
-        __m512d dx = _mm512_cvtps_pd(_mm256_loadu_ps(A->dx + tb * 8));
-        __m256i s8 = _mm256_loadu_si256((const __m256i *)(A->s + tb * 8));
-        for (int k = 0; k < R; k++) {
-            __m512d d = _mm512_set1_pd(W[k].d[b]), t;
-            if (T == T_Q4_1) {
-                t = _mm512_fmadd_pd(d, _mm512_mul_pd(dx, _mm512_cvtepi32_pd(I[k])),
-                                    _mm512_mul_pd(_mm512_set1_pd(W[k].m[b]), _mm512_loadu_pd(A->dxs + tb * 8)));
-            } else {
-                __m256i u = I[k];
-                if (T == T_Q4_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 3));
-                if (T == T_Q8_0) u = _mm256_sub_epi32(u, _mm256_slli_epi32(s8, 7));
-                t = _mm512_mul_pd(_mm512_mul_pd(d, dx), _mm512_cvtepi32_pd(u));
-            }
-            F[k] = _mm512_add_pd(F[k], t);
-        }
-    }
-    for (int k = 0; k < R; k++) {
-        double v[8];
-        _mm512_storeu_pd(v, F[k]);
-        for (int j = 0; j < 8; j++) ob[j * OBS + k] = v[j];
-    }
-}
-
-/* Rows [r0, r1) against 8-row tiles with t8v_tile (Q4_0, Q4_1, Q8_0). */
-AVX512I int t8v_run(const mm_args *a, int T, int r0, int r1)
-{
-    TILE_ROWS(a, T, r0, r1, 1, 8, TR, t8v_tile);
-}
-
 /* Rows [r0, r1) against the tiled activation rows: 16-row tiles, or the AVX2 8-row ones. */
 AVX512I int t16_run(const mm_args *a, int T, int r0, int r1)
 {
-    if (a->act->L == 8) return T <= T_Q8_0 ? t8v_run(a, T, r0, r1) : t8_run(a, T, r0, r1);
+    if (a->act->L == 8) return t8_run(a, T, r0, r1);   /* K-quants below 12 rows */
     const int R = T == T_Q6_K ? 4 : 8;   /* Q6_K keeps two int accumulators per row: 4 rows fit the registers */
     TILE_ROWS(a, T, r0, r1, 1, 16, R, t16_tile);
 }
@@ -1368,15 +1321,18 @@ static void select_kernels(int level)
 }
 
 /* Which activation rows go to the tile kernels: rows [*n0, N) in tiles of *L (0: none). Q4_0, Q4_1
- * and Q8_0 run up to DEC_MAX rows (AVX2 8, AVX-512 16) in their decode tiles, which unpack each
- * weight block once for all of them, and a tiled call's remainder of 1..3 rows too. Measured on
- * AVX-512, SmolLM2's MLP, 30 layers, 1 thread: 8 rows 10.9-12.6 ms decoded against 20-25 in
- * 8-row tiles, 16 rows 17.6-22 against 24-34 in a 16-row tile; from ~32 rows the tile is ahead.
- * On AVX2 the 8-row tile ties with the decode tile from 8 rows on. The K-quants run their decode
- * kernel (kdec: 8 weight rows unpacked once, then each activation row) up to KDEC_MAX rows, else
- * tile every row (8-row tiles below 12 rows on AVX-512): a 1536 x 1024 Q4_K, Q5_K or Q6_K took
- * ~32 µs more per decoded row from 137-154 µs at 1 row, against a flat 325-397 for 4-16 rows in
- * tiles on AVX-512 (335-354 for 4-8 in one 8-row tile on AVX2). */
+ * and Q8_0 run up to DEC_MAX_AVX2 (8) or DEC_MAX_AVX512 (16) rows in their decode tiles, which
+ * unpack each weight block once for all of them, and a tiled call's remainder of 1..3 rows too;
+ * more rows go to 8-row (AVX2) or 16-row (AVX-512) tiles. Measured on AVX-512, SmolLM2's MLP, 30
+ * layers, 1 thread: 8 rows 10.9-12.6 ms decoded against 20-25 in 8-row tiles, 16 rows 17.6-22
+ * against 24-34 in a 16-row tile; the tile is level with decode tiles at ~32 rows (not measured
+ * finely between 17 and 31). On AVX2 the 8-row tile ties with the decode tile from 8 rows on.
+ * The K-quants run their decode kernel (kdec: 8 weight rows unpacked once, then each activation
+ * row) up to KDEC_MAX rows, else tile every row (8-row tiles below 12 rows on AVX-512): a 1536 x
+ * 1024 Q4_K, Q5_K or Q6_K took ~32 µs more per decoded row from 137-154 µs at 1 row, against a
+ * flat 325-397 for 4-16 rows in tiles on AVX-512 (333-354 for 4-8 in one 8-row tile on AVX2). */
+#define DEC_MAX_AVX2 8           /* Q4_0, Q4_1, Q8_0 calls of up to this many rows: decode tiles */
+#define DEC_MAX_AVX512 DEC_ROWS
 #ifndef KDEC_MAX
 #define KDEC_MAX 6   /* K-quant calls of up to this many rows run kdec (tile_plan) */
 #endif
@@ -1387,7 +1343,7 @@ static void tile_plan(int T, int N, int *L, int *n0)
     if (!K_.level) return;
     if (T <= T_Q8_0) {
         int l = K_.level == 2 ? 16 : 8;
-        if (N <= (K_.level == 2 ? 16 : 8)) return;
+        if (N <= (K_.level == 2 ? DEC_MAX_AVX512 : DEC_MAX_AVX2)) return;
         *L = l;
         *n0 = N % l < 4 ? N % l : 0;
     } else if (N > KDEC_MAX) {

@@ -146,14 +146,15 @@ class FastPath:
     def route(self, x: np.ndarray) -> "Route | None":
         """This step's Route for x's row count: made by `targets` on first use, then kept while
         each of its nodes still serves over the same link and nobody was benched or outrun (what
-        can change inside a step: links break in our own calls, late nodes are benched); None when
+        can change inside a step: links break in our own calls, late nodes are benched, a node
+        starts loading rows); None when
         the fast path does not apply."""
         m = self.m
         if self._rstep != m.step:
             self._rstep, self._routes = m.step, {}
         r = self._routes.get(x.shape[0])
-        if r is not None and x.dtype == _F32 and x.flags.c_contiguous and not m.outrun and not m.benched \
-                and all(n.link is c and m.c.serving(n.id) is n and not n.loading_rows
+        if r is not None and x.dtype == _F32 and x.flags.c_contiguous and not m.outrun \
+                and all(n.link is c and m.c.serving(n.id) is n and not n.loading_rows and n.id not in m.benched
                         for n, c in zip(r.nodes, r.gather.conns)):
             return r
         targets = self.targets(x)
@@ -190,7 +191,9 @@ class FastPath:
         for i, (rng, n, _, t_send) in enumerate(sent):
             m.count_reply(rng, n, out[i], t0 + t[i] - t_send, True)
             n.last_seen = seen
-        y = out[0].copy() if len(sent) == 1 else out[0] + out[1]
+        if len(sent) == 1:
+            return out[0].astype(np.float32)
+        y = out[0] + out[1]
         for i in range(2, len(sent)):
             y += out[i]
         return y.astype(np.float32, copy=False)
