@@ -1321,18 +1321,21 @@ static void select_kernels(int level)
 }
 
 /* Which activation rows go to the tile kernels: rows [*n0, N) in tiles of *L (0: none). Q4_0, Q4_1
- * and Q8_0 run up to DEC_MAX_AVX2 (8) or DEC_MAX_AVX512 (16) rows in their decode tiles, which
- * unpack each weight block once for all of them, and a tiled call's remainder of 1..3 rows too;
- * more rows go to 8-row (AVX2) or 16-row (AVX-512) tiles. Measured on AVX-512, SmolLM2's MLP, 30
- * layers, 1 thread: 8 rows 10.9-12.6 ms decoded against 20-25 in 8-row tiles, 16 rows 17.6-22
- * against 24-34 in a 16-row tile; the tile is level with decode tiles at ~32 rows (not measured
- * finely between 17 and 31). On AVX2 the 8-row tile ties with the decode tile from 8 rows on.
+ * and Q8_0 run up to DEC_MAX_AVX2 (8) or DEC_MAX_AVX512 (24) rows in their decode tiles, which
+ * unpack each weight block once for up to DEC_ROWS (16) of them, and a tiled call's remainder of
+ * 1..3 rows too; more rows go to 8-row (AVX2) or 16-row (AVX-512) tiles. Measured on AVX-512,
+ * SmolLM2's MLP, 30 layers, 1 thread: 8 rows 10.9-12.6 ms decoded against 20-25 in 8-row tiles,
+ * 16 rows 17.6-22 against 24-34 in a 16-row tile; 20 rows 23.5-26.5 against 29.6-30.6, 24 rows
+ * 28.4-29.2 against 30.1-31.2, 28 rows level. On AVX2 the 8-row tile ties with the decode tile
+ * from 8 rows on.
  * The K-quants run their decode kernel (kdec: 8 weight rows unpacked once, then each activation
  * row) up to KDEC_MAX rows, else tile every row (8-row tiles below 12 rows on AVX-512): a 1536 x
  * 1024 Q4_K, Q5_K or Q6_K took ~32 µs more per decoded row from 137-154 µs at 1 row, against a
  * flat 325-397 for 4-16 rows in tiles on AVX-512 (333-354 for 4-8 in one 8-row tile on AVX2). */
 #define DEC_MAX_AVX2 8           /* Q4_0, Q4_1, Q8_0 calls of up to this many rows: decode tiles */
-#define DEC_MAX_AVX512 DEC_ROWS
+#ifndef DEC_MAX_AVX512
+#define DEC_MAX_AVX512 24        /* in chunks of DEC_ROWS */
+#endif
 #ifndef KDEC_MAX
 #define KDEC_MAX 6   /* K-quant calls of up to this many rows run kdec (tile_plan) */
 #endif
