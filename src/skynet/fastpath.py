@@ -145,10 +145,9 @@ class FastPath:
 
     def route(self, x: np.ndarray) -> "Route | None":
         """This step's Route for x's row count: made by `targets` on first use, then kept while
-        each of its nodes still serves over the same link and nobody was benched or outrun (what
-        can change inside a step: links break in our own calls, late nodes are benched, a node
-        starts loading rows); None when
-        the fast path does not apply."""
+        each of its nodes still serves over the same link, is not loading rows or benched, and
+        nobody was outrun (what can change inside a step: links break in our own calls, late
+        nodes are benched); None when the fast path does not apply."""
         m = self.m
         if self._rstep != m.step:
             self._rstep, self._routes = m.step, {}
