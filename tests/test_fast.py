@@ -173,6 +173,27 @@ def test_whole_call_route_is_kept_within_a_step(tiny_fast, nodes):
     np.testing.assert_allclose(y0, LocalMLP(w)(0, x), rtol=1e-5, atol=1e-6)
 
 
+def test_fast_micro_batches_take_the_compiled_path_and_keep_tokens(tiny_fast, nodes, monkeypatch):
+    """--overlap in fast: two micro-batches in flight go through FastPath.scatter / gather (the
+    compiled send and wait), every call, and each sequence's tokens are those it gets alone."""
+    from skynet import engine as engine_mod, overlap
+    prompts = [PROMPT, [1, 77, 12], [1, 9000, 33, 44, 55, 66, 77], [1, 5]]
+    want = [run_greedy(Engine(tiny_fast, LocalMLP(tiny_fast.mlp_weights)), p, 8)[0] for p in prompts]
+    splits = []
+    real = overlap.split
+    monkeypatch.setattr(engine_mod.overlap, "split", lambda *a: splits.append(real(*a)) or splits[-1])
+    with nodes(tiny_fast, 2, weights=[1.0, 1.0]) as nc:
+        nc.mlp.overlap = True
+        seqs = [nc.engine.submit(Sequence(list(p), 8)) for p in prompts]
+        while not all(q.done for q in seqs):
+            nc.engine.step()
+        st = nc.mlp.stats
+        assert st["calls"] > 0 and st["fast_calls"] == st["calls"] and st["fallbacks"] == 0, (st, nc.logs())
+        assert not nc.mlp.inflight
+    assert sum(g is not None for g in splits) >= 7, "the steps were not run as two micro-batches"
+    assert [q.out for q in seqs] == want
+
+
 def test_fast_tokens_survive_a_join_mid_generation(tiny_fast, nodes, tmp_path):
     ref_out, _ = _alone(tiny_fast)
     with nodes(tiny_fast, 2, weights=[1.0, 1.0]) as nc:
