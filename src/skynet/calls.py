@@ -54,7 +54,9 @@ def sum_parts(parts: list) -> np.ndarray:
     """(range start, partial (N, H)) pairs -> their sum in range order, rounded to float32 once:
     the same bits whichever order the partials came in."""
     parts = sorted(parts, key=lambda p: p[0])
-    out = parts[0][1].copy() if len(parts) == 1 else parts[0][1] + parts[1][1]
+    if len(parts) == 1:
+        return parts[0][1].astype(np.float32)   # a copy, rounded once
+    out = parts[0][1] + parts[1][1]
     for _, p in parts[2:]:
         out += p
     return out.astype(np.float32, copy=False)

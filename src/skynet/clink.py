@@ -80,43 +80,43 @@ def gather_mlp(conns: list, status: np.ndarray, out: np.ndarray, key: tuple[int,
     (another message waits: read it with recv_multipart), 3 (the link broke: the error is in
     the returned tuple), or stays 0. Returns (seconds after the call began each reply came,
     errors)."""
-    pos = np.array([(c._start, c._end) for c in conns], np.int64).reshape(len(conns), 2)
-    t = np.zeros(len(conns))
-    subs = np.zeros((len(conns), 2), np.int64) if subs is None else np.asarray(subs, np.int64).reshape(len(conns), 2)
-    errs = _k.link_gather([c.sock.fileno() for c in conns], [c._buf for c in conns], pos, subs, status, t, out,
-                          *key, out.shape[1], out.shape[2], wire.VERSION, _F64,
-                          max_frame, timeout_s, spin_s)
-    for c, (s, e) in zip(conns, pos.tolist()):
-        c._start, c._end = s, e
-    return t, errs
+    subs = np.zeros((len(conns), 2), np.int64) if subs is None else subs
+    g = Gather(conns, out.shape[1], out.shape[2], subs, max_frame, status, out)
+    return g.wait(key, timeout_s, spin_s), g.errs
 
 
 class Gather:
-    """gather_mlp for the same links and row count call after call, with its arrays made once:
-    the steady state of a step (fastpath.Route). `out` is overwritten by the next run."""
+    """gather_mlp's links, sub-ranges and arrays, made once: a step's steady state
+    (fastpath.Route) waits on the same ones call after call. `out` is overwritten by each wait."""
 
-    __slots__ = ("conns", "fds", "bufs", "pos", "subs", "status", "t", "out", "max_frame")
+    __slots__ = ("conns", "fds", "bufs", "pos", "subs", "status", "t", "out", "max_frame", "errs")
 
-    def __init__(self, conns: list, rows: int, cols: int, subs):
+    def __init__(self, conns: list, rows: int, cols: int, subs, max_frame: int | None = None,
+                 status: np.ndarray | None = None, out: np.ndarray | None = None):
         self.conns = list(conns)
         self.fds = [c.sock.fileno() for c in conns]
         self.bufs = [c._buf for c in conns]
-        self.max_frame = min(c.max_frame for c in conns)
+        self.max_frame = min(c.max_frame for c in conns) if max_frame is None else max_frame
         k = len(conns)
         self.pos = np.zeros((k, 2), np.int64)
         self.subs = np.asarray(subs, np.int64).reshape(k, 2)
-        self.status, self.t = np.zeros(k, np.int64), np.zeros(k)
-        self.out = np.empty((k, rows, cols))
+        self.status = np.zeros(k, np.int64) if status is None else status
+        self.t = np.zeros(k)
+        self.out = np.empty((k, rows, cols)) if out is None else out
+        self.errs = ()
 
-    def run(self, key: tuple[int, int, int], timeout_s: float, spin_s: float = 0.0) -> tuple:
-        """One wait, as gather_mlp: (status, out, arrival offsets, errors), status all 0 before."""
-        self.status.fill(0)
-        self.t.fill(0.0)
+    def wait(self, key: tuple[int, int, int], timeout_s: float, spin_s: float = 0.0) -> np.ndarray:
+        """One compiled wait (see gather_mlp) on the arrays as they are; the arrival offsets."""
         self.pos[:] = [(c._start, c._end) for c in self.conns]
-        errs = _k.link_gather(self.fds, self.bufs, self.pos, self.subs, self.status, self.t, self.out, *key,
-                              self.out.shape[1], self.out.shape[2], wire.VERSION, _F64, self.max_frame,
-                              timeout_s, spin_s)
+        self.errs = _k.link_gather(self.fds, self.bufs, self.pos, self.subs, self.status, self.t, self.out, *key,
+                                   self.out.shape[1], self.out.shape[2], wire.VERSION, _F64, self.max_frame,
+                                   timeout_s, spin_s)
         for c, (s, e) in zip(self.conns, self.pos.tolist()):
             c._start, c._end = s, e
-        return self.status, self.out, self.t, errs
+        return self.t
 
+    def run(self, key: tuple[int, int, int], timeout_s: float, spin_s: float = 0.0) -> tuple:
+        """A fresh wait (every status 0 first): (status, out, arrival offsets, errors)."""
+        self.status.fill(0)
+        self.t.fill(0.0)
+        return self.status, self.out, self.wait(key, timeout_s, spin_s), self.errs

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from . import clink, datalink, fastframe
-from .calls import Call
+from .calls import Call, sum_parts
 from .cluster import Reply
 from .links import unlink
 
@@ -178,8 +178,7 @@ class FastPath:
 
     def _sum(self, sent: list, out: np.ndarray, t0: float, t: list, x_bytes: int) -> np.ndarray:
         """Every reply came: what ClusterMLP.finish and took count (ClusterMLP.count_reply), and
-        the partials summed as finish sums them (calls.sum_parts: in range order, which is the
-        order of `sent`, rounded to float32 once)."""
+        the partials summed as finish sums them (calls.sum_parts)."""
         m = self.m
         st = m.stats
         st["calls"] += 1
@@ -190,12 +189,7 @@ class FastPath:
         for i, (rng, n, _, t_send) in enumerate(sent):
             m.count_reply(rng, n, out[i], t0 + t[i] - t_send, True)
             n.last_seen = seen
-        if len(sent) == 1:
-            return out[0].astype(np.float32)
-        y = out[0] + out[1]
-        for i in range(2, len(sent)):
-            y += out[i]
-        return y.astype(np.float32, copy=False)
+        return sum_parts([(rng[0], out[i]) for i, (rng, _, _, _) in enumerate(sent)])
 
     def _deadlines(self, n, rows: int) -> tuple[float, float]:
         """(miss, hedge) seconds after sending for n's range, as ClusterMLP.deadlines sets them,
