@@ -173,6 +173,26 @@ def test_whole_call_route_is_kept_within_a_step(tiny_fast, nodes):
     np.testing.assert_allclose(y0, LocalMLP(w)(0, x), rtol=1e-5, atol=1e-6)
 
 
+def test_whole_call_whose_send_fails_asks_that_range_again(tiny_fast, nodes):
+    """A link that breaks under the compiled whole call's send (status 4): nothing is waited for
+    in C, the node is unlinked, its range is asked again over ZeroMQ, and the sum keeps its bits."""
+    import socket
+    w = tiny_fast.mlp_weights
+    x = np.random.default_rng(4).standard_normal((3, w.hidden)).astype(np.float32)
+    with nodes(tiny_fast, 2, weights=[1.0, 1.0]) as nc:
+        m = nc.mlp
+        m.begin_step()
+        y0 = m(0, x)
+        r = m.fast.route(x)
+        victim = r.nodes[1]
+        victim.link.sock.shutdown(socket.SHUT_WR)   # the route still holds this link: its next send fails
+        calls = m.stats["fast_calls"]
+        y = m(0, x)
+        assert victim.link is None and m.fast.route(x) is None
+        assert m.stats["fast_calls"] == calls + 1 and not m.inflight
+    assert np.array_equal(y, y0)
+
+
 def test_fast_micro_batches_take_the_compiled_path_and_keep_tokens(tiny_fast, nodes, monkeypatch):
     """--overlap in fast: two micro-batches in flight go through FastPath.scatter / gather (the
     compiled send and wait), every call, and each sequence's tokens are those it gets alone."""

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import expf_reference
-from skynet import clink, datalink, fastframe, quant, wire
+from skynet import calls, clink, datalink, fastframe, quant, wire
 from skynet.datalink import DataConn
 from skynet.mlp import QSliceLayer, link_table, silu_mul
 from skynet.quant import QMatrix, QType
@@ -299,6 +299,61 @@ def test_gather_takes_a_reply_that_came_just_before_the_link_closed():
     status[0] = 0
     _, errs = clink.gather_mlp([server], status, out, KEY, 1 << 20, 1.0)
     assert status[0] == 3 and "closed" in errs[0]
+
+
+def _call(nodes: int, rows: int = 2, timeout: float = 2.0, subs=None):
+    """A compiled whole call's ends: the server's links, its Gather, headers and times arrays."""
+    pairs = [_pair() for _ in range(nodes)]
+    subs = subs or [(0, 0)] * nodes
+    g = clink.Gather([srv for _, srv in pairs], rows, H, subs)
+    heads = bytearray(b"".join(clink.link_head(0, 0, 0, rows, H, *sub) for sub in subs))
+    return pairs, g, heads, np.zeros((2, nodes))
+
+
+def test_whole_call_sends_each_link_its_frame_and_sums_the_replies_in_link_order():
+    pairs, g, heads, t = _call(3, subs=[(0, 0), (32, 64), (0, 0)])
+    x = np.arange(2 * H, dtype=np.float32).reshape(2, H) / 7
+    ys = [np.random.default_rng(k).standard_normal((2, H)) * 10 ** k for k in range(3)]
+    for k, (node, _) in enumerate(pairs):   # replies wait on the sockets before the call reads them
+        node.sock.sendall(_reply(ys[k], sub=[(0, 0), (32, 64), (0, 0)][k]))
+    y, errs = g.call(KEY, heads, x, t, 2.0, 2.0)
+    assert errs is None and g.status.tolist() == [1, 1, 1]
+    assert y.dtype == np.float32 and y.tobytes() == calls.sum_parts([(k, v) for k, v in enumerate(ys)]).tobytes()
+    assert (t[0] >= 0).all() and (t[1] >= t[0]).all()
+    for k, (node, _) in enumerate(pairs):   # each link got exactly what link_send would have sent
+        msg = fastframe.decode(node.recv_multipart(timeout=2), LIMITS)
+        assert msg == wire.Mlp(*KEY, x, *[(0, 0), (32, 64), (0, 0)][k]) and np.array_equal(msg.x, x)
+    quiet, g1, heads1, t1 = _call(1)
+    y1, errs = g1.call(KEY, heads1, x, t1, 2.0, 0.05)
+    assert y1 is None and errs == (None,) and g1.status.tolist() == [0]   # silence: nothing summed
+    assert fastframe.decode(quiet[0][0].recv_multipart(timeout=2), LIMITS) == wire.Mlp(*KEY, x)
+
+
+def test_whole_call_leaves_what_it_does_not_take_and_reports_a_failed_send():
+    pairs, g, heads, t = _call(2, timeout=0.1)
+    y = np.ones((2, H))
+    pairs[0][0].sock.sendall(_reply(y))
+    pairs[1][0].sock.sendall(_reply(y, (9, EPOCH, 1)))   # another step's: left for the Python path
+    got, errs = g.call(KEY, heads, np.ones((2, H), np.float32), t, 2.0, 0.2)
+    assert got is None and g.status.tolist() == [1, 2] and errs == (None, None)
+    assert b"".join(bytes(f) for f in datalink.pack(pairs[1][1].recv_multipart(timeout=1))) == _reply(y, (9, EPOCH, 1))
+    pairs, g, heads, t = _call(2)
+    pairs[1][0].close()
+    pairs[1][1].sock.shutdown(socket.SHUT_WR)   # our side cannot send any more: link_send fails
+    start = time.perf_counter()
+    got, errs = g.call(KEY, heads, np.ones((2, H), np.float32), t, 2.0, 5.0)
+    assert got is None and g.status.tolist() == [0, 4] and errs[0] is None and "send failed" in errs[1]
+    assert time.perf_counter() - start < 1.0   # a failed send: nothing is waited for
+
+
+def test_whole_call_refuses_headers_that_do_not_describe_x():
+    _, g, heads, t = _call(2)
+    with pytest.raises(ValueError):
+        g.call(KEY, heads, np.ones((3, H), np.float32), t, 1.0, 0.01)
+    with pytest.raises(ValueError):
+        g.call(KEY, heads[:-1], np.ones((2, H), np.float32), t, 1.0, 0.01)
+    with pytest.raises(ValueError):
+        g.call(KEY, heads, np.ones((2, H), np.float32), np.zeros(2), 1.0, 0.01)
 
 
 def test_send_refuses_rows_the_header_does_not_describe():

@@ -36,6 +36,7 @@ static PyObject *posix_only(void)
 PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) { return posix_only(); }
 PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) { return posix_only(); }
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) { return posix_only(); }
+PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) { return posix_only(); }
 #else
 
 #include <errno.h>
@@ -432,69 +433,22 @@ static int drain(peer_t *P)
 
 #define MAX_PEERS 64   /* fastpath.MAX_PEERS: more links take the Python path */
 
-PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The wait both link_gather and link_call end with: one reply from each peer whose status is 0,
+ * until the deadline (spinning first for spin seconds); arrival times are kept as seconds after t0. */
+static void wait_replies(peer_t *P, Py_ssize_t k, uint64_t step, uint64_t epoch, uint32_t layer, uint32_t N,
+                         double t0, double deadline, double spin)
 {
-    if (nargs != 17) {
-        PyErr_Format(PyExc_TypeError, "link_gather: expected 17 arguments, got %zd", nargs);
-        return NULL;
-    }
-    long long iv[8];
-    for (int i = 0; i < 8; i++) {
-        iv[i] = PyLong_AsLongLong(args[7 + i]);
-        if (iv[i] == -1 && PyErr_Occurred()) return NULL;
-    }
-    double timeout = PyFloat_AsDouble(args[15]), spin = PyFloat_AsDouble(args[16]);
-    if (PyErr_Occurred()) return NULL;
-    Py_ssize_t k = PyList_Check(args[0]) ? PyList_GET_SIZE(args[0]) : -1;
-    if (k < 0 || k > MAX_PEERS || !PyList_Check(args[1]) || PyList_GET_SIZE(args[1]) != k) {
-        PyErr_SetString(PyExc_ValueError, "link_gather: fds and bufs must be lists of one length");
-        return NULL;
-    }
-    long long N = iv[3], H = iv[4];
-    Py_buffer pb, rb, sb, tb, ob, bb[MAX_PEERS];
-    int got_bufs = 0, ok = 0;
-    peer_t P[MAX_PEERS];
-    if (PyObject_GetBuffer(args[2], &pb, PyBUF_WRITABLE) < 0) return NULL;
-    if (PyObject_GetBuffer(args[3], &rb, PyBUF_SIMPLE) < 0) goto e0;
-    if (PyObject_GetBuffer(args[4], &sb, PyBUF_WRITABLE) < 0) goto e1;
-    if (PyObject_GetBuffer(args[5], &tb, PyBUF_WRITABLE) < 0) goto e2;
-    if (PyObject_GetBuffer(args[6], &ob, PyBUF_WRITABLE) < 0) goto e3;
-    if (N <= 0 || H <= 0 || pb.len != 16 * k || rb.len != 16 * k || sb.len != 8 * k || tb.len != 8 * k
-        || ob.len != k * N * H * 8) {
-        PyErr_SetString(PyExc_ValueError, "link_gather: array sizes do not match");
-        goto e4;
-    }
-    for (; got_bufs < k; got_bufs++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(args[1], got_bufs), &bb[got_bufs], PyBUF_WRITABLE) < 0) goto e4;
-        peer_t *q = &P[got_bufs];
-        memset(q, 0, sizeof *q);
-        q->L.fd = (int)PyLong_AsLong(PyList_GET_ITEM(args[0], got_bufs));
-        q->pos = (int64_t *)pb.buf + 2 * got_bufs;
-        q->sub = (int64_t *)rb.buf + 2 * got_bufs;
-        q->status = (int64_t *)sb.buf + got_bufs;
-        q->t = (double *)tb.buf + got_bufs;
-        q->out = (double *)ob.buf + (size_t)got_bufs * N * H;
-        q->L.buf = bb[got_bufs].buf, q->L.cap = (size_t)bb[got_bufs].len;
-        q->L.start = (size_t)q->pos[0], q->L.end = (size_t)q->pos[1];
-        q->L.version = (int)iv[5], q->L.f64 = (int)iv[6], q->L.hidden = (int)H, q->L.max_frame = (size_t)iv[7];
-        if (q->L.fd < 0 || q->L.start > q->L.end || q->L.end > q->L.cap || q->L.cap < PREFIX + HEAD) {
-            PyBuffer_Release(&bb[got_bufs]);
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "link_gather: bad link");
-            goto e4;
-        }
-    }
-    Py_BEGIN_ALLOW_THREADS
-    double t0 = now_s(), deadline = t0 + timeout, spin_end = t0 + spin;
+    double spin_end = now_s() + spin;
     struct pollfd fds[MAX_PEERS];
     for (;;) {
         int waiting = 0;
         for (Py_ssize_t i = 0; i < k; i++) {
             peer_t *q = &P[i];
             if (*q->status) continue;
-            int r = take_reply(q, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N);
+            int r = take_reply(q, step, epoch, layer, N);
             if (r == 0) {   /* read what came; a reply that came before an EOF still counts */
                 int d = drain(q);
-                r = take_reply(q, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N);
+                r = take_reply(q, step, epoch, layer, N);
                 if (r == 0 && d < 0) r = -1;
             }
             if (r == 1) *q->t = now_s() - t0;
@@ -509,23 +463,91 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
         if (poll(fds, waiting, (int)(left * 1000 + 0.999)) < 0 && errno != EINTR) break;
     }
-    Py_END_ALLOW_THREADS
-    ok = 1;
-e4:
-    for (int i = 0; i < got_bufs; i++) {
+}
+
+/* The peers of a gather or a call: fds (list), bufs (list of writable buffers, held in bb until
+ * release_peers), pos (k, 2), subs (k, 2), status (k,) int64, t (k,) float64 arrival times, out
+ * (k, N, H) float64. 0, or -1 with an exception set and nothing held. */
+typedef struct {
+    Py_ssize_t k;
+    Py_buffer pb, rb, sb, tb, ob, bb[MAX_PEERS];
+    int held;   /* bb[0..held) */
+} peers_t;
+
+static void release_peers(peers_t *S, peer_t *P)
+{
+    for (int i = 0; i < S->held; i++) {
         P[i].pos[0] = (int64_t)P[i].L.start, P[i].pos[1] = (int64_t)P[i].L.end;
-        PyBuffer_Release(&bb[i]);
+        PyBuffer_Release(&S->bb[i]);
     }
-    PyBuffer_Release(&ob);
+    S->held = 0;
+    PyBuffer_Release(&S->ob);
+    PyBuffer_Release(&S->tb);
+    PyBuffer_Release(&S->sb);
+    PyBuffer_Release(&S->rb);
+    PyBuffer_Release(&S->pb);
+}
+
+static int get_peers(peers_t *S, peer_t *P, PyObject *const *a, long long N, long long H, int version, int f64,
+                     long long max_frame, Py_ssize_t t_len, const char *who)
+{
+    Py_ssize_t k = PyList_Check(a[0]) ? PyList_GET_SIZE(a[0]) : -1;
+    S->held = 0;
+    if (k < 0 || k > MAX_PEERS || !PyList_Check(a[1]) || PyList_GET_SIZE(a[1]) != k) {
+        PyErr_Format(PyExc_ValueError, "%s: fds and bufs must be lists of one length", who);
+        return -1;
+    }
+    S->k = k;
+    if (PyObject_GetBuffer(a[2], &S->pb, PyBUF_WRITABLE) < 0) return -1;
+    if (PyObject_GetBuffer(a[3], &S->rb, PyBUF_SIMPLE) < 0) goto e0;
+    if (PyObject_GetBuffer(a[4], &S->sb, PyBUF_WRITABLE) < 0) goto e1;
+    if (PyObject_GetBuffer(a[5], &S->tb, PyBUF_WRITABLE) < 0) goto e2;
+    if (PyObject_GetBuffer(a[6], &S->ob, PyBUF_WRITABLE) < 0) goto e3;
+    if (N <= 0 || H <= 0 || S->pb.len != 16 * k || S->rb.len != 16 * k || S->sb.len != 8 * k
+        || S->tb.len != t_len * k || S->ob.len != k * N * H * 8) {
+        PyErr_Format(PyExc_ValueError, "%s: array sizes do not match", who);
+        goto e4;
+    }
+    for (; S->held < k; S->held++) {
+        int i = S->held;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(a[1], i), &S->bb[i], PyBUF_WRITABLE) < 0) goto e5;
+        peer_t *q = &P[i];
+        memset(q, 0, sizeof *q);
+        q->L.fd = (int)PyLong_AsLong(PyList_GET_ITEM(a[0], i));
+        q->pos = (int64_t *)S->pb.buf + 2 * i;
+        q->sub = (int64_t *)S->rb.buf + 2 * i;
+        q->status = (int64_t *)S->sb.buf + i;
+        q->t = (double *)S->tb.buf + i;
+        q->out = (double *)S->ob.buf + (size_t)i * N * H;
+        q->L.buf = S->bb[i].buf, q->L.cap = (size_t)S->bb[i].len;
+        q->L.start = (size_t)q->pos[0], q->L.end = (size_t)q->pos[1];
+        q->L.version = version, q->L.f64 = f64, q->L.hidden = (int)H, q->L.max_frame = (size_t)max_frame;
+        if (q->L.fd < 0 || q->L.start > q->L.end || q->L.end > q->L.cap || q->L.cap < PREFIX + HEAD) {
+            PyBuffer_Release(&S->bb[i]);
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s: bad link", who);
+            goto e5;
+        }
+    }
+    return 0;
+e5:
+    for (int i = 0; i < S->held; i++) PyBuffer_Release(&S->bb[i]);
+    S->held = 0;
+e4:
+    PyBuffer_Release(&S->ob);
 e3:
-    PyBuffer_Release(&tb);
+    PyBuffer_Release(&S->tb);
 e2:
-    PyBuffer_Release(&sb);
+    PyBuffer_Release(&S->sb);
 e1:
-    PyBuffer_Release(&rb);
+    PyBuffer_Release(&S->rb);
 e0:
-    PyBuffer_Release(&pb);
-    if (!ok) return NULL;
+    PyBuffer_Release(&S->pb);
+    return -1;
+}
+
+/* Each peer's error (None where it has none), as a tuple. */
+static PyObject *peer_errors(peer_t *P, Py_ssize_t k)
+{
     PyObject *errs = PyTuple_New(k);
     for (Py_ssize_t i = 0; errs && i < k; i++) {
         PyObject *e = P[i].L.err ? (P[i].L.err_no ? PyUnicode_FromFormat("%s: %s", P[i].L.err, strerror(P[i].L.err_no))
@@ -538,5 +560,135 @@ e0:
         PyTuple_SET_ITEM(errs, i, e);
     }
     return errs;
+}
+
+PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 17) {
+        PyErr_Format(PyExc_TypeError, "link_gather: expected 17 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long long iv[8];
+    for (int i = 0; i < 8; i++) {
+        iv[i] = PyLong_AsLongLong(args[7 + i]);
+        if (iv[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    double timeout = PyFloat_AsDouble(args[15]), spin = PyFloat_AsDouble(args[16]);
+    if (PyErr_Occurred()) return NULL;
+    long long N = iv[3], H = iv[4];
+    peers_t S;
+    peer_t P[MAX_PEERS];
+    if (get_peers(&S, P, args, N, H, (int)iv[5], (int)iv[6], iv[7], 8, "link_gather") < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    double t0 = now_s();
+    wait_replies(P, S.k, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N, t0, t0 + timeout, spin);
+    Py_END_ALLOW_THREADS
+    release_peers(&S, P);
+    return peer_errors(P, S.k);
+}
+
+/* link_call(fds, bufs, pos, subs, status, t, out, heads, x, y, step, epoch, layer, N, H, version, f64,
+ * max_frame, send_timeout_s, wait_timeout_s, spin_s): a whole call, link_send to every link and
+ * link_gather over them, in one call from Python.
+ *
+ * heads: k * 52 writable bytes, each link's prefix and fixed header for an `mlp` of N rows of H
+ * float32 (clink.link_head, in link order); this call writes (step, epoch, layer) into each.
+ * x (N, H) float32 is sent to every link, each waiting at most send_timeout_s for room. t (2, k):
+ * t[0][i] seconds after the call began that link i's send completed, t[1][i] that its reply came.
+ * status as link_gather's, plus 4: link i's send failed. If any send fails nothing is waited for.
+ * Otherwise the wait lasts up to wait_timeout_s after the call began; if every reply came (every
+ * status 1), y (N, H) float32 gets their sum in link order (list the links in range order),
+ * (p0 + p1) + p2 + ... in float64 rounded to float32 once, as calls.sum_parts, and the call
+ * returns None. Else it returns each link's error (None where none), as a tuple. */
+PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 21) {
+        PyErr_Format(PyExc_TypeError, "link_call: expected 21 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long long iv[8];
+    for (int i = 0; i < 8; i++) {
+        iv[i] = PyLong_AsLongLong(args[10 + i]);
+        if (iv[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    double send_timeout = PyFloat_AsDouble(args[18]), timeout = PyFloat_AsDouble(args[19]);
+    double spin = PyFloat_AsDouble(args[20]);
+    if (PyErr_Occurred()) return NULL;
+    long long N = iv[3], H = iv[4];
+    peers_t S;
+    peer_t P[MAX_PEERS];
+    Py_buffer hb, xb, yb;
+    if (get_peers(&S, P, args, N, H, (int)iv[5], (int)iv[6], iv[7], 16, "link_call") < 0) return NULL;
+    Py_ssize_t k = S.k;
+    if (PyObject_GetBuffer(args[7], &hb, PyBUF_WRITABLE) < 0) goto e0;
+    if (PyObject_GetBuffer(args[8], &xb, PyBUF_SIMPLE) < 0) goto e1;
+    if (PyObject_GetBuffer(args[9], &yb, PyBUF_WRITABLE) < 0) goto e2;
+    size_t nx = (size_t)N * (size_t)H;
+    int bad = hb.len != k * (PREFIX + HEAD) || xb.len != (Py_ssize_t)(nx * 4) || yb.len != (Py_ssize_t)(nx * 4)
+              || N > UINT32_MAX || H > UINT32_MAX || nx * 4 > UINT32_MAX;
+    for (Py_ssize_t i = 0; !bad && i < k; i++) {
+        const uint8_t *h = (const uint8_t *)hb.buf + i * (PREFIX + HEAD);
+        bad = rd32(h + 8) != nx * 4 || h[PREFIX] != MAGIC || h[PREFIX + 2] != KIND_MLP
+              || rd32(h + PREFIX + 4) != (uint64_t)N || rd32(h + PREFIX + 8) != (uint64_t)H;
+    }
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "link_call: the headers do not state x's shape, or y does not match it");
+        goto e3;
+    }
+    uint64_t step = (uint64_t)iv[0], epoch = (uint64_t)iv[1];
+    uint32_t layer = (uint32_t)iv[2];
+    for (Py_ssize_t i = 0; i < k; i++) {
+        uint8_t *h = (uint8_t *)hb.buf + i * (PREFIX + HEAD) + PREFIX;
+        memcpy(h + 12, &step, 8);
+        memcpy(h + 20, &epoch, 8);
+        memcpy(h + 28, &layer, 4);
+    }
+    int all = 1;
+    Py_BEGIN_ALLOW_THREADS
+    double t0 = now_s();
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        struct iovec iov[2] = {{(uint8_t *)hb.buf + i * (PREFIX + HEAD), PREFIX + HEAD}, {xb.buf, nx * 4}};
+        *P[i].status = 0;
+        P[i].t[k] = 0.0;
+        if (send_all(&P[i].L, iov, nx ? 2 : 1, send_timeout)) {
+            *P[i].status = 4;
+            failed = 1;
+        }
+        P[i].t[0] = now_s() - t0;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) P[i].t += k;   /* arrival times go to t[1] */
+    if (!failed) wait_replies(P, k, step, epoch, layer, (uint32_t)N, t0, t0 + timeout, spin);
+    for (Py_ssize_t i = 0; i < k; i++) all &= *P[i].status == 1;
+    if (all) {
+        float *y = yb.buf;
+        const double *p0 = P[0].out;
+        if (k == 1) {
+            for (size_t e = 0; e < nx; e++) y[e] = (float)p0[e];
+        } else {
+            const double *p1 = P[1].out;
+            for (size_t e = 0; e < nx; e++) {
+                double s = p0[e] + p1[e];
+                for (Py_ssize_t i = 2; i < k; i++) s += P[i].out[e];
+                y[e] = (float)s;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&yb);
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&hb);
+    release_peers(&S, P);
+    if (all) Py_RETURN_NONE;
+    return peer_errors(P, k);
+e3:
+    PyBuffer_Release(&yb);
+e2:
+    PyBuffer_Release(&xb);
+e1:
+    PyBuffer_Release(&hb);
+e0:
+    release_peers(&S, P);
+    return NULL;
 }
 #endif /* _WIN32 */

@@ -57,6 +57,7 @@ static inline float sk_expf(float x)
 PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 /* _attn.c */
 PyObject *sk_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

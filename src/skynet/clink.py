@@ -3,7 +3,8 @@ and read buffer with the Python reader (datalink.py), so either can read the nex
 
 - A node: `NodeLoop.serve` runs link_serve over the node's slices (mlp.link_table), rebuilt
   when the served epochs or a replica's sub-ranges change.
-- The server: `link_head`, `send_mlp` and `gather_mlp`, which fastpath.py calls.
+- The server: `link_head`, `send_mlp` and `gather_mlp`, which fastpath.py calls, and a whole call
+  (`Gather.call`: the sends, the wait and the sum in one compiled call).
 
 See docs/architecture.md, "The per-layer exchange in C".
 """
@@ -115,8 +116,18 @@ class Gather:
             c._start, c._end = s, e
         return self.t
 
-    def run(self, key: tuple[int, int, int], timeout_s: float, spin_s: float = 0.0) -> tuple:
-        """A fresh wait (every status 0 first): (status, out, arrival offsets, errors)."""
-        self.status.fill(0)
-        self.t.fill(0.0)
-        return self.status, self.out, self.wait(key, timeout_s, spin_s), self.errs
+    def call(self, key: tuple[int, int, int], heads: bytearray, x: np.ndarray, t: np.ndarray, send_timeout_s: float,
+             timeout_s: float, spin_s: float = 0.0) -> tuple[np.ndarray, tuple | None]:
+        """A whole call in one compiled step (_link.c link_call): x to every link (their headers
+        `heads`, link_head's in link order, get `key`), then the wait, up to timeout_s after the
+        start. Returns (y, None) when every reply came: y (N, H) float32 is their sum in link
+        order (calls.sum_parts's bits). Else (None, errors): status as `wait`'s, or 4 where a send
+        failed (then nothing was waited for); t (2, k) gets each link's send and reply times,
+        seconds after the start."""
+        y = np.empty(x.shape, np.float32)
+        self.pos[:] = [(c._start, c._end) for c in self.conns]
+        errs = _k.link_call(self.fds, self.bufs, self.pos, self.subs, self.status, t, self.out, heads, x, y,
+                            *key, *x.shape, wire.VERSION, _F64, self.max_frame, send_timeout_s, timeout_s, spin_s)
+        for c, (s, e) in zip(self.conns, self.pos.tolist()):
+            c._start, c._end = s, e
+        return (y, None) if errs is None else (None, errs)

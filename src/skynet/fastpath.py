@@ -6,10 +6,10 @@ loading, and has a data link; every other call in flight is a fast one (overlap.
 nobody is outrun; the partials are float64 (the fast precision); and a reply fits a link's read
 buffer. Then
 
-    call:    (nothing else in flight, no server range) x to each node, one sendmsg each
-             (clink.send_mlp), one wait for every reply (clink.gather_mlp), the sum;
-             when every reply came, no Call is made: the counts and latency samples are kept
-             here, as ClusterMLP._accept keeps them
+    call:    (nothing else in flight, no server range) one compiled call (clink.Gather.call):
+             x to each node, one sendmsg each, one wait for every reply, their sum; when
+             every reply came, no Call is made: the counts and latency samples are kept here,
+             as ClusterMLP._accept keeps them
     scatter: x to each node; the Call in flight with its deadlines, as ClusterMLP.scatter
     gather:  the server's own ranges, then one wait for every reply; each goes through
              ClusterMLP.took, as ClusterMLP._accept does
@@ -39,12 +39,14 @@ class Route:
     ([(range, node, sub-range)]), the wait's first deadline after sending, and the compiled
     wait over their links with its arrays (clink.Gather)."""
 
-    __slots__ = ("targets", "nodes", "wake_s", "gather")
+    __slots__ = ("targets", "nodes", "wake_s", "gather", "heads", "t")
 
     def __init__(self, targets: list, rows: int, hidden: int, wake_s: float):
         self.targets, self.wake_s = targets, wake_s
         self.nodes = [n for _, n, _ in targets]
         self.gather = clink.Gather([n.link for n in self.nodes], rows, hidden, [sub for _, _, sub in targets])
+        self.heads = bytearray(b"".join(clink.link_head(0, 0, 0, rows, hidden, *sub) for _, _, sub in targets))
+        self.t = np.zeros((2, len(targets)))   # each call's send and reply times (clink.Gather.call)
 
 
 class FastPath:
@@ -131,17 +133,23 @@ class FastPath:
         if route is None:
             return None
         key = m.key(layer)
-        t_sent = time.perf_counter()
-        sent, failed = self._send(key, x, route.targets)
-        if failed or not sent:
-            return m.gather(self._books(key, x, t_sent, sent, failed))
         t0 = time.perf_counter()
-        status, out, t, errs = route.gather.run(key, max(t_sent + route.wake_s - t0, 0.0), m.spin_s)
-        if status.tolist().count(1) != len(sent):
-            call = self._books(key, x, t_sent, sent, [])
-            self._accept(call, route.targets, status, out.copy(), t0, t, errs)
-            return m.finish(call, t0, t0)
-        return self._sum(sent, out, t0, t.tolist(), x.nbytes)
+        y, errs = route.gather.call(key, route.heads, x, route.t, m.min_deadline_s, route.wake_s, m.spin_s)
+        if y is not None:
+            self._count(route, t0, x.nbytes)
+            return y
+        status, t_send, t_reply = route.gather.status, route.t[0].tolist(), route.t[1].tolist()
+        sent = [(rng, n, sub, t0 + t_send[i]) for i, (rng, n, sub) in enumerate(route.targets) if status[i] != 4]
+        failed = []
+        for i, (rng, n, _) in enumerate(route.targets):
+            if status[i] == 4:   # its link broke: asked again the Python way (_books)
+                unlink(n, errs[i])
+                failed.append(rng)
+        call = self._books(key, x, t0, sent, failed)
+        if failed:   # nothing was waited for
+            return m.gather(call)
+        self._accept(call, route.targets, status, route.gather.out.copy(), t0, t_reply, errs)
+        return m.finish(call, t0, t0)
 
     def route(self, x: np.ndarray) -> "Route | None":
         """This step's Route for x's row count: made by `targets` on first use, then kept while
@@ -176,20 +184,21 @@ class FastPath:
                                    max(wake - t0, 0.0), self.m.spin_s, [sub for _, _, sub in sent])
         return status, out, t0, t, errs
 
-    def _sum(self, sent: list, out: np.ndarray, t0: float, t: list, x_bytes: int) -> np.ndarray:
-        """Every reply came: what ClusterMLP.finish and took count (ClusterMLP.count_reply), and
-        the partials summed as finish sums them (calls.sum_parts)."""
+    def _count(self, route: Route, t0: float, x_bytes: int) -> None:
+        """Every reply of a whole call came: what ClusterMLP.finish and took count
+        (ClusterMLP.count_reply), with each node's round trip from its own send."""
         m = self.m
         st = m.stats
+        t_send, t_reply = route.t.tolist()
         st["calls"] += 1
         st["fast_calls"] += 1
-        st["wait_s"] += time.perf_counter() - t0
-        st["bytes_out"] += len(sent) * (HEAD_BYTES + x_bytes)
+        st["wait_s"] += time.perf_counter() - t0 - t_send[-1]
+        st["bytes_out"] += len(t_send) * (HEAD_BYTES + x_bytes)
         seen = time.monotonic()
-        for i, (rng, n, _, t_send) in enumerate(sent):
-            m.count_reply(rng, n, out[i], t0 + t[i] - t_send, True)
+        out = route.gather.out
+        for i, (rng, n, _) in enumerate(route.targets):
+            m.count_reply(rng, n, out[i], t_reply[i] - t_send[i], True)
             n.last_seen = seen
-        return sum_parts([(rng[0], out[i]) for i, (rng, _, _, _) in enumerate(sent)])
 
     def _deadlines(self, n, rows: int) -> tuple[float, float]:
         """(miss, hedge) seconds after sending for n's range, as ClusterMLP.deadlines sets them,
