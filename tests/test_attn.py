@@ -98,7 +98,8 @@ def test_rmsnorm_is_its_formula_bit_for_bit(h):
 
 
 @pytest.mark.parametrize("nh,kvh,d,p", [(9, 3, 64, 0), (9, 3, 64, 16), (9, 3, 64, 200), (4, 4, 64, 130),
-                                         (6, 2, 80, 57), (2, 1, 32, 300), (3, 1, 128, 127)])
+                                         (6, 2, 80, 57), (2, 1, 32, 300), (3, 1, 128, 127),
+                                         (8, 1, 64, 100), (14, 2, 40, 45), (7, 1, 24, 33)])
 def test_row_attention_is_its_formula_bit_for_bit(nh, kvh, d, p):
     rng = np.random.default_rng(p + d)
     layers, cap, li = 3, 320, 1
