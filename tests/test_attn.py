@@ -163,6 +163,31 @@ def test_prompt_rows_do_not_depend_on_the_chunks_or_the_threads():
             assert np.array_equal(outs[0][p], ref), p
 
 
+def test_decode_rows_split_by_head_over_threads_keep_their_bits():
+    """Fewer rows than 4 per thread (decode) are split by query head over the threads: each head
+    is still computed whole by one thread, so the bits are those of one thread and of the reference."""
+    rng = np.random.default_rng(5)
+    nh, kvh, d, layers, cap = 9, 3, 64, 1, 1024
+    cos, sin = _tables(d, cap)
+    kt0, v0 = _cache(rng, layers, kvh, d, cap)
+    h = rng.standard_normal((3, (nh + 2 * kvh) * d), dtype=f32)
+    for positions in ([1000], [700, 701, 702]):
+        outs = []
+        for threads in (1, 2, 3):
+            kt, v = kt0.copy(), v0.copy()
+            att = np.empty((len(positions), nh * d), f32)
+            rows = np.array([[i, p, kt.ctypes.data, v.ctypes.data, cap] for i, p in enumerate(positions)], np.int64)
+            _qkernels.attn_rows(np.ascontiguousarray(h[:len(positions)]), att, rows, cos, sin, 0, layers, nh, kvh, d,
+                                0.125, threads)
+            outs.append(att)
+        assert all(np.array_equal(outs[0], o) for o in outs[1:]), positions
+        kt, v = kt0[0].copy(), v0[0].copy()
+        for p in positions[:-1]:   # the earlier rows of the chunk write their k, v first
+            attend_reference(h[positions.index(p)], kt, v, p, cos, sin, nh, kvh, d, 0.125)
+        ref = attend_reference(h[len(positions) - 1], kt, v, positions[-1], cos, sin, nh, kvh, d, 0.125)
+        assert np.array_equal(outs[0][-1], ref), positions
+
+
 def test_attention_rejects_bad_input():
     rng = np.random.default_rng(2)
     nh, kvh, d, layers, cap = 4, 2, 32, 2, 16

@@ -202,44 +202,44 @@ static void store_row(const attn_shape *a, const float *restrict h, const float 
     }
 }
 
-/* att = softmax(q K^T * scale) V over cache positions 0..p, per head (head j reads kv head
+/* att = softmax(q K^T * scale) V over cache positions 0..p for query head j (it reads kv head
  * j / (nh / kvh)), q roped from h; the cache holds this row's k, v and every earlier position's.
- * sc: p + 1 floats of scratch. */
+ * sc: p + 1 floats of scratch (rounded up to 16). att: the row's nh * D outputs. */
 SK_CLONES
-static void attend_row(const attn_shape *a, const float *restrict h, const float *restrict cs,
-                       const float *restrict sn, int p, const float *kc, const float *vc,
-                       float *restrict sc, float *restrict att)
+static void attend_head(const attn_shape *a, const float *restrict h, const float *restrict cs,
+                        const float *restrict sn, int p, int j, const float *kc, const float *vc,
+                        float *restrict sc, float *restrict att)
 {
     int D = a->D, grp = a->nh / a->kvh, T = p + 1;
     size_t plane = (size_t)a->cap * D;
     float q[1024];
-    for (int j = 0; j < a->nh; j++) {
-        const float *K = kc + ((size_t)a->layer * a->kvh + j / grp) * plane;
-        const float *V = vc + ((size_t)a->layer * a->kvh + j / grp) * plane;
-        rope_head(h + (size_t)j * D, cs, sn, D / 2, q);
-        scores(q, K, a->cap, D, T, a->scale, sc);
-        float mx[LANES];
-        for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
-        int t = 0;
-        for (; t + LANES <= T; t += LANES)
-            for (int l = 0; l < LANES; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
-        for (int l = 0; t + l < T; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
-        float m = mx[0];
-        for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-        for (t = 0; t < T; t++) sc[t] = sk_expf(sc[t] - m);
-        float acc[LANES] = {0};
-        for (t = 0; t + LANES <= T; t += LANES)
-            for (int l = 0; l < LANES; l++) acc[l] += sc[t + l];
-        for (int l = 0; t + l < T; l++) acc[l] += sc[t + l];
-        weigh(sc, 1.0f / fold(acc), V, D, T, att + (size_t)j * D);
-    }
+    const float *K = kc + ((size_t)a->layer * a->kvh + j / grp) * plane;
+    const float *V = vc + ((size_t)a->layer * a->kvh + j / grp) * plane;
+    rope_head(h + (size_t)j * D, cs, sn, D / 2, q);
+    scores(q, K, a->cap, D, T, a->scale, sc);
+    float mx[LANES];
+    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
+    int t = 0;
+    for (; t + LANES <= T; t += LANES)
+        for (int l = 0; l < LANES; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
+    for (int l = 0; t + l < T; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
+    float m = mx[0];
+    for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    for (t = 0; t < T; t++) sc[t] = sk_expf(sc[t] - m);
+    float acc[LANES] = {0};
+    for (t = 0; t + LANES <= T; t += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += sc[t + l];
+    for (int l = 0; t + l < T; l++) acc[l] += sc[t + l];
+    weigh(sc, 1.0f / fold(acc), V, D, T, att + (size_t)j * D);
 }
 
-/* One call's rows, attended on the kernels' thread pool (sk_parallel): each row is one part,
- * taken from an atomic counter, so rows of different cost (a prompt's grow with position) and a
- * descheduled thread balance themselves; each row is still computed whole by one thread. */
+/* One call's rows, attended on the kernels' thread pool (sk_parallel): each row is one part, or,
+ * when there are fewer than 4 rows per thread (decode), each (row, query head), so that a single
+ * decode row's heads spread over the threads. Parts are taken from an atomic counter, so parts of
+ * different cost (a prompt's rows grow with position) and a descheduled thread balance
+ * themselves; each head of a row is still computed whole by one thread. */
 typedef struct {
-    int nh, kvh, D, layer, width, half, threads;
+    int nh, kvh, D, layer, width, half, threads, split;   /* split: parts per row, 1 or nh */
     float scale;
     long long S;
     const int64_t *rows;
@@ -252,14 +252,16 @@ typedef struct {
 static int attn_part(void *ctx, int i)
 {
     const attn_job *j = ctx;
-    const int64_t *r = j->rows + 5 * (long long)i;
+    const int64_t *r = j->rows + 5 * (long long)(i / j->split);
     size_t need = (size_t)r[1] + 1 + 16;   /* scores() may fill a whole last run of 16 */
     float stack[SCORES_ON_STACK];
     float *sc = need <= SCORES_ON_STACK ? stack : malloc(need * sizeof(float));
     if (!sc) return -1;
     attn_shape a = {j->nh, j->kvh, j->D, (int)r[4], j->layer, j->scale};
-    attend_row(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1],
-               (const float *)(uintptr_t)r[2], (const float *)(uintptr_t)r[3], sc, j->att + r[0] * j->nh * j->D);
+    int per = j->nh / j->split, first = (i % j->split) * per;
+    for (int head = first; head < first + per; head++)
+        attend_head(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1], head,
+                    (const float *)(uintptr_t)r[2], (const float *)(uintptr_t)r[3], sc, j->att + r[0] * j->nh * j->D);
     if (sc != stack) free(sc);
     return 0;
 }
@@ -274,7 +276,9 @@ static int attn_run(attn_job *j, long long work)
         store_row(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1],
                   (float *)(uintptr_t)r[2], (float *)(uintptr_t)r[3]);
     }
-    return sk_parallel(attn_part, j, (int)j->S, work < ATTN_THREAD_WORK ? 1 : j->threads);
+    int threads = work < ATTN_THREAD_WORK ? 1 : j->threads;
+    j->split = threads > 1 && j->S < 4LL * threads ? j->nh : 1;
+    return sk_parallel(attn_part, j, (int)(j->S * j->split), threads);
 }
 
 /* A C-contiguous buffer of `fmt` items ("f": float32, "q": int64) of at least `need` bytes. */
@@ -360,8 +364,9 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
     long long C = cb.len / 4 / (D / 2);
     const int64_t *seg = rb.buf;
     if (hb.len != (Py_ssize_t)(N * width * 4) || ab.len != (Py_ssize_t)(N * nh * D * 4)
-        || rb.len != (Py_ssize_t)(S * 40) || sb.len != cb.len) {
-        PyErr_SetString(PyExc_ValueError, "attn_rows: h, att, rows or the tables do not match the shape");
+        || rb.len != (Py_ssize_t)(S * 40) || sb.len != cb.len || S * nh > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "attn_rows: h, att, rows or the tables do not match the shape, "
+                        "or rows x heads exceed 2^31");
         goto out_s;
     }
     seen = calloc((size_t)N + 1, 1);   /* a row listed twice would be written by two threads */
@@ -381,7 +386,7 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         seen[r[0]] = 1;
         work += (r[1] + 1) * nh * D;   /* at most S * C * 4096 * 1024: C is a table's length */
     }
-    attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < 64 ? threads : 64),
+    attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < 64 ? threads : 64), 1,
                     (float)scale, S, seg, hb.buf, cb.buf, sb.buf, ab.buf};
     int rc;
     Py_BEGIN_ALLOW_THREADS
