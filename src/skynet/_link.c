@@ -471,7 +471,8 @@ static void wait_replies(peer_t *P, Py_ssize_t k, uint64_t step, uint64_t epoch,
 typedef struct {
     Py_ssize_t k;
     Py_buffer pb, rb, sb, tb, ob, bb[MAX_PEERS];
-    int held;   /* bb[0..held) */
+    int held;        /* bb[0..held) */
+    int64_t *pos;    /* the caller's positions, or NULL: pb's */
 } peers_t;
 
 static void release_peers(peers_t *S, peer_t *P)
@@ -485,11 +486,11 @@ static void release_peers(peers_t *S, peer_t *P)
     PyBuffer_Release(&S->tb);
     PyBuffer_Release(&S->sb);
     PyBuffer_Release(&S->rb);
-    PyBuffer_Release(&S->pb);
+    if (!S->pos) PyBuffer_Release(&S->pb);
 }
 
 static int get_peers(peers_t *S, peer_t *P, PyObject *const *a, long long N, long long H, int version, int f64,
-                     long long max_frame, Py_ssize_t t_len, const char *who)
+                     long long max_frame, Py_ssize_t t_len, int64_t *pos, const char *who)
 {
     Py_ssize_t k = PyList_Check(a[0]) ? PyList_GET_SIZE(a[0]) : -1;
     S->held = 0;
@@ -498,12 +499,16 @@ static int get_peers(peers_t *S, peer_t *P, PyObject *const *a, long long N, lon
         return -1;
     }
     S->k = k;
-    if (PyObject_GetBuffer(a[2], &S->pb, PyBUF_WRITABLE) < 0) return -1;
+    S->pos = pos;
+    if (!pos) {   /* else the caller keeps the positions itself */
+        if (PyObject_GetBuffer(a[2], &S->pb, PyBUF_WRITABLE) < 0) return -1;
+        pos = S->pb.buf;
+    }
     if (PyObject_GetBuffer(a[3], &S->rb, PyBUF_SIMPLE) < 0) goto e0;
     if (PyObject_GetBuffer(a[4], &S->sb, PyBUF_WRITABLE) < 0) goto e1;
     if (PyObject_GetBuffer(a[5], &S->tb, PyBUF_WRITABLE) < 0) goto e2;
     if (PyObject_GetBuffer(a[6], &S->ob, PyBUF_WRITABLE) < 0) goto e3;
-    if (N <= 0 || H <= 0 || S->pb.len != 16 * k || S->rb.len != 16 * k || S->sb.len != 8 * k
+    if (N <= 0 || H <= 0 || (!S->pos && S->pb.len != 16 * k) || S->rb.len != 16 * k || S->sb.len != 8 * k
         || S->tb.len != t_len * k || S->ob.len != k * N * H * 8) {
         PyErr_Format(PyExc_ValueError, "%s: array sizes do not match", who);
         goto e4;
@@ -514,7 +519,7 @@ static int get_peers(peers_t *S, peer_t *P, PyObject *const *a, long long N, lon
         peer_t *q = &P[i];
         memset(q, 0, sizeof *q);
         q->L.fd = (int)PyLong_AsLong(PyList_GET_ITEM(a[0], i));
-        q->pos = (int64_t *)S->pb.buf + 2 * i;
+        q->pos = pos + 2 * i;
         q->sub = (int64_t *)S->rb.buf + 2 * i;
         q->status = (int64_t *)S->sb.buf + i;
         q->t = (double *)S->tb.buf + i;
@@ -541,7 +546,7 @@ e2:
 e1:
     PyBuffer_Release(&S->rb);
 e0:
-    PyBuffer_Release(&S->pb);
+    if (!S->pos) PyBuffer_Release(&S->pb);
     return -1;
 }
 
@@ -578,7 +583,7 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
     long long N = iv[3], H = iv[4];
     peers_t S;
     peer_t P[MAX_PEERS];
-    if (get_peers(&S, P, args, N, H, (int)iv[5], (int)iv[6], iv[7], 8, "link_gather") < 0) return NULL;
+    if (get_peers(&S, P, args, N, H, (int)iv[5], (int)iv[6], iv[7], 8, NULL, "link_gather") < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
     double t0 = now_s();
     wait_replies(P, S.k, (uint64_t)iv[0], (uint64_t)iv[1], (uint32_t)iv[2], (uint32_t)N, t0, t0 + timeout, spin);
@@ -587,9 +592,24 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
     return peer_errors(P, S.k);
 }
 
-/* link_call(fds, bufs, pos, subs, status, t, out, heads, x, y, step, epoch, layer, N, H, version, f64,
+/* Each link's read position back to its DataConn (_start, _end). */
+static int put_positions(PyObject *conns, const int64_t *pos, Py_ssize_t k, PyObject *s_start, PyObject *s_end)
+{
+    for (Py_ssize_t i = 0; i < 2 * k; i++) {
+        PyObject *v = PyLong_FromLongLong(pos[i]);
+        if (!v || PyObject_SetAttr(PyList_GET_ITEM(conns, i / 2), i % 2 ? s_end : s_start, v) < 0) {
+            Py_XDECREF(v);
+            return -1;
+        }
+        Py_DECREF(v);
+    }
+    return 0;
+}
+
+/* link_call(fds, bufs, conns, subs, status, t, out, heads, x, y, step, epoch, layer, N, H, version, f64,
  * max_frame, send_timeout_s, wait_timeout_s, spin_s): a whole call, link_send to every link and
- * link_gather over them, in one call from Python.
+ * link_gather over them, in one call from Python. conns: the links' DataConns, whose read
+ * positions (_start, _end) into bufs this call reads and updates.
  *
  * heads: k * 52 writable bytes, each link's prefix and fixed header for an `mlp` of N rows of H
  * float32 (clink.link_head, in link order); this call writes (step, epoch, layer) into each.
@@ -615,11 +635,34 @@ PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
     double spin = PyFloat_AsDouble(args[20]);
     if (PyErr_Occurred()) return NULL;
     long long N = iv[3], H = iv[4];
+    static PyObject *s_start, *s_end;
+    if (!s_start && (!(s_start = PyUnicode_InternFromString("_start")) || !(s_end = PyUnicode_InternFromString("_end"))))
+        return NULL;
+    PyObject *conns = args[2];
+    Py_ssize_t nc = PyList_Check(conns) ? PyList_GET_SIZE(conns) : -1;
+    if (nc < 0 || nc > MAX_PEERS) {
+        PyErr_SetString(PyExc_ValueError, "link_call: conns must be a list of at most 64 links");
+        return NULL;
+    }
+    int64_t posv[2 * MAX_PEERS];
+    for (Py_ssize_t i = 0; i < 2 * nc; i++) {   /* each link's unread bytes: buf[_start:_end] */
+        PyObject *v = PyObject_GetAttr(PyList_GET_ITEM(conns, i / 2), i % 2 ? s_end : s_start);
+        posv[i] = v ? PyLong_AsLongLong(v) : -1;
+        Py_XDECREF(v);
+        if (posv[i] < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "link_call: bad link position");
+            return NULL;
+        }
+    }
     peers_t S;
     peer_t P[MAX_PEERS];
     Py_buffer hb, xb, yb;
-    if (get_peers(&S, P, args, N, H, (int)iv[5], (int)iv[6], iv[7], 16, "link_call") < 0) return NULL;
+    if (get_peers(&S, P, args, N, H, (int)iv[5], (int)iv[6], iv[7], 16, posv, "link_call") < 0) return NULL;
     Py_ssize_t k = S.k;
+    if (k != nc) {
+        PyErr_SetString(PyExc_ValueError, "link_call: conns and fds must be lists of one length");
+        goto e0;
+    }
     if (PyObject_GetBuffer(args[7], &hb, PyBUF_WRITABLE) < 0) goto e0;
     if (PyObject_GetBuffer(args[8], &xb, PyBUF_SIMPLE) < 0) goto e1;
     if (PyObject_GetBuffer(args[9], &yb, PyBUF_WRITABLE) < 0) goto e2;
@@ -679,6 +722,7 @@ PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
     PyBuffer_Release(&xb);
     PyBuffer_Release(&hb);
     release_peers(&S, P);
+    if (put_positions(conns, posv, k, s_start, s_end) < 0) return NULL;
     if (all) Py_RETURN_NONE;
     return peer_errors(P, k);
 e3:

@@ -1985,7 +1985,7 @@ static PyMethodDef methods[] = {
      "link_gather(fds, bufs, pos, subs, status, t, out, step, epoch, layer, N, H, version, f64, max_frame,"
      " timeout_s, spin_s) -> errors: see _link.c"},
     {"link_call", (PyCFunction)(void (*)(void))sk_py_link_call, METH_FASTCALL,
-     "link_call(fds, bufs, pos, subs, status, t, out, heads, x, y, step, epoch, layer, N, H, version, f64,"
+     "link_call(fds, bufs, conns, subs, status, t, out, heads, x, y, step, epoch, layer, N, H, version, f64,"
      " max_frame, send_timeout_s, wait_timeout_s, spin_s) -> None (y is the sum) or errors: see _link.c"},
     {"rmsnorm", (PyCFunction)(void (*)(void))sk_py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, out, N, H, eps): see _attn.c"},
     {"attn_rows", (PyCFunction)(void (*)(void))sk_py_attn_rows, METH_FASTCALL,

@@ -125,9 +125,6 @@ class Gather:
         failed (then nothing was waited for); t (2, k) gets each link's send and reply times,
         seconds after the start."""
         y = np.empty(x.shape, np.float32)
-        self.pos[:] = [(c._start, c._end) for c in self.conns]
-        errs = _k.link_call(self.fds, self.bufs, self.pos, self.subs, self.status, t, self.out, heads, x, y,
+        errs = _k.link_call(self.fds, self.bufs, self.conns, self.subs, self.status, t, self.out, heads, x, y,
                             *key, *x.shape, wire.VERSION, _F64, self.max_frame, send_timeout_s, timeout_s, spin_s)
-        for c, (s, e) in zip(self.conns, self.pos.tolist()):
-            c._start, c._end = s, e
         return (y, None) if errs is None else (None, errs)
