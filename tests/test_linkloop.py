@@ -323,10 +323,16 @@ def test_whole_call_sends_each_link_its_frame_and_sums_the_replies_in_link_order
     for k, (node, _) in enumerate(pairs):   # each link got exactly what link_send would have sent
         msg = fastframe.decode(node.recv_multipart(timeout=2), LIMITS)
         assert msg == wire.Mlp(*KEY, x, *[(0, 0), (32, 64), (0, 0)][k]) and np.array_equal(msg.x, x)
+    assert all(srv._start == srv._end for _, srv in pairs)   # each reply consumed from its link's buffer
     quiet, g1, heads1, t1 = _call(1)
     y1, errs = g1.call(KEY, heads1, x, t1, 2.0, 0.05)
     assert y1 is None and errs == (None,) and g1.status.tolist() == [0]   # silence: nothing summed
     assert fastframe.decode(quiet[0][0].recv_multipart(timeout=2), LIMITS) == wire.Mlp(*KEY, x)
+    one = np.random.default_rng(9).standard_normal((2, H)) * 1e3
+    quiet[0][0].sock.sendall(_reply(one, (12, EPOCH, 1)) + b"\x01\x02")   # and the next message's first bytes
+    y1, errs = g1.call((12, EPOCH, 1), heads1, x, t1, 2.0, 2.0)
+    assert errs is None and y1.tobytes() == calls.sum_parts([(0, one)]).tobytes()   # one link: rounded once
+    assert quiet[0][1]._end - quiet[0][1]._start == 2   # the reply taken, the bytes after it kept
 
 
 def test_whole_call_leaves_what_it_does_not_take_and_reports_a_failed_send():
@@ -348,12 +354,25 @@ def test_whole_call_leaves_what_it_does_not_take_and_reports_a_failed_send():
 
 def test_whole_call_refuses_headers_that_do_not_describe_x():
     _, g, heads, t = _call(2)
+    other = bytearray(clink.link_head(0, 0, 0, 2, H) + clink.link_head(0, 0, 0, 2, H, 32, 64))
+    with pytest.raises(ValueError):   # the second header asks a sub-range the link was not set up for
+        g.call(KEY, other, np.ones((2, H), np.float32), t, 1.0, 0.01)
+    with pytest.raises(ValueError):   # no links
+        _k_call_without_links()
     with pytest.raises(ValueError):
         g.call(KEY, heads, np.ones((3, H), np.float32), t, 1.0, 0.01)
     with pytest.raises(ValueError):
         g.call(KEY, heads[:-1], np.ones((2, H), np.float32), t, 1.0, 0.01)
     with pytest.raises(ValueError):
         g.call(KEY, heads, np.ones((2, H), np.float32), np.zeros(2), 1.0, 0.01)
+
+
+def _k_call_without_links():
+    from skynet import _qkernels
+    x = np.ones((2, H), np.float32)
+    _qkernels.link_call([], [], [], np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros((2, 0)),
+                        np.zeros((0, 2, H)), bytearray(), x, np.empty_like(x), *KEY, 2, H, wire.VERSION, 1, 1 << 20,
+                        1.0, 0.01, 0.0)
 
 
 def test_send_refuses_rows_the_header_does_not_describe():

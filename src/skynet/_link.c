@@ -595,6 +595,10 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
 /* Each link's read position back to its DataConn (_start, _end). */
 static int put_positions(PyObject *conns, const int64_t *pos, Py_ssize_t k, PyObject *s_start, PyObject *s_end)
 {
+    if (PyList_GET_SIZE(conns) != k) {   /* another thread changed the list while the GIL was released */
+        PyErr_SetString(PyExc_RuntimeError, "link_call: the list of links changed during the call");
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < 2 * k; i++) {
         PyObject *v = PyLong_FromLongLong(pos[i]);
         if (!v || PyObject_SetAttr(PyList_GET_ITEM(conns, i / 2), i % 2 ? s_end : s_start, v) < 0) {
@@ -635,13 +639,17 @@ PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
     double spin = PyFloat_AsDouble(args[20]);
     if (PyErr_Occurred()) return NULL;
     long long N = iv[3], H = iv[4];
-    static PyObject *s_start, *s_end;
-    if (!s_start && (!(s_start = PyUnicode_InternFromString("_start")) || !(s_end = PyUnicode_InternFromString("_end"))))
+    if (N <= 0 || H <= 0 || N > UINT32_MAX || H > UINT32_MAX || N * H > (long long)(UINT32_MAX / 8)) {
+        PyErr_SetString(PyExc_ValueError, "link_call: bad shape");
         return NULL;
+    }
+    static PyObject *s_start, *s_end;
+    if (!s_start && !(s_start = PyUnicode_InternFromString("_start"))) return NULL;
+    if (!s_end && !(s_end = PyUnicode_InternFromString("_end"))) return NULL;
     PyObject *conns = args[2];
     Py_ssize_t nc = PyList_Check(conns) ? PyList_GET_SIZE(conns) : -1;
-    if (nc < 0 || nc > MAX_PEERS) {
-        PyErr_SetString(PyExc_ValueError, "link_call: conns must be a list of at most 64 links");
+    if (nc < 1 || nc > MAX_PEERS) {
+        PyErr_SetString(PyExc_ValueError, "link_call: conns must be a list of 1 to 64 links");
         return NULL;
     }
     int64_t posv[2 * MAX_PEERS];
@@ -667,15 +675,17 @@ PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (PyObject_GetBuffer(args[8], &xb, PyBUF_SIMPLE) < 0) goto e1;
     if (PyObject_GetBuffer(args[9], &yb, PyBUF_WRITABLE) < 0) goto e2;
     size_t nx = (size_t)N * (size_t)H;
-    int bad = hb.len != k * (PREFIX + HEAD) || xb.len != (Py_ssize_t)(nx * 4) || yb.len != (Py_ssize_t)(nx * 4)
-              || N > UINT32_MAX || H > UINT32_MAX || nx * 4 > UINT32_MAX;
-    for (Py_ssize_t i = 0; !bad && i < k; i++) {
+    int bad = hb.len != k * (PREFIX + HEAD) || xb.len != (Py_ssize_t)(nx * 4) || yb.len != (Py_ssize_t)(nx * 4);
+    for (Py_ssize_t i = 0; !bad && i < k; i++) {   /* each an `mlp` of this version, of x's shape, for subs[i] */
         const uint8_t *h = (const uint8_t *)hb.buf + i * (PREFIX + HEAD);
-        bad = rd32(h + 8) != nx * 4 || h[PREFIX] != MAGIC || h[PREFIX + 2] != KIND_MLP
-              || rd32(h + PREFIX + 4) != (uint64_t)N || rd32(h + PREFIX + 8) != (uint64_t)H;
+        bad = rd32(h) != 2 || rd32(h + 4) != HEAD || rd32(h + 8) != nx * 4 || h[PREFIX] != MAGIC
+              || h[PREFIX + 1] != (uint8_t)iv[5] || h[PREFIX + 2] != KIND_MLP
+              || rd32(h + PREFIX + 4) != (uint64_t)N || rd32(h + PREFIX + 8) != (uint64_t)H
+              || rd32(h + PREFIX + 32) != (uint64_t)P[i].sub[0] || rd32(h + PREFIX + 36) != (uint64_t)P[i].sub[1];
     }
     if (bad) {
-        PyErr_SetString(PyExc_ValueError, "link_call: the headers do not state x's shape, or y does not match it");
+        PyErr_SetString(PyExc_ValueError, "link_call: the headers are not mlp headers of x's shape for each link's "
+                        "sub-range, or y does not match x");
         goto e3;
     }
     uint64_t step = (uint64_t)iv[0], epoch = (uint64_t)iv[1];

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from . import clink, datalink, fastframe
-from .calls import Call, sum_parts
+from .calls import Call
 from .cluster import Reply
 from .links import unlink
 
@@ -146,10 +146,11 @@ class FastPath:
                 unlink(n, errs[i])
                 failed.append(rng)
         call = self._books(key, x, t0, sent, failed)
-        if failed:   # nothing was waited for
+        if failed:   # nothing was waited for here: m.gather waits for the ranges that were sent
             return m.gather(call)
         self._accept(call, route.targets, status, route.gather.out.copy(), t0, t_reply, errs)
-        return m.finish(call, t0, t0)
+        t_wait = t0 + max(t_send)   # the wait began after the last send, as finish counts it
+        return m.finish(call, t_wait, t_wait)
 
     def route(self, x: np.ndarray) -> "Route | None":
         """This step's Route for x's row count: made by `targets` on first use, then kept while
