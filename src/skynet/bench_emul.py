@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+
 from .bench import ENV, complete, concurrent, say, single
 from .bench_hf import PROMPT, long_prompt, median
 
@@ -48,8 +50,9 @@ def _run(lc, n: int, reps: int, nodes: int, streams: bool, long_ids: list[int] |
         complete(lc.url, PROMPT, 4)
         row[f"tok_s_{PIN_STREAMS}"] = concurrent(lc.url, PROMPT, n, PIN_STREAMS)
     if long_ids:
-        complete(lc.url, long_ids, 1)   # first-call allocations of a long prompt
-        row["ttft_long_s"] = median(complete(lc.url, long_ids, 1)[0] for _ in range(reps))
+        with httpx.Client() as c:   # kept alive, as single's (bench.complete)
+            complete(lc.url, long_ids, 1, c)   # first-call allocations of a long prompt
+            row["ttft_long_s"] = median(complete(lc.url, long_ids, 1, c)[0] for _ in range(reps))
     return row
 
 
