@@ -146,6 +146,14 @@ def test_fast_tokens_do_not_depend_on_the_split(tiny_fast, nodes, n, weights):
     assert diff <= 1e-5
 
 
+def _first_whole_call(nc, x):
+    """A new step's first whole call of x on a running cluster: (its ClusterMLP, the sum, the route)."""
+    m = nc.mlp
+    m.begin_step()
+    y = m(0, x)
+    return m, y, m.fast.route(x)
+
+
 def test_whole_call_route_is_kept_within_a_step(tiny_fast, nodes):
     """fastpath.Route: made on a step's first whole call of a row count and reused for its other
     layers; made again in the next step, for another row count, and not used once a node's link
@@ -154,10 +162,7 @@ def test_whole_call_route_is_kept_within_a_step(tiny_fast, nodes):
     w = tiny_fast.mlp_weights
     x = np.random.default_rng(3).standard_normal((2, w.hidden)).astype(np.float32)
     with nodes(tiny_fast, 2, weights=[1.0, 1.0]) as nc:
-        m = nc.mlp
-        m.begin_step()
-        y0 = m(0, x)
-        r = m.fast.route(x)
+        m, y0, r = _first_whole_call(nc, x)
         assert r is not None and len(r.nodes) == 2
         m(1, x)
         assert m.fast.route(x) is r and m.fast.route(x[:1]) is not r
@@ -180,10 +185,7 @@ def test_whole_call_whose_send_fails_asks_that_range_again(tiny_fast, nodes):
     w = tiny_fast.mlp_weights
     x = np.random.default_rng(4).standard_normal((3, w.hidden)).astype(np.float32)
     with nodes(tiny_fast, 2, weights=[1.0, 1.0]) as nc:
-        m = nc.mlp
-        m.begin_step()
-        y0 = m(0, x)
-        r = m.fast.route(x)
+        m, y0, r = _first_whole_call(nc, x)
         victim = r.nodes[1]
         victim.link.sock.shutdown(socket.SHUT_WR)   # the route still holds this link: its next send fails
         calls = m.stats["fast_calls"]

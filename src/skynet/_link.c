@@ -567,6 +567,16 @@ static PyObject *peer_errors(peer_t *P, Py_ssize_t k)
     return errs;
 }
 
+/* n integer arguments from args[0..n) into out: 0, or -1 with an exception set. */
+static int int_args(PyObject *const *args, int n, long long *out)
+{
+    for (int i = 0; i < n; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 17) {
@@ -574,10 +584,7 @@ PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     long long iv[8];
-    for (int i = 0; i < 8; i++) {
-        iv[i] = PyLong_AsLongLong(args[7 + i]);
-        if (iv[i] == -1 && PyErr_Occurred()) return NULL;
-    }
+    if (int_args(args + 7, 8, iv) < 0) return NULL;
     double timeout = PyFloat_AsDouble(args[15]), spin = PyFloat_AsDouble(args[16]);
     if (PyErr_Occurred()) return NULL;
     long long N = iv[3], H = iv[4];
@@ -631,10 +638,7 @@ PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     long long iv[8];
-    for (int i = 0; i < 8; i++) {
-        iv[i] = PyLong_AsLongLong(args[10 + i]);
-        if (iv[i] == -1 && PyErr_Occurred()) return NULL;
-    }
+    if (int_args(args + 10, 8, iv) < 0) return NULL;
     double send_timeout = PyFloat_AsDouble(args[18]), timeout = PyFloat_AsDouble(args[19]);
     double spin = PyFloat_AsDouble(args[20]);
     if (PyErr_Occurred()) return NULL;
