@@ -18,5 +18,5 @@ if sys.platform != "win32":   # pthreads serve threads > 1; Windows builds run s
 
 setup(ext_modules=[Extension("skynet._qkernels", ["src/skynet/_qkernels.c", "src/skynet/_link.c",
                                                        "src/skynet/_attn.c"],
-                             depends=["src/skynet/_qkernels.h"],
+                             depends=["src/skynet/_qkernels.h", "src/skynet/_attn_vec.h"],
                              extra_compile_args=compile_args, extra_link_args=link_args)])

@@ -15,6 +15,17 @@ from skynet.mlp import LocalMLP
 from skynet.model import Segment, _rope, rmsnorm
 
 f32 = np.float32
+# the attention's vector width follows the matmul kernels in use: 16 lanes with AVX-512, else 8
+KERNELS = ["generic"] + [k for k in ("avx2", "avx512") if _qkernels.set_kernel(k) == k]
+_qkernels.set_kernel("auto")
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    """Each kernel level this CPU runs, set for the test and restored after it."""
+    assert _qkernels.set_kernel(request.param) == request.param
+    yield request.param
+    _qkernels.set_kernel("auto")
 
 
 def rmsnorm_reference(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -100,7 +111,7 @@ def test_rmsnorm_is_its_formula_bit_for_bit(h):
 @pytest.mark.parametrize("nh,kvh,d,p", [(9, 3, 64, 0), (9, 3, 64, 16), (9, 3, 64, 200), (4, 4, 64, 130),
                                          (6, 2, 80, 57), (2, 1, 32, 300), (3, 1, 128, 127),
                                          (8, 1, 64, 100), (14, 2, 40, 45), (7, 1, 24, 33)])
-def test_row_attention_is_its_formula_bit_for_bit(nh, kvh, d, p):
+def test_row_attention_is_its_formula_bit_for_bit(nh, kvh, d, p, kernel):
     rng = np.random.default_rng(p + d)
     layers, cap, li = 3, 320, 1
     cos, sin = _tables(d, 400)
@@ -140,7 +151,7 @@ def test_rows_do_not_depend_on_each_other():
     assert np.array_equal(together, alone)
 
 
-def test_prompt_rows_do_not_depend_on_the_chunks_or_the_threads():
+def test_prompt_rows_do_not_depend_on_the_chunks_or_the_threads(kernel):
     """A 300-row prompt attended in one call (1 and 3 threads), and cut into chunks of 1, 37 and
     the rest, give the same bits; each row equals the per-row reference at its position."""
     rng = np.random.default_rng(3)
@@ -163,7 +174,7 @@ def test_prompt_rows_do_not_depend_on_the_chunks_or_the_threads():
             assert np.array_equal(outs[0][p], ref), p
 
 
-def test_decode_rows_split_by_head_over_threads_keep_their_bits():
+def test_decode_rows_split_by_head_over_threads_keep_their_bits(kernel):
     """Fewer rows than 4 per thread (decode) are split by query head over the threads: each head
     is still computed whole by one thread, so the bits are those of one thread and of the reference."""
     rng = np.random.default_rng(5)

@@ -30,6 +30,7 @@
 #define ATTN_THREAD_WORK (1LL << 17)
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#define SK_X86_CLONES 1
 #define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SK_CLONES
@@ -87,102 +88,9 @@ typedef struct {
 #define KEYS 128   /* keys scored at once: independent lanes, so the adds do not wait on each other */
 
 #if defined(__GNUC__)
-/* 16 floats as one GCC vector: each operation is elementwise and rounds once, on any target (AVX-512
- * one register, AVX2 two, SSE four); aligned(4) lets it load from any float address. */
-typedef float vf16 __attribute__((vector_size(64), aligned(4)));
-#define SK_VEC 1
+#define SK_VEC 1   /* GCC vectors: each operation is elementwise and rounds once, on any target;
+                    * aligned(4) lets one load from any float address */
 #endif
-
-/* sc[t] = (q . K[t]) * scale for t < T; kt holds K transposed, D rows of `cap` keys, cap a multiple
- * of 16 (model.KEY_RUN). Each score is the sum over d in order, in float: lanes run over keys, never
- * over d. The last run of 16 may read keys past T (within cap; whatever they hold): their scores
- * land in sc[T..] (sc has room for T rounded up to 16) and are never used. */
-static inline void scores(const float *restrict q, const float *restrict kt, int cap, int D, int T, float scale,
-                          float *restrict sc)
-{
-    int t = 0;
-#ifdef SK_VEC
-    for (; t + KEYS <= T; t += KEYS) {
-        vf16 a[KEYS / 16] = {{0}};
-        for (int d = 0; d < D; d++) {
-            vf16 qd = (vf16){0} + q[d];
-            const vf16 *k = (const vf16 *)(kt + (size_t)d * cap + t);
-            for (int i = 0; i < KEYS / 16; i++) a[i] += qd * k[i];
-        }
-        vf16 *o = (vf16 *)(sc + t);
-        for (int i = 0; i < KEYS / 16; i++) o[i] = a[i] * scale;
-    }
-    int runs = (T - t + 15) / 16;
-    if (runs > 0) {
-        vf16 a[KEYS / 16] = {{0}};
-        for (int d = 0; d < D; d++) {
-            vf16 qd = (vf16){0} + q[d];
-            const vf16 *k = (const vf16 *)(kt + (size_t)d * cap + t);
-            for (int i = 0; i < runs; i++) a[i] += qd * k[i];
-        }
-        vf16 *o = (vf16 *)(sc + t);
-        for (int i = 0; i < runs; i++) o[i] = a[i] * scale;
-    }
-#else
-    for (; t < T; t += KEYS) {
-        int m = T - t < KEYS ? T - t : KEYS;
-        float acc[KEYS] = {0};
-        for (int d = 0; d < D; d++) {
-            float qd = q[d];
-            const float *k = kt + (size_t)d * cap + t;
-            for (int l = 0; l < m; l++) acc[l] += qd * k[l];
-        }
-        for (int l = 0; l < m; l++) sc[t + l] = acc[l] * scale;
-    }
-#endif
-}
-
-/* o[d] = sum over t < T of w[t] * V[t][d] (w = sc * inv, rounded first): even and odd t are
- * summed apart, each in order, and then added (two chains, so the adds overlap). */
-static inline void weigh(const float *restrict sc, float inv, const float *restrict V, int D, int T,
-                         float *restrict o)
-{
-    int d = 0;
-#ifdef SK_VEC
-    for (; d + 64 <= D; d += 64) {
-        vf16 a[4] = {{0}}, b[4] = {{0}};
-        int u = 0;
-        for (; u + 2 <= T; u += 2) {
-            vf16 w = (vf16){0} + sc[u] * inv, x = (vf16){0} + sc[u + 1] * inv;
-            const vf16 *v = (const vf16 *)(V + (size_t)u * D + d), *y = (const vf16 *)(V + (size_t)(u + 1) * D + d);
-            for (int i = 0; i < 4; i++) {
-                a[i] += w * v[i];
-                b[i] += x * y[i];
-            }
-        }
-        if (u < T) {
-            vf16 w = (vf16){0} + sc[u] * inv;
-            const vf16 *v = (const vf16 *)(V + (size_t)u * D + d);
-            for (int i = 0; i < 4; i++) a[i] += w * v[i];
-        }
-        vf16 *out = (vf16 *)(o + d);
-        for (int i = 0; i < 4; i++) out[i] = a[i] + b[i];
-    }
-#endif
-    if (d == D) return;
-    float a[1024], b[1024];   /* the columns the vector loop did not take (all D <= 1024 without it) */
-    int n = D - d, u = 0;
-    for (int e = 0; e < n; e++) a[e] = b[e] = 0.0f;
-    for (; u + 2 <= T; u += 2) {
-        float w = sc[u] * inv, x = sc[u + 1] * inv;
-        const float *v = V + (size_t)u * D + d, *y = V + (size_t)(u + 1) * D + d;
-        for (int e = 0; e < n; e++) {
-            a[e] += w * v[e];
-            b[e] += x * y[e];
-        }
-    }
-    if (u < T) {
-        float w = sc[u] * inv;
-        const float *v = V + (size_t)u * D + d;
-        for (int e = 0; e < n; e++) a[e] += w * v[e];
-    }
-    for (int e = 0; e < n; e++) o[d + e] = a[e] + b[e];
-}
 
 /* Row h (q: nh heads, then k, v: kvh heads) at position p: rope its k and write k, v to the
  * cache at p. kc: the sequence's keys, transposed (layers, kvh, D, cap); vc: its values
@@ -202,35 +110,48 @@ static void store_row(const attn_shape *a, const float *restrict h, const float 
     }
 }
 
-/* att = softmax(q K^T * scale) V over cache positions 0..p for query head j (it reads kv head
- * j / (nh / kvh)), q roped from h; the cache holds this row's k, v and every earlier position's.
- * sc: p + 1 floats of scratch (rounded up to 16). att: the row's nh * D outputs. */
-SK_CLONES
-static void attend_head(const attn_shape *a, const float *restrict h, const float *restrict cs,
-                        const float *restrict sn, int p, int j, const float *kc, const float *vc,
-                        float *restrict sc, float *restrict att)
+/* attend_head, once per vector width (_attn_vec.h): 16 lanes for AVX-512, 8 for AVX2 and the rest. */
+#if defined(SK_VEC) && defined(SK_X86_CLONES)
+#define SK_V16 1
+#define VL 16
+#define VT vf16
+#define FN(name) name##_v16
+#define VEC_TARGET __attribute__((target("avx512f")))
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+#include "_attn_vec.h"
+#undef VL
+#undef VT
+#undef FN
+#undef VEC_TARGET
+#endif
+#define VL 8
+#define VT vf8
+#define FN(name) name##_v8
+#ifdef SK_X86_CLONES
+#define VEC_TARGET __attribute__((target_clones("avx2", "default")))
+#else
+#define VEC_TARGET
+#endif
+#ifdef SK_VEC
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+#endif
+#include "_attn_vec.h"
+#undef VL
+#undef VT
+#undef FN
+#undef VEC_TARGET
+
+typedef void (*head_fn)(const attn_shape *, const float *, const float *, const float *, int, int, const float *,
+                        const float *, float *, float *);
+
+/* The widest attend_head for the kernels in use: 16 lanes with the AVX-512 ones, else 8 (so
+ * set_kernel("avx2") also tests the 8-lane loops on an AVX-512 machine). */
+static head_fn pick_head(void)
 {
-    int D = a->D, grp = a->nh / a->kvh, T = p + 1;
-    size_t plane = (size_t)a->cap * D;
-    float q[1024];
-    const float *K = kc + ((size_t)a->layer * a->kvh + j / grp) * plane;
-    const float *V = vc + ((size_t)a->layer * a->kvh + j / grp) * plane;
-    rope_head(h + (size_t)j * D, cs, sn, D / 2, q);
-    scores(q, K, a->cap, D, T, a->scale, sc);
-    float mx[LANES];
-    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY;
-    int t = 0;
-    for (; t + LANES <= T; t += LANES)
-        for (int l = 0; l < LANES; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
-    for (int l = 0; t + l < T; l++) mx[l] = sc[t + l] > mx[l] ? sc[t + l] : mx[l];
-    float m = mx[0];
-    for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-    for (t = 0; t < T; t++) sc[t] = sk_expf(sc[t] - m);
-    float acc[LANES] = {0};
-    for (t = 0; t + LANES <= T; t += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += sc[t + l];
-    for (int l = 0; t + l < T; l++) acc[l] += sc[t + l];
-    weigh(sc, 1.0f / fold(acc), V, D, T, att + (size_t)j * D);
+#ifdef SK_V16
+    if (sk_kernel_level() >= 2 && __builtin_cpu_supports("avx512f")) return attend_head_v16;
+#endif
+    return attend_head_v8;
 }
 
 /* One call's rows, attended on the kernels' thread pool (sk_parallel): each row is one part, or,
@@ -240,6 +161,7 @@ static void attend_head(const attn_shape *a, const float *restrict h, const floa
  * themselves; each head of a row is still computed whole by one thread. */
 typedef struct {
     int nh, kvh, D, layer, width, half, threads, split;   /* split: parts per row, 1 or nh */
+    head_fn head;
     float scale;
     long long S;
     const int64_t *rows;
@@ -260,7 +182,7 @@ static int attn_part(void *ctx, int i)
     attn_shape a = {j->nh, j->kvh, j->D, (int)r[4], j->layer, j->scale};
     int per = j->nh / j->split, first = (i % j->split) * per;
     for (int head = first; head < first + per; head++)
-        attend_head(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1], head,
+        j->head(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1], head,
                     (const float *)(uintptr_t)r[2], (const float *)(uintptr_t)r[3], sc, j->att + r[0] * j->nh * j->D);
     if (sc != stack) free(sc);
     return 0;
@@ -277,6 +199,7 @@ static int attn_run(attn_job *j, long long work)
                   (float *)(uintptr_t)r[2], (float *)(uintptr_t)r[3]);
     }
     int threads = work < ATTN_THREAD_WORK ? 1 : j->threads;
+    j->head = pick_head();
     j->split = threads > 1 && j->S < 4LL * threads ? j->nh : 1;
     return sk_parallel(attn_part, j, (int)(j->S * j->split), threads);
 }
@@ -386,7 +309,7 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         seen[r[0]] = 1;
         work += (r[1] + 1) * nh * D;   /* at most S * C * 4096 * 1024: C is a table's length */
     }
-    attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < 64 ? threads : 64), 1,
+    attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < 64 ? threads : 64), 1, NULL,
                     (float)scale, S, seg, hb.buf, cb.buf, sb.buf, ab.buf};
     int rc;
     Py_BEGIN_ALLOW_THREADS

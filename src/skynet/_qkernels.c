@@ -1946,6 +1946,8 @@ static PyObject *py_pool_stats(PyObject *self, PyObject *unused)
 
 static PyObject *py_kernel_name(PyObject *self, PyObject *unused) { return PyUnicode_FromString(K_.name); }
 
+int sk_kernel_level(void) { return K_.level; }
+
 /* "generic" 0, "avx2" 1, "avx512" or "auto" 2; -1 otherwise. */
 static int kernel_level(const char *s)
 {

@@ -58,6 +58,7 @@ PyObject *sk_py_link_serve(PyObject *self, PyObject *const *args, Py_ssize_t nar
 PyObject *sk_py_link_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_link_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_link_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+int sk_kernel_level(void);   /* the matmul kernels in use (set_kernel): 0 generic, 1 AVX2, 2 AVX-512 */
 /* _attn.c */
 PyObject *sk_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
