@@ -64,6 +64,10 @@ def test_quick_bench_writes_results(tmp_path, default_model_dir):
     for d in (hf, sky):
         for k in ("decode_tok_s", "ttft_short_s", "ttft_s"):
             assert d[k] > 0, k
+    for d in (hf["context"], sky["context"]):   # the long-context rows (--quick: a 128-token prompt)
+        assert d["prompt_tokens"] == 128 and d["new_tokens"] == 32 and d["ttft_s"] > 0, d
+        assert d["decode_tok_s"] is None or d["decode_tok_s"] > 0, d
+    assert "128-token prompt (ms)" in p.stdout and "decode at position ~128" in p.stdout
     assert set(hf["batch_tok_s"]) == set(sky["concurrency_tok_s"]) == {"1", "4", "8"}
     assert all(v > 0 for v in [*hf["batch_tok_s"].values(), *sky["concurrency_tok_s"].values()])
 

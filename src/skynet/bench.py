@@ -27,9 +27,10 @@ from pathlib import Path
 
 import httpx
 
-from .bench_hf import PROMPT, decode_only, load_hf, long_prompt, median, plot, ratio, run_hf, table
+from .bench_hf import PROMPT, decode_only, load_hf, long_context, long_prompt, median, plot, ratio, run_hf, table
 
 QUICK_TOKENS = 16
+CONTEXT_TOKENS, QUICK_CONTEXT, CONTEXT_NEW = 1024, 128, 32   # the long-context rows: prompt, then decode
 STREAMS = (1, 4, 8)
 SCALING = (0, 1, 2)
 KILL_TOKENS, KILL_AFTER = 64, 15
@@ -47,6 +48,10 @@ def server_threads(budget: int, nodes: int, precision: str = "fast") -> int:
     if budget < 1 or nodes < 0:
         raise ValueError(f"need budget >= 1 and nodes >= 0, got {budget}, {nodes}")
     return budget if precision == "fast" else max(1, budget - nodes)
+
+
+def _fmt_rate(tok_s) -> str:
+    return "n/a" if tok_s is None else f"{tok_s:.1f} tok/s"
 
 
 def say(msg: str) -> None:
@@ -326,6 +331,7 @@ def main(args) -> int:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids = tok(PROMPT, add_special_tokens=True)["input_ids"]   # as the server encodes it
     long_ids = long_prompt(tok, args.prompt_tokens)
+    ctx_ids = long_prompt(tok, QUICK_CONTEXT if args.quick else CONTEXT_TOKENS)
     q_prompts = bench_quality.PROMPTS[:bench_quality.QUICK_PROMPTS] if args.quick else bench_quality.PROMPTS
     q_tokens = bench_quality.QUICK_TOKENS if args.quick else bench_quality.TOKENS
 
@@ -333,6 +339,10 @@ def main(args) -> int:
     hf_model = load_hf(model_dir)
     try:
         hf = run_hf(hf_model, prompt_ids, long_ids, n, STREAMS, reps, say)
+        gen = hf.pop("gen")
+        hf["context"] = long_context(lambda ids, k: gen(ids, k)[0], ctx_ids, CONTEXT_NEW, reps)
+        say(f"  HF {len(ctx_ids)}-token context: TTFT {hf['context']['ttft_s'] * 1000:.0f} ms, "
+            f"then {_fmt_rate(hf['context']['decode_tok_s'])}")
         phase("hf")
         ref = bench_quality.hf_reference(hf_model, tok, q_prompts, q_tokens, say)
     finally:
@@ -360,7 +370,10 @@ def main(args) -> int:
         with httpx.Client() as c:
             complete(lc.url, PROMPT, 1, c)   # the connection (as in single: it is not the prompt's time)
             sky["ttft_s"] = median(complete(lc.url, long_ids, 1, c)[0] for _ in range(reps))
+            sky["context"] = long_context(lambda ids, k: complete(lc.url, ids, k, c)[0], ctx_ids, CONTEXT_NEW, reps)
         say(f"  SkyNet TTFT ({len(long_ids)}-token prompt): {sky['ttft_s'] * 1000:.0f} ms")
+        say(f"  SkyNet {len(ctx_ids)}-token context: TTFT {sky['context']['ttft_s'] * 1000:.0f} ms, "
+            f"then {_fmt_rate(sky['context']['decode_tok_s'])}")
         sky["concurrency_tok_s"] = {"1": sky["decode_tok_s"]}
         for k in STREAMS[1:]:
             sky["concurrency_tok_s"][str(k)] = concurrent(lc.url, PROMPT, n, k)
@@ -514,6 +527,11 @@ def report(r: dict) -> str:
             [f"TTFT, {p}-token prompt (ms)", 1000 * hf["ttft_s"], 1000 * sky["ttft_s"]],
             *([f"aggregate, {k} stream(s) (tok/s)", hf["batch_tok_s"][k], sky["concurrency_tok_s"][k]]
               for k in sky["concurrency_tok_s"])]
+    if hf.get("context") and sky.get("context"):
+        hc, sc = hf["context"], sky["context"]
+        rows += [[f"TTFT, {hc['prompt_tokens']}-token prompt (ms)", 1000 * hc["ttft_s"], 1000 * sc["ttft_s"]],
+                 [f"decode at position ~{hc['prompt_tokens']}, {hc['new_tokens']} tokens (tok/s)",
+                  hc["decode_tok_s"], sc["decode_tok_s"]]]
     if prec != "exact":
         rows.insert(2, [f"single stream, exact (float32), {n} tokens (tok/s)", hf["decode_tok_s"],
                         ex["decode_tok_s"]])

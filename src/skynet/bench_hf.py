@@ -82,7 +82,17 @@ def run_hf(model, prompt_ids: list[int], long_ids: list[int], n: int, batches, r
         say(f"  HF batch {b}: {batch_tok_s[str(b)]:.1f} tok/s")
     return {"decode_tok_s": n / t, "decode_only_tok_s": decode_only(n, t, ttft_short),
             "ttft_short_s": ttft_short, "ttft_s": ttft_long, "batch_tok_s": batch_tok_s,
-            "threads": 2, "ids": ids}
+            "threads": 2, "ids": ids, "gen": gen}
+
+
+def long_context(timed, ids: list[int], new: int, reps: int) -> dict:
+    """A long prompt's figures from `timed(ids, tokens) -> seconds` (HF's generate or a request):
+    the time to its first token, and the decode rate of the `new` tokens after it, at a position
+    of about len(ids) (medians of reps)."""
+    ttft = median(timed(ids, 1) for _ in range(reps))
+    total = median(timed(ids, 1 + new) for _ in range(reps))
+    return {"prompt_tokens": len(ids), "new_tokens": new, "ttft_s": ttft,
+            "decode_tok_s": new / (total - ttft) if total > ttft else None}
 
 
 # ---------------------------------------------------------------------------- output
