@@ -1333,12 +1333,8 @@ static void select_kernels(int level)
  * 1024 Q4_K, Q5_K or Q6_K took ~32 µs more per decoded row from 137-154 µs at 1 row, against a
  * flat 325-397 for 4-16 rows in tiles on AVX-512 (333-354 for 4-8 in one 8-row tile on AVX2). */
 #define DEC_MAX_AVX2 8           /* Q4_0, Q4_1, Q8_0 calls of up to this many rows: decode tiles */
-#ifndef DEC_MAX_AVX512
 #define DEC_MAX_AVX512 24        /* in chunks of DEC_ROWS */
-#endif
-#ifndef KDEC_MAX
-#define KDEC_MAX 6   /* K-quant calls of up to this many rows run kdec (tile_plan) */
-#endif
+#define KDEC_MAX 6               /* K-quant calls of up to this many rows run kdec (tile_plan) */
 static void tile_plan(int T, int N, int *L, int *n0)
 {
     *L = 0;

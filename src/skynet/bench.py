@@ -27,7 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from .bench_hf import PROMPT, decode_only, load_hf, long_context, long_prompt, median, plot, ratio, run_hf, table
+from .bench_hf import (PROMPT, decode_only, generator, load_hf, long_context, long_prompt, median, plot, ratio,
+                       run_hf, table)
 
 QUICK_TOKENS = 16
 CONTEXT_TOKENS, QUICK_CONTEXT, CONTEXT_NEW = 1024, 128, 32   # the long-context rows: prompt, then decode
@@ -339,7 +340,7 @@ def main(args) -> int:
     hf_model = load_hf(model_dir)
     try:
         hf = run_hf(hf_model, prompt_ids, long_ids, n, STREAMS, reps, say)
-        gen = hf.pop("gen")
+        gen = generator(hf_model)
         hf["context"] = long_context(lambda ids, k: gen(ids, k)[0], ctx_ids, CONTEXT_NEW, reps)
         say(f"  HF {len(ctx_ids)}-token context: TTFT {hf['context']['ttft_s'] * 1000:.0f} ms, "
             f"then {_fmt_rate(hf['context']['decode_tok_s'])}")

@@ -47,10 +47,9 @@ def load_hf(model_dir):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
-def run_hf(model, prompt_ids: list[int], long_ids: list[int], n: int, batches, reps: int,
-           say=print) -> dict:
-    """HF transformers figures of a loaded model (load_hf); returns a dict with the greedy ids of
-    the single-stream run. The caller owns (and frees) the model."""
+def generator(model):
+    """gen(ids, new, batch=1) -> (seconds, new ids (batch, new)): HF's greedy generate of exactly
+    `new` tokens after ids, timed."""
     import torch
 
     pad = model.generation_config.pad_token_id
@@ -65,7 +64,14 @@ def run_hf(model, prompt_ids: list[int], long_ids: list[int], n: int, batches, r
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
                                  min_new_tokens=new, do_sample=False, pad_token_id=pad)
         return time.perf_counter() - t0, out[:, len(ids):]
+    return gen
 
+
+def run_hf(model, prompt_ids: list[int], long_ids: list[int], n: int, batches, reps: int,
+           say=print) -> dict:
+    """HF transformers figures of a loaded model (load_hf); returns a dict with the greedy ids of
+    the single-stream run. The caller owns (and frees) the model."""
+    gen = generator(model)
     gen(prompt_ids, 4)   # warm-up: first-call allocations, kernels
     ttft_short = median(gen(prompt_ids, 1)[0] for _ in range(reps))
     runs = [gen(prompt_ids, n) for _ in range(reps)]
@@ -82,7 +88,7 @@ def run_hf(model, prompt_ids: list[int], long_ids: list[int], n: int, batches, r
         say(f"  HF batch {b}: {batch_tok_s[str(b)]:.1f} tok/s")
     return {"decode_tok_s": n / t, "decode_only_tok_s": decode_only(n, t, ttft_short),
             "ttft_short_s": ttft_short, "ttft_s": ttft_long, "batch_tok_s": batch_tok_s,
-            "threads": 2, "ids": ids, "gen": gen}
+            "threads": 2, "ids": ids}
 
 
 def long_context(timed, ids: list[int], new: int, reps: int) -> dict:

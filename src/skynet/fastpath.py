@@ -139,12 +139,13 @@ class FastPath:
             self._count(route, t0, x.nbytes)
             return y
         status, t_send, t_reply = route.gather.status, route.t[0].tolist(), route.t[1].tolist()
-        sent = [(rng, n, sub, t0 + t_send[i]) for i, (rng, n, sub) in enumerate(route.targets) if status[i] != 4]
-        failed = []
-        for i, (rng, n, _) in enumerate(route.targets):
+        sent, failed = [], []
+        for i, (rng, n, sub) in enumerate(route.targets):
             if status[i] == 4:   # its link broke: asked again the Python way (_books)
                 unlink(n, errs[i])
                 failed.append(rng)
+            else:
+                sent.append((rng, n, sub, t0 + t_send[i]))
         call = self._books(key, x, t0, sent, failed)
         if failed:   # nothing was waited for here: m.gather waits for the ranges that were sent
             return m.gather(call)
