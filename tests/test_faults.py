@@ -122,6 +122,35 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(runtime):
     assert (c.finish_reason, c.seq.out) == ("length", rt.want[tuple(PROMPT)])
 
 
+def test_a_whole_response_wakes_the_event_loop_once(runtime):
+    """A streamed request's queue gets its text as it comes; a whole (non-streaming) one gets its
+    finish only (`live=False`), with the same text and tokens: the event loop is not woken for
+    every token of a response nobody reads before it ends."""
+    import asyncio
+
+    rt = runtime(max_batch=2)
+
+    async def events(stream):
+        out = []
+        while not out or out[-1][2] is None:
+            out.append(await asyncio.wait_for(stream.queue.get(), 60))
+        return out
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        live = rt.submit_batch([list(PROMPT)], 8, GREEDY, loop=loop, ignore_eos=True)[0]
+        whole = rt.submit_batch([list(PROMPT)], 8, GREEDY, loop=loop, ignore_eos=True, live=False)[0]
+        rt.start()
+        return live, whole, await events(live), await events(whole)
+
+    live, whole, live_events, whole_events = asyncio.run(run())
+    assert live.seq.out == whole.seq.out == rt.want[tuple(PROMPT)]
+    assert [e[2] for e in whole_events] == ["length"]
+    assert len(live_events) > 2 and [e[2] for e in live_events[:-1]] == [None] * (len(live_events) - 1)
+    assert live_events[-1][2] == "length"
+    assert "".join(e[1] for e in live_events) == live.text == whole.text and live.text
+
+
 def test_a_failing_token_callback_fails_that_request_only(runtime):
     rt = runtime(max_batch=2)
     a, b = submit(rt, PROMPT), submit(rt, OTHER)

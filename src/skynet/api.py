@@ -175,7 +175,7 @@ async def _run(rt: Runtime, req, prompts: list[list[int]], request: Request, cha
     try:
         streams = rt.submit_batch(prompts, max_tokens, req.sampling(), req.stop_list(),
                                   loop=asyncio.get_running_loop(), ignore_eos=req.ignore_eos,
-                                  n=req.n, logprobs=k, prompt_logprobs=prompt_k)
+                                  n=req.n, logprobs=k, prompt_logprobs=prompt_k, live=req.stream)
     except RequestError as e:
         return error(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt")
     except Busy as e:

@@ -46,6 +46,7 @@ class Stream:
 
     seq: Sequence
     queue: asyncio.Queue | None = None
+    live: bool = True   # False: only the finish event is queued (the text is read at the end)
     text: str = ""
     finish_reason: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -154,9 +155,11 @@ class Runtime:
     def submit_batch(self, prompts: list[list[int]], max_tokens: int, params: SamplingParams,
                      stop: list[str] = (), loop: asyncio.AbstractEventLoop | None = None,
                      ignore_eos: bool = False, n: int = 1, logprobs: int | None = None,
-                     prompt_logprobs: int | None = None) -> list[Stream]:
+                     prompt_logprobs: int | None = None, live: bool = True) -> list[Stream]:
         """Queue n choices of each prompt, all or none; choice j of prompt i is stream i * n + j,
-        with its own random stream (j) of the seed. Raises RequestError, Busy or Unavailable."""
+        with its own random stream (j) of the seed. `live=False` (a whole response): the queue
+        gets each choice's finish only, so the event loop is not woken for every token.
+        Raises RequestError, Busy or Unavailable."""
         if self.fatal:
             raise Unavailable(self.fatal)
         for prompt in prompts:
@@ -174,7 +177,7 @@ class Runtime:
                 seq = Sequence(list(prompt), max_tokens, params,
                                frozenset() if ignore_eos else self.stop_ids, stream=j,
                                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-                streams.append(self._track(Stream(seq, queue, index=i * n + j), stop, loop))
+                streams.append(self._track(Stream(seq, queue, live, index=i * n + j), stop, loop))
         for st in streams:
             self.engine.submit(st.seq)
         if self.fatal:   # it died while these were being queued: nobody else will finish them
@@ -197,7 +200,7 @@ class Runtime:
             stream.text += delta
             if hit_stop:
                 s.finish("stop")
-            if delta or s.logprobs is not None:
+            if stream.live and (delta or s.logprobs is not None):
                 push((idx, delta, None, s.out_logprobs[-1:]))
 
         def on_finish(s: Sequence) -> None:
