@@ -64,6 +64,13 @@ def test_quick_bench_writes_results(tmp_path, default_model_dir):
     for d in (hf, sky):
         for k in ("decode_tok_s", "ttft_short_s", "ttft_s"):
             assert d[k] > 0, k
+    tp = sky["ttft_pairs"]   # the long prompt's TTFT, alternated with HF's
+    assert tp["pairs"] == len(tp["first_s"]) == len(tp["second_s"]) == 2 and min(tp["first_s"] + tp["second_s"]) > 0
+    assert min(y / x for x, y in zip(tp["first_s"], tp["second_s"])) <= tp["ratio"] \
+        <= max(y / x for x, y in zip(tp["first_s"], tp["second_s"]))
+    assert "pairs alternated with HF" in p.stdout
+    ttft_row = next(t for t in r["targets"] if t["name"].startswith("TTFT"))
+    assert ttft_row["value"] == tp["ratio"], ttft_row
     for d in (hf["context"], sky["context"]):   # the long-context rows (--quick: a 128-token prompt)
         assert d["prompt_tokens"] == 128 and d["new_tokens"] == 32 and d["ttft_s"] > 0, d
         assert d["decode_tok_s"] is None or d["decode_tok_s"] > 0, d
@@ -122,3 +129,21 @@ def test_server_threads_follow_the_budget():
     assert server_threads(4, 1, "exact") == 3
     with pytest.raises(ValueError):
         server_threads(0, 0)
+
+
+def test_paired_alternates_the_order_and_takes_the_median_of_ratios():
+    from skynet.bench_hf import paired
+    order, a, b = [], iter([1.0, 2.0, 4.0]), iter([2.0, 3.0, 2.0])
+
+    def first():
+        order.append("first")
+        return next(a)
+
+    def second():
+        order.append("second")
+        return next(b)
+
+    r = paired(first, second, 3, settle_s=0)
+    assert order == ["first", "second", "second", "first", "first", "second"]
+    assert r["first_s"] == [1.0, 2.0, 4.0] and r["second_s"] == [2.0, 3.0, 2.0]
+    assert r["ratio"] == 1.5 and r["first_median_s"] == 2.0 and r["second_median_s"] == 2.0   # ratios 2, 1.5, 0.5

@@ -101,6 +101,19 @@ def long_context(timed, ids: list[int], new: int, reps: int) -> dict:
             "decode_tok_s": new / (total - ttft) if total > ttft else None}
 
 
+def paired(first, second, pairs: int, settle_s: float = 0.2) -> dict:
+    """`pairs` timings of each of first() and second() (each returns seconds), taken as alternated
+    pairs, the order swapped every pair, `settle_s` apart. On a shared, noisy box the median of the
+    pairs' ratios (second / first) is steadier than a ratio of two medians taken minutes apart."""
+    a, b = [], []
+    for i in range(pairs):
+        for f, out in ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a)):
+            time.sleep(settle_s)   # whatever the other one left running (spinning threads) winds down
+            out.append(f())
+    return {"pairs": pairs, "first_s": a, "second_s": b, "first_median_s": median(a),
+            "second_median_s": median(b), "ratio": median([y / x for x, y in zip(a, b)])}
+
+
 # ---------------------------------------------------------------------------- output
 def table(title: str, header: list[str], rows: list[list]) -> str:
     cells = [[_fmt(c) for c in r] for r in [header, *rows]]
