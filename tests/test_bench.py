@@ -69,6 +69,9 @@ def test_quick_bench_writes_results(tmp_path, default_model_dir):
     assert min(y / x for x, y in zip(tp["first_s"], tp["second_s"])) <= tp["ratio"] \
         <= max(y / x for x, y in zip(tp["first_s"], tp["second_s"]))
     assert "pairs alternated with HF" in p.stdout
+    tp0 = r["scaling"]["0"]["ttft_pairs"]   # the server alone's, alternated with HF's too
+    assert tp0["pairs"] == 2 and min(tp0["first_s"] + tp0["second_s"]) > 0 and tp0["ratio"] > 0
+    assert "server alone: TTFT" in p.stdout
     ttft_row = next(t for t in r["targets"] if t["name"].startswith("TTFT"))
     assert ttft_row["value"] == tp["ratio"], ttft_row
     for d in (hf["context"], sky["context"]):   # the long-context rows (--quick: a 128-token prompt)
@@ -147,3 +150,31 @@ def test_paired_alternates_the_order_and_takes_the_median_of_ratios():
     assert order == ["first", "second", "second", "first", "first", "second"]
     assert r["first_s"] == [1.0, 2.0, 4.0] and r["second_s"] == [2.0, 3.0, 2.0]
     assert r["ratio"] == 1.5 and r["first_median_s"] == 2.0 and r["second_median_s"] == 2.0   # ratios 2, 1.5, 0.5
+
+
+def test_concurrent_reports_a_stream_that_cannot_connect():
+    """A stream whose connection fails before the start must not leave the others (and the
+    caller) waiting at the start line: the error comes back."""
+    import socket
+    import threading
+
+    import httpx
+
+    from skynet.bench import concurrent
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()   # nothing listens there
+    out = []
+
+    def run():
+        try:
+            concurrent(f"http://127.0.0.1:{port}", "hi", 2, 3)
+        except Exception as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "concurrent() hung"
+    assert len(out) == 1 and isinstance(out[0], httpx.ConnectError), out

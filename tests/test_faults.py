@@ -151,6 +151,33 @@ def test_a_whole_response_wakes_the_event_loop_once(runtime):
     assert "".join(e[1] for e in live_events) == live.text == whole.text and live.text
 
 
+def test_over_http_only_a_streamed_request_is_live(runtime, http):
+    """The API asks for per-token events (live) only when the client streams, and a whole
+    response still carries the text a stream of the same request delivers piece by piece."""
+    import json
+
+    rt = runtime()
+    url = http(rt)
+    rt.start()
+    real, live = rt.submit_batch, []
+
+    def spy(*args, **kw):
+        live.append(kw.get("live"))
+        return real(*args, **kw)
+
+    rt.submit_batch = spy
+    body = {"prompt": list(PROMPT), "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert whole.status_code == 200, whole.text
+    pieces = []
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+    assert live == [False, True]
+    assert len(pieces) > 2 and "".join(pieces) == whole.json()["choices"][0]["text"] != ""
+
+
 def test_a_failing_token_callback_fails_that_request_only(runtime):
     rt = runtime(max_batch=2)
     a, b = submit(rt, PROMPT), submit(rt, OTHER)
