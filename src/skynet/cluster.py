@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 
@@ -29,6 +29,7 @@ from .transport import MAX_BAD_MESSAGES, ControlSocket, PeerGuard
 
 log = logging.getLogger("skynet.cluster")
 MAX_MISSES = 3   # consecutive missed deadlines before a node is planned out
+MAX_STRAYS = 1024   # replies read outside a step's wait, kept for the dispatcher (beyond: dropped)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Reply:
     why: str = ""
     reason: str = "bad message"
     direct: bool = False   # it came over the node's data link
+    read_at: float = 0.0   # perf_counter when read, for one read before the dispatcher saw it
 
 
 class Cluster:
@@ -68,6 +70,7 @@ class Cluster:
         self.drained_at = time.monotonic()   # when the control socket was last read empty
         self.last_reweight = time.monotonic()
         self.unreachable: dict[int, str] = {}   # node id -> why a send failed; lost at the next tick
+        self.strays: list[Reply] = []   # MlpOut read while idle or at a step boundary (take_strays)
 
     @property
     def nodes(self) -> dict[int, NodeState]:
@@ -143,17 +146,23 @@ class Cluster:
             self.last_reweight = now
             self.epochs.reweight()
 
-    def _drain_control(self) -> list[Reply]:
-        replies = []
+    def _drain_control(self) -> None:
+        """Handle what came on the control socket. A reply read here (idle, or at a step boundary)
+        is no step's: it is kept for the dispatcher, which counts it as the duplicate (and latency
+        sample) it was waiting for, or as late; either way never summed."""
         while self.ctrl.poll(0):
             r = self.handle_frames(*self.ctrl.recv())
-            if r is not None:
-                replies.append(r)
+            if r is not None and r.msg is not None:
+                if len(self.strays) < MAX_STRAYS:
+                    self.strays.append(replace(r, read_at=time.perf_counter()))
+                else:
+                    self.guard.dropped += 1
         self.drained_at = time.monotonic()
-        for r in replies:   # idle: nobody asked, so every reply is late
-            if r.msg is not None:
-                self.guard.dropped += 1
-        return replies
+
+    def take_strays(self) -> list[Reply]:
+        """The replies read outside a step's wait since the last call (see _drain_control)."""
+        strays, self.strays = self.strays, []
+        return strays
 
     # ------------------------------------------------------------------ data plane (dispatch.py)
     def send_mlp(self, n: NodeState, out: fastframe.Outgoing, timeout_s: float = 1.0) -> bool:

@@ -71,9 +71,13 @@ class ClusterMLP:
         """Step boundary: heartbeats, membership, the plan switch; then a new step id. The
         step's whole forward pass uses the (epoch, plan) taken here."""
         self._expire(time.perf_counter())
-        epoch, self.plan = self.c.step_boundary()
+        epoch, plan = self.c.step_boundary()
         self.step += 1
         self.inflight.clear()   # a failed step may have left calls behind
+        strays = self.c.take_strays()
+        if strays:   # late replies the boundary read: duplicates of the plan they answer, or late
+            self._take(strays)
+        self.plan = plan
         self.benched.clear()
         self.missed_now.clear()
         if epoch != self.epoch:   # fallback slices of the old plan are of no more use
@@ -283,14 +287,16 @@ class ClusterMLP:
         if got is None:
             return False
         self.stats["duplicates"] += 1
-        r.node.observe_latency((time.perf_counter() - got[0]) / _row_scale(r.msg.y.shape[0]))
+        came = r.read_at or time.perf_counter()   # a stray was read (at arrival) before this
+        r.node.observe_latency((came - got[0]) / _row_scale(r.msg.y.shape[0]))
         return True
 
     def _expire(self, now: float) -> None:
         """Outrun holders still silent at their classic deadline: a missed step for each (read
         what they sent first)."""
-        if self.outrun:
-            self._take(self.c.receive(list({k[2] for k in self.outrun}), 0.0))
+        strays = self.c.take_strays()   # read while the engine was idle
+        if strays or self.outrun:
+            self._take(strays + self.c.receive(list({k[2] for k in self.outrun}), 0.0))
         for k, (_, evict_at) in list(self.outrun.items()):
             if evict_at <= now:
                 del self.outrun[k]
