@@ -228,8 +228,9 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
     Yields once the plan gives every node a range and no epoch is pending. Node weights are fixed
     (`--weight`, 1 unless `weights` says otherwise), so latency never re-plans a test. `envs[k]` adds
     environment variables to node k (e.g. a test-only fault), `extra[k]` flags. The step deadline is
-    generous so that a loaded machine does not push a node's range back to the server: tests
-    assert that the nodes did the work (no fallbacks)."""
+    generous, and so is the floor of the adaptive miss deadline (100 ms in a server), so that a
+    loaded machine does not push a node's range back to the server: tests assert that the nodes
+    did the work (no fallbacks)."""
     from skynet.cluster import Cluster
     from skynet.config import ServerConfig
     from skynet.dispatch import ClusterMLP
@@ -240,7 +241,7 @@ def node_cluster(model, n: int, log_dir: Path, weights=None, local_weight: float
     procs: list[subprocess.Popen] = []
     nc = None
     try:
-        mlp = ClusterMLP(cluster, min_deadline_s=deadline_s)
+        mlp = ClusterMLP(cluster, min_deadline_s=deadline_s, miss_floor_s=deadline_s)
         engine = Engine(model, mlp, **engine_kw)
         nc = NodeCluster(cluster, mlp, engine, procs, log_dir)
         for k in range(n):

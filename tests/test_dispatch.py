@@ -145,21 +145,37 @@ def _steps(mlp: ClusterMLP, k: int) -> float:
     return worst
 
 
-def test_a_late_primary_is_hedged_to_its_replica_and_one_slow_step_does_not_evict():
+def _busy_box_mlp(cluster: Cluster, monkeypatch) -> ClusterMLP:
+    """Hedge and miss floors of 100 and 300 ms instead of 10 and 100: the scripted nodes are
+    threads of this process, and a loaded box stalls them for tens of ms. A node that sleeps
+    0.5 s or never answers still crosses both."""
+    monkeypatch.setattr("skynet.replicas.HEDGE_FLOOR_S", 0.1)
+    return ClusterMLP(cluster, min_deadline_s=0.3, miss_floor_s=0.3)
+
+
+def _read_strays(cluster: Cluster, count: int, timeout: float = 5.0) -> None:
+    """Let the engine idle (Cluster.poll) until `count` replies came outside a step."""
+    end = time.monotonic() + timeout
+    while len(cluster.strays) < count and time.monotonic() < end:
+        cluster.poll(20)
+
+
+def test_a_late_primary_is_hedged_to_its_replica_and_one_slow_step_does_not_evict(monkeypatch):
     slow = threading.Event()
     cluster, nodes = _replicated(lambda m: time.sleep(0.5) if slow.is_set() else None)
     try:
         assert cluster.plan.held(1) == cluster.plan.held(2) == (0, NEURONS)
-        mlp = ClusterMLP(cluster, min_deadline_s=0.3)
+        mlp = _busy_box_mlp(cluster, monkeypatch)
         _steps(mlp, 10)                       # the reply-time distribution is learnt
-        hedges = mlp.stats["hedges"]          # 0 on a quiet box; a stall past 10 ms (a busy CI box) hedges
+        hedges = mlp.stats["hedges"]          # 0 unless a stall past 100 ms hedged one
         assert mlp.stats["fallbacks"] == 0
         slow.set()
         worst = _steps(mlp, 1)                # a: 0.5 s per reply, for one step
         slow.clear()
         assert mlp.stats["hedges"] == hedges + 1 and mlp.stats["replica_replies"] >= LAYERS, mlp.stats
-        assert mlp.stats["fallbacks"] == 0 and worst < 0.25, (worst, mlp.stats)
-        time.sleep(0.6)                       # a's late replies arrive: duplicates, not summed
+        assert mlp.stats["fallbacks"] == 0, mlp.stats
+        assert worst < 0.5, worst             # the step never waited for a's answer
+        _read_strays(cluster, 1)              # a's late reply: a duplicate, not summed
         _steps(mlp, 4)
         assert 1 in cluster.nodes and cluster.nodes[1].misses == 0, "one slow step evicted a healthy node"
         assert mlp.stats["duplicates"] >= 1
@@ -170,21 +186,26 @@ def test_a_late_primary_is_hedged_to_its_replica_and_one_slow_step_does_not_evic
             n.join(timeout=5)
 
 
-def test_a_hung_primary_is_lost_after_max_misses_steps_not_layers():
+def test_a_hung_primary_is_lost_after_max_misses_steps_not_layers(monkeypatch):
     hung, release = threading.Event(), threading.Event()
     cluster, nodes = _replicated(lambda m: release.wait() if hung.is_set() else None)
+
+    def idle_until(cond) -> None:   # step boundaries with no work: a's calls reach their deadline
+        end = time.monotonic() + 5
+        while not cond() and time.monotonic() < end:
+            time.sleep(0.02)
+            mlp.begin_step()
+
     try:
-        mlp = ClusterMLP(cluster, min_deadline_s=0.3)
+        mlp = _busy_box_mlp(cluster, monkeypatch)
         _steps(mlp, 10)
         hung.set()                            # a takes each Mlp and never answers
         for k in range(1, MAX_MISSES):
-            assert _steps(mlp, 1) < 0.25      # hedged to b at once, the rest of the step skips a
-            time.sleep(0.35)                  # past the classic 300 ms deadline: one miss for the step
-            mlp.begin_step()
-            assert cluster.nodes[1].misses == k, (k, cluster.nodes[1].misses)
+            _steps(mlp, 1)                    # hedged to b, the rest of the step skips a
+            idle_until(lambda: cluster.nodes[1].misses >= k)
+            assert cluster.nodes[1].misses == k, (k, cluster.nodes[1].misses)   # one per step, not layer
         _steps(mlp, 1)
-        time.sleep(0.35)
-        mlp.begin_step()
+        idle_until(lambda: 1 not in cluster.nodes)
         assert 1 not in cluster.nodes, "a hung node was never planned out"
         assert mlp.stats["fallbacks"] == 0, mlp.stats   # b answered every range a was asked
     finally:
@@ -225,7 +246,7 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
     slow = threading.Event()
     cluster, nodes = _replicated(lambda m: time.sleep(0.05) if slow.is_set() else None)   # a
     try:
-        mlp = ClusterMLP(cluster, min_deadline_s=0.3, always_both=True)
+        mlp = ClusterMLP(cluster, min_deadline_s=1.0, always_both=True)
         _steps(mlp, 3)
         end = time.monotonic() + 5
         while mlp.outrun and time.monotonic() < end:
@@ -237,15 +258,17 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
         t0 = time.perf_counter()
         _steps(mlp, 1)                        # b wins all 4 calls; a answers 0.05-0.2 s later
         slow.clear()
-        assert len(mlp.outrun) == 2 * LAYERS, mlp.outrun   # a's two ranges in each layer
-        while time.perf_counter() - t0 < 0.5:   # the engine, idle: past a's 0.3 s deadline
+        outstanding = len(mlp.outrun)         # 4, unless the step itself outlasted a reply or two
+        assert outstanding and outstanding + mlp.stats["duplicates"] - dup0 == 2 * LAYERS, mlp.stats
+        _read_strays(cluster, outstanding)    # the engine, idle, reads them ...
+        while time.perf_counter() - t0 < 1.2:   # ... and stays idle past a's 1 s deadline
             cluster.poll(20)
         assert not cluster.nodes[1].misses
         mlp.begin_step()
         assert mlp.stats["duplicates"] == dup0 + 2 * LAYERS, mlp.stats
         assert cluster.dropped == dropped0 and a.misses == 0 and not mlp.outrun
-        keep = (1 - EMA) ** (2 * LAYERS)   # 4 samples, each read 0.05-0.2 s after its send (<= 0.35 s)
-        assert a.latency_ema <= keep * ema0 + (1 - keep) * 0.35, (ema0, a.latency_ema)   # not ~0.5 s
+        keep = (1 - EMA) ** (2 * LAYERS)   # 4 samples, each read 0.05-0.2 s after its send (<= 0.5 s)
+        assert a.latency_ema <= keep * ema0 + (1 - keep) * 0.5, (ema0, a.latency_ema)   # not ~1.2 s
     finally:
         cluster.close()
         for n in nodes:

@@ -99,7 +99,7 @@ def _cluster(weights, nodes: int, direct: bool, spin_us: float = 0.0, delay_ms: 
             if time.monotonic() > end or any(p.poll() is not None for p in procs):
                 raise RuntimeError("bench-rtt: the nodes did not become active")
             cluster.poll(20)
-        yield ClusterMLP(cluster, min_deadline_s=5.0, spin_s=spin_us / 1e6)
+        yield ClusterMLP(cluster, min_deadline_s=5.0, spin_s=spin_us / 1e6, miss_floor_s=5.0)
     finally:
         cluster.close()
         for p in procs:

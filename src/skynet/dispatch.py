@@ -46,8 +46,10 @@ class ClusterMLP:
     on_latency = None   # optional callback(node, seconds): each node reply's round trip (metrics)
 
     def __init__(self, cluster: Cluster, min_deadline_s: float = 0.3, spin_s: float = 0.0,
-                 overlap: bool = False, always_both: bool = False, fast: bool = True):
+                 overlap: bool = False, always_both: bool = False, fast: bool = True,
+                 miss_floor_s: float = MISS_FLOOR_S):
         self.c = cluster
+        self.miss_floor_s = miss_floor_s   # the miss deadline never comes sooner (replicas.miss_after)
         self.always_both = always_both   # ask every holder at once instead of hedging late ranges
         self.overlap = overlap   # let steps of 2+ sequences run as two micro-batches (overlap.py)
         self.min_deadline_s, self.spin_s = min_deadline_s, spin_s
@@ -330,7 +332,7 @@ class ClusterMLP:
 
     def _miss_limit(self, n, scale: float) -> float:
         """When silence counts as a miss: from the node's distribution, within [floor, ceiling]."""
-        return miss_after(n.lat, scale, min(MISS_FLOOR_S, self.min_deadline_s), self._ceiling(n, scale))
+        return miss_after(n.lat, scale, min(self.miss_floor_s, self.min_deadline_s), self._ceiling(n, scale))
 
     def _local(self, layer: int, s: int, e: int):
         key = (layer, s, e)
