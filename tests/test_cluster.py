@@ -273,7 +273,7 @@ def test_seed_usage_server_skynode_client(tmp_path, tiny_model, default_tokenize
         procs["server"].terminate()
         assert procs["server"].wait(timeout=30) in (0, 128 + signal.SIGTERM)
         wait_for(lambda: all("server says bye: server shutting down" in logs(n) for n in ("node0", "node1")),
-                 5, "the nodes to hear that the server is shutting down", [])
+                 30, "the nodes to hear that the server is shutting down", [])
     except BaseException:
         for name in procs:
             print(f"--- {name}\n{log_tail(tmp_path / f'{name}.log')}")
