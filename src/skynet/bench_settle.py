@@ -47,8 +47,11 @@ def settle(model_dir: Path, nodes: int = 6, timeout: float = 300, node_args: lis
            server_args: list[str] = (), env: dict | None = None) -> dict:
     """Start the server alone, take its answer, start `nodes` nodes at once; the figures."""
     from .launch import LocalCluster
+    # No slice cache: the figure is a settle from scratch, and six nodes caching a 0.5B model
+    # would leave ~1.8 GB of dirty pages whose write-back stalls whatever the bench runs next.
     lc = LocalCluster(str(model_dir), 0, server_args=["--precision", "exact", *server_args],
-                      node_args=list(node_args), env={"SKYNET_NO_PROGRESS": "1", **(env or {})})
+                      node_args=list(node_args),
+                      env={"SKYNET_NO_PROGRESS": "1", "SKYNET_NO_CACHE": "1", **(env or {})})
     try:
         lc.start(timeout=600)
         alone = lc.complete(PROMPT, TOKENS)["choices"][0]["text"]
