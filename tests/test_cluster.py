@@ -58,9 +58,11 @@ def ref(default_fast_model, default_tokenizer):
 def lc(default_model_dir, tmp_path_factory):
     """Server on the default model + 2 nodes, shared by this module's HTTP tests.
 
-    The step deadline is raised from its 300 ms default so that a busy shared machine does not
-    push the nodes' ranges back to the server: the tests check the nodes did the work."""
-    c = LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000"], node_args=["--gflops", "1", "--weight", "1"],
+    The step deadline and the miss floor are raised from 300 and 100 ms so that a busy shared
+    machine does not push the nodes' ranges back to the server: the tests check the nodes did
+    the work."""
+    c = LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000", "--miss-floor-ms", "5000"],
+                     node_args=["--gflops", "1", "--weight", "1"],
                      env=child_env(), log_dir=str(tmp_path_factory.mktemp("localcluster")))
     try:
         c.start(timeout=180)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import zmq
 
 from skynet import wire
@@ -15,6 +17,7 @@ from skynet.dispatch import ClusterMLP
 from skynet.membership import EMA
 from skynet.mlp import MLPWeights
 from skynet.placement import rows_to_ship
+from skynet.replicas import Latency
 
 H, LAYERS, NEURONS = 8, 2, 12
 
@@ -274,3 +277,17 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
         for n in nodes:
             n.stop.set()
             n.join(timeout=5)
+
+
+def test_the_miss_floor_holds_a_steady_nodes_deadline_up():
+    """A node answering in 1 ms +- 0.1 would be missed after 100 ms (the floor, --miss-floor-ms);
+    a noisy host raises the floor, and the classic deadline still caps it."""
+    cluster = Cluster(ServerConfig(node_port=0), _weights(), "m")
+    try:
+        steady = SimpleNamespace(lat=Latency(0.001, 0.0001, 50), latency_ema=0.001)
+        assert ClusterMLP(cluster, min_deadline_s=5.0)._miss_limit(steady, 1.0) == pytest.approx(0.1)
+        raised = ClusterMLP(cluster, min_deadline_s=5.0, miss_floor_s=2.0)
+        assert raised._miss_limit(steady, 1.0) == pytest.approx(2.0)
+        assert ClusterMLP(cluster, min_deadline_s=0.3, miss_floor_s=2.0)._miss_limit(steady, 1.0) == pytest.approx(0.3)
+    finally:
+        cluster.close()

@@ -19,7 +19,7 @@ def rss_bytes(pid: int) -> int:
 def test_soak_500_requests_memory_is_flat():
     # Fixed weights and a generous deadline keep the plan still on a loaded CI box, so that
     # memory is compared between two moments with the same neuron ranges.
-    with LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000"], node_args=["--weight", "1"],
+    with LocalCluster(None, 2, server_args=["--step-deadline-ms", "5000", "--miss-floor-ms", "5000"], node_args=["--weight", "1"],
                       env={"SKYNET_NO_PROGRESS": "1"}) as lc:
         procs = {"server": lc.server, **lc.nodes}
         prompts = [f"Request {i}: name a colour." for i in range(7)]

@@ -43,6 +43,7 @@ def cmd_server(a) -> int:
                        cluster_key=a.cluster_key, api_key=a.api_key,
                        insecure=a.insecure, local_weight=a.local_weight, heartbeat_s=a.heartbeat,
                        replicas=a.replicas, hedge=a.hedge, step_deadline_ms=a.step_deadline_ms,
+                       miss_floor_ms=a.miss_floor_ms,
                        reweight_s=a.reweight_s, settle_s=a.settle_s, spin_us=a.spin_us,
                        overlap=a.overlap, cpus=a.cpus, max_batch=a.max_batch,
                        max_step_tokens=a.max_step_tokens, max_queue=a.max_queue, threads=a.threads,
@@ -189,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
                    help="replicas: ask one once the primary is late (auto), or every holder at once (always)")
     s.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
+    s.add_argument("--miss-floor-ms", type=float, default=100.0,
+                   help="a node's silence never counts as a miss sooner than this (noisy hosts: raise it)")
     s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")
     s.add_argument("--settle-s", type=float, default=1.0,
                    help="plan a join once no other came for this long (nodes started together: one plan)")

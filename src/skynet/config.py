@@ -70,6 +70,7 @@ class ServerConfig:
     hedge: str = "auto"              # auto: ask a replica once the primary is late; always: ask all
     heartbeat_s: float = 1.0
     step_deadline_ms: float = 300.0  # floor of the per-step deadline for node replies
+    miss_floor_ms: float = 100.0     # a node's own reply-time distribution never misses it sooner
     reweight_s: float = 10.0         # how often node weights are re-estimated from latency
     settle_s: float = 1.0            # a join is planned once no other came for this long
     spin_us: float = 0.0             # spin (yielding) this long for node replies before blocking
@@ -96,6 +97,7 @@ class ServerConfig:
             raise ConfigError(f"--hedge must be auto or always, got {self.hedge!r}")
         _positive("--heartbeat", self.heartbeat_s)
         _positive("--step-deadline-ms", self.step_deadline_ms)
+        _positive("--miss-floor-ms", self.miss_floor_ms)
         _positive("--reweight-s", self.reweight_s)
         _positive("--settle-s", self.settle_s, zero_ok=True)
         _positive("--max-body-bytes", self.max_body_bytes, zero_ok=True)

@@ -70,7 +70,7 @@ class Runtime:
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.cluster = Cluster(cfg, self.model.mlp_weights, self.model_name)
         self.mlp = ClusterMLP(self.cluster, cfg.step_deadline_ms / 1000, cfg.spin_us / 1e6, cfg.overlap,
-                              cfg.hedge == "always")
+                              cfg.hedge == "always", miss_floor_s=cfg.miss_floor_ms / 1000)
         self.engine = Engine(self.model, self.mlp, cfg.max_batch, cfg.max_step_tokens)
         self.stop_ids = frozenset(self.arch.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
