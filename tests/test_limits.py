@@ -106,7 +106,7 @@ def refused_while_health_answers(lc, post: BigPost) -> BigPost:
     while not post.answered.wait(0.05) or polls == 0:
         t0 = time.monotonic()
         r = httpx.get(lc.url + "/health", timeout=10)
-        assert r.status_code == 200 and time.monotonic() - t0 < 1.0, (time.monotonic() - t0, r.text)
+        assert r.status_code == 200 and time.monotonic() - t0 < 2.5, (time.monotonic() - t0, r.text)
         polls += 1
         assert polls < 200, "no answer to the big body"
     post.join(timeout=60)
