@@ -113,6 +113,7 @@ def test_second_sigterm_leaves_at_once(server, node):
     p = node()
     ident, _ = server.recv_type(wire.Hello)
     server.send(ident, wire.Welcome(1, "m", 8, 1, 16, 100.0))
+    server.recv_type(wire.Holding)   # the node took the Welcome: it is a member with rows to move
     p.send_signal(signal.SIGTERM)
     _, bye = server.recv_type(wire.Bye)
     assert bye.reason == "leaving" and p.poll() is None
