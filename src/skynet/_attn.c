@@ -144,14 +144,39 @@ typedef float vf8 __attribute__((vector_size(32), aligned(4)));
 typedef void (*head_fn)(const attn_shape *, const float *, const float *, const float *, int, int, const float *,
                         const float *, float *, float *);
 
-/* The widest attend_head for the kernels in use: 16 lanes with the AVX-512 ones, else 8 (so
- * set_kernel("avx2") also tests the 8-lane loops on an AVX-512 machine). */
+typedef void (*group_fn)(const attn_shape *, const float *, const float *, const float *, int, int, const float *,
+                         const float *, float *, size_t, float *);
+
+/* The widest attend_head (and attend_group) for the kernels in use: 16 lanes with the AVX-512
+ * ones, else 8 (so set_kernel("avx2") also tests the 8-lane loops on an AVX-512 machine). */
+static int use_v16(void)
+{
+#ifdef SK_V16
+    return sk_kernel_level() >= 2 && __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
 static head_fn pick_head(void)
 {
 #ifdef SK_V16
-    if (sk_kernel_level() >= 2 && __builtin_cpu_supports("avx512f")) return attend_head_v16;
+    if (use_v16()) return attend_head_v16;
 #endif
     return attend_head_v8;
+}
+
+/* NULL where there are no GCC vectors: rows then go head by head. */
+static group_fn pick_group(void)
+{
+#ifdef SK_V16
+    if (use_v16()) return attend_group_v16;
+#endif
+#ifdef SK_VEC
+    return attend_group_v8;
+#else
+    return NULL;
+#endif
 }
 
 /* One call's rows, attended on the kernels' thread pool (sk_parallel): each row is one part, or,
@@ -162,6 +187,7 @@ static head_fn pick_head(void)
 typedef struct {
     int nh, kvh, D, layer, width, half, threads, split;   /* split: parts per row, 1 or nh */
     head_fn head;
+    group_fn group;   /* a whole row's heads, kv head by kv head (split 1), when not NULL */
     float scale;
     long long S;
     const int64_t *rows;
@@ -169,21 +195,28 @@ typedef struct {
     float *att;
 } attn_job;
 
-#define SCORES_ON_STACK 4096
+#define SCORES_ON_STACK 8192
+#define GROUP_HEADS 4   /* the most query heads attend_group scores at once (GH) */
 
 static int attn_part(void *ctx, int i)
 {
     const attn_job *j = ctx;
     const int64_t *r = j->rows + 5 * (long long)(i / j->split);
-    size_t need = (size_t)r[1] + 1 + 16;   /* scores() may fill a whole last run of 16 */
+    size_t ss = (size_t)r[1] + 1 + 16;   /* scores() may fill a whole last run of 16 */
+    size_t need = j->group ? GROUP_HEADS * ss : ss;
     float stack[SCORES_ON_STACK];
     float *sc = need <= SCORES_ON_STACK ? stack : malloc(need * sizeof(float));
     if (!sc) return -1;
     attn_shape a = {j->nh, j->kvh, j->D, (int)r[4], j->layer, j->scale};
-    int per = j->nh / j->split, first = (i % j->split) * per;
-    for (int head = first; head < first + per; head++)
-        j->head(&a, j->h + r[0] * j->width, j->cos + r[1] * j->half, j->sin + r[1] * j->half, (int)r[1], head,
-                    (const float *)(uintptr_t)r[2], (const float *)(uintptr_t)r[3], sc, j->att + r[0] * j->nh * j->D);
+    const float *h = j->h + r[0] * j->width, *cs = j->cos + r[1] * j->half, *sn = j->sin + r[1] * j->half;
+    const float *kc = (const float *)(uintptr_t)r[2], *vc = (const float *)(uintptr_t)r[3];
+    float *att = j->att + r[0] * j->nh * j->D;
+    if (j->group) {
+        for (int g = 0; g < j->kvh; g++) j->group(&a, h, cs, sn, (int)r[1], g, kc, vc, sc, ss, att);
+    } else {
+        int per = j->nh / j->split, first = (i % j->split) * per;
+        for (int head = first; head < first + per; head++) j->head(&a, h, cs, sn, (int)r[1], head, kc, vc, sc, att);
+    }
     if (sc != stack) free(sc);
     return 0;
 }
@@ -201,6 +234,7 @@ static int attn_run(attn_job *j, long long work)
     int threads = work < ATTN_THREAD_WORK ? 1 : j->threads;
     j->head = pick_head();
     j->split = threads > 1 && j->S < 4LL * threads ? j->nh : 1;
+    j->group = j->split == 1 ? pick_group() : NULL;
     return sk_parallel(attn_part, j, (int)(j->S * j->split), threads);
 }
 
@@ -310,7 +344,7 @@ PyObject *sk_py_attn_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         work += (r[1] + 1) * nh * D;   /* at most S * C * 4096 * 1024: C is a table's length */
     }
     attn_job job = {(int)nh, (int)kvh, (int)D, (int)li, (int)width, (int)(D / 2), (int)(threads < 64 ? threads : 64), 1, NULL,
-                    (float)scale, S, seg, hb.buf, cb.buf, sb.buf, ab.buf};
+                    NULL, (float)scale, S, seg, hb.buf, cb.buf, sb.buf, ab.buf};
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = attn_run(&job, work);
