@@ -201,7 +201,10 @@ typedef struct {
 static int attn_part(void *ctx, int i)
 {
     const attn_job *j = ctx;
-    const int64_t *r = j->rows + 5 * (long long)(i / j->split);
+    /* with groups, part i is row i % S of kv head i / S: the threads go through one kv head's
+     * keys and values (which stay in their L2) before the next */
+    long long row = j->group ? i % j->S : i / j->split;
+    const int64_t *r = j->rows + 5 * row;
     size_t ss = (size_t)r[1] + 1 + 16;   /* scores() may fill a whole last run of 16 */
     size_t need = j->group ? GROUP_HEADS * ss : ss;
     float stack[SCORES_ON_STACK];
@@ -212,7 +215,7 @@ static int attn_part(void *ctx, int i)
     const float *kc = (const float *)(uintptr_t)r[2], *vc = (const float *)(uintptr_t)r[3];
     float *att = j->att + r[0] * j->nh * j->D;
     if (j->group) {
-        for (int g = 0; g < j->kvh; g++) j->group(&a, h, cs, sn, (int)r[1], g, kc, vc, sc, ss, att);
+        j->group(&a, h, cs, sn, (int)r[1], (int)(i / j->S), kc, vc, sc, ss, att);
     } else {
         int per = j->nh / j->split, first = (i % j->split) * per;
         for (int head = first; head < first + per; head++) j->head(&a, h, cs, sn, (int)r[1], head, kc, vc, sc, att);
@@ -235,7 +238,7 @@ static int attn_run(attn_job *j, long long work)
     j->head = pick_head();
     j->split = threads > 1 && j->S < 4LL * threads ? j->nh : 1;
     j->group = j->split == 1 ? pick_group() : NULL;
-    return sk_parallel(attn_part, j, (int)(j->S * j->split), threads);
+    return sk_parallel(attn_part, j, (int)(j->S * (j->group ? j->kvh : j->split)), threads);
 }
 
 /* A C-contiguous buffer of `fmt` items ("f": float32, "q": int64) of at least `need` bytes. */
