@@ -179,9 +179,10 @@ static group_fn pick_group(void)
 #endif
 }
 
-/* One call's rows, attended on the kernels' thread pool (sk_parallel): each row is one part, or,
- * when there are fewer than 4 rows per thread (decode), each (row, query head), so that a single
- * decode row's heads spread over the threads. Parts are taken from an atomic counter, so parts of
+/* One call's rows, attended on the kernels' thread pool (sk_parallel): each (kv head, row) is one
+ * part, all of kv head 0's rows first, its query heads together (attend_group), or, when there
+ * are fewer than 4 rows per thread (decode), each (row, query head), so that a single decode
+ * row's heads spread over the threads. Parts are taken from an atomic counter, so parts of
  * different cost (a prompt's rows grow with position) and a descheduled thread balance
  * themselves; each head of a row is still computed whole by one thread. */
 typedef struct {
