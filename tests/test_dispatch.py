@@ -156,6 +156,15 @@ def _busy_box_mlp(cluster: Cluster, monkeypatch) -> ClusterMLP:
     return ClusterMLP(cluster, min_deadline_s=0.3, miss_floor_s=0.3)
 
 
+def _idle_until(mlp: ClusterMLP, cond, timeout: float = 5.0) -> None:
+    """Step boundaries with no work, as an engine between requests takes them, until cond():
+    late replies are read and deadlines pass."""
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+        mlp.begin_step()
+
+
 def _read_strays(cluster: Cluster, count: int, timeout: float = 5.0) -> None:
     """Let the engine idle (Cluster.poll) until `count` replies came outside a step."""
     end = time.monotonic() + timeout
@@ -193,22 +202,16 @@ def test_a_hung_primary_is_lost_after_max_misses_steps_not_layers(monkeypatch):
     hung, release = threading.Event(), threading.Event()
     cluster, nodes = _replicated(lambda m: release.wait() if hung.is_set() else None)
 
-    def idle_until(cond) -> None:   # step boundaries with no work: a's calls reach their deadline
-        end = time.monotonic() + 5
-        while not cond() and time.monotonic() < end:
-            time.sleep(0.02)
-            mlp.begin_step()
-
     try:
         mlp = _busy_box_mlp(cluster, monkeypatch)
         _steps(mlp, 10)
         hung.set()                            # a takes each Mlp and never answers
         for k in range(1, MAX_MISSES):
             _steps(mlp, 1)                    # hedged to b, the rest of the step skips a
-            idle_until(lambda: cluster.nodes[1].misses >= k)
+            _idle_until(mlp, lambda: cluster.nodes[1].misses >= k)   # a's calls reach their deadline
             assert cluster.nodes[1].misses == k, (k, cluster.nodes[1].misses)   # one per step, not layer
         _steps(mlp, 1)
-        idle_until(lambda: 1 not in cluster.nodes)
+        _idle_until(mlp, lambda: 1 not in cluster.nodes)
         assert 1 not in cluster.nodes, "a hung node was never planned out"
         assert mlp.stats["fallbacks"] == 0, mlp.stats   # b answered every range a was asked
     finally:
@@ -226,10 +229,7 @@ def test_always_both_asks_every_holder_and_sums_each_range_once():
         # several replies behind, and its answers must count as duplicates, not misses.
         mlp = ClusterMLP(cluster, min_deadline_s=5.0, always_both=True)
         _steps(mlp, 6)
-        deadline = time.monotonic() + 5
-        while mlp.outrun and time.monotonic() < deadline:   # read the losers' last answers
-            time.sleep(0.01)
-            mlp.begin_step()
+        _idle_until(mlp, lambda: not mlp.outrun)   # read the losers' last answers
         s = mlp.stats
         assert s["fallbacks"] == 0 and s["hedges"] == 0, s
         assert s["calls"] == 6 * LAYERS and sum(s["replies"].values()) == 2 * s["calls"], s   # one per range
@@ -251,10 +251,7 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
     try:
         mlp = ClusterMLP(cluster, min_deadline_s=1.0, always_both=True)
         _steps(mlp, 3)
-        end = time.monotonic() + 5
-        while mlp.outrun and time.monotonic() < end:
-            time.sleep(0.01)
-            mlp.begin_step()
+        _idle_until(mlp, lambda: not mlp.outrun)
         dup0, dropped0, a = mlp.stats["duplicates"], cluster.dropped, cluster.nodes[1]
         ema0 = a.latency_ema
         slow.set()
