@@ -2,6 +2,7 @@
 protocol): plans switch only at step boundaries, whatever arrives during a step."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from types import SimpleNamespace
@@ -125,15 +126,26 @@ def test_a_plan_switches_only_at_a_step_boundary():
                 n.join(timeout=5)
 
 
-def _replicated(before_reply=None):
-    """A --replicas 2 cluster of scripted nodes a (primary of [0, 6)) and b; both hold all 12."""
+@contextlib.contextmanager
+def _replicated(before_reply=None, on_exit=lambda: None):
+    """A --replicas 2 cluster of scripted nodes a (primary of [0, 6)) and b; both hold all 12.
+    Yields (cluster, nodes); on the way out, on_exit() (to free a node a test holds), then every
+    thread and socket is stopped."""
     cluster = Cluster(ServerConfig(node_port=0, heartbeat_s=30, replicas=2), _weights(), "m")
     nodes = [ScriptedNode(cluster.cfg.node_port, "a", before_reply), ScriptedNode(cluster.cfg.node_port, "b")]
-    for n in nodes:
-        n.start()
-        _until(cluster, lambda: len(cluster.plan.ranges) == len([m for m in nodes if m.is_alive()])
-               and not cluster.pending, f"{n.name} to serve")
-    return cluster, nodes
+    try:
+        for n in nodes:
+            n.start()
+            _until(cluster, lambda: len(cluster.plan.ranges) == len([m for m in nodes if m.is_alive()])
+                   and not cluster.pending, f"{n.name} to serve")
+        yield cluster, nodes
+    finally:
+        on_exit()
+        cluster.close()
+        for n in nodes:
+            n.stop.set()
+            if n.is_alive():
+                n.join(timeout=5)
 
 
 def _steps(mlp: ClusterMLP, k: int) -> float:
@@ -174,8 +186,7 @@ def _read_strays(cluster: Cluster, count: int, timeout: float = 5.0) -> None:
 
 def test_a_late_primary_is_hedged_to_its_replica_and_one_slow_step_does_not_evict(monkeypatch):
     slow = threading.Event()
-    cluster, nodes = _replicated(lambda m: time.sleep(0.5) if slow.is_set() else None)
-    try:
+    with _replicated(lambda m: time.sleep(0.5) if slow.is_set() else None) as (cluster, nodes):
         assert cluster.plan.held(1) == cluster.plan.held(2) == (0, NEURONS)
         mlp = _busy_box_mlp(cluster, monkeypatch)
         _steps(mlp, 10)                       # the reply-time distribution is learnt
@@ -191,18 +202,11 @@ def test_a_late_primary_is_hedged_to_its_replica_and_one_slow_step_does_not_evic
         _steps(mlp, 4)
         assert 1 in cluster.nodes and cluster.nodes[1].misses == 0, "one slow step evicted a healthy node"
         assert mlp.stats["duplicates"] >= 1
-    finally:
-        cluster.close()
-        for n in nodes:
-            n.stop.set()
-            n.join(timeout=5)
 
 
 def test_a_hung_primary_is_lost_after_max_misses_steps_not_layers(monkeypatch):
     hung, release = threading.Event(), threading.Event()
-    cluster, nodes = _replicated(lambda m: release.wait() if hung.is_set() else None)
-
-    try:
+    with _replicated(lambda m: release.wait() if hung.is_set() else None, release.set) as (cluster, nodes):
         mlp = _busy_box_mlp(cluster, monkeypatch)
         _steps(mlp, 10)
         hung.set()                            # a takes each Mlp and never answers
@@ -214,17 +218,10 @@ def test_a_hung_primary_is_lost_after_max_misses_steps_not_layers(monkeypatch):
         _idle_until(mlp, lambda: 1 not in cluster.nodes)
         assert 1 not in cluster.nodes, "a hung node was never planned out"
         assert mlp.stats["fallbacks"] == 0, mlp.stats   # b answered every range a was asked
-    finally:
-        release.set()
-        cluster.close()
-        for n in nodes:
-            n.stop.set()
-            n.join(timeout=5)
 
 
 def test_always_both_asks_every_holder_and_sums_each_range_once():
-    cluster, nodes = _replicated()
-    try:
+    with _replicated() as (cluster, nodes):
         # A long classic deadline: on a busy box the scripted holder that loses the race can fall
         # several replies behind, and its answers must count as duplicates, not misses.
         mlp = ClusterMLP(cluster, min_deadline_s=5.0, always_both=True)
@@ -235,11 +232,6 @@ def test_always_both_asks_every_holder_and_sums_each_range_once():
         assert s["calls"] == 6 * LAYERS and sum(s["replies"].values()) == 2 * s["calls"], s   # one per range
         assert s["duplicates"] == 2 * 6 * LAYERS, s    # the other holder's answers, read, never summed
         assert all(n.mlp_epochs for n in nodes)
-    finally:
-        cluster.close()
-        for n in nodes:
-            n.stop.set()
-            n.join(timeout=5)
 
 
 def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
@@ -247,8 +239,7 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
     the control socket. They reach the dispatcher at the next step as duplicates (and latency
     samples taken when read), never dropped, and the node is not charged a miss for them."""
     slow = threading.Event()
-    cluster, nodes = _replicated(lambda m: time.sleep(0.05) if slow.is_set() else None)   # a
-    try:
+    with _replicated(lambda m: time.sleep(0.05) if slow.is_set() else None) as (cluster, nodes):   # a
         mlp = ClusterMLP(cluster, min_deadline_s=1.0, always_both=True)
         _steps(mlp, 3)
         _idle_until(mlp, lambda: not mlp.outrun)
@@ -269,11 +260,6 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
         assert cluster.dropped == dropped0 and a.misses == 0 and not mlp.outrun
         keep = (1 - EMA) ** (2 * LAYERS)   # 4 samples, each read 0.05-0.2 s after its send (<= 0.5 s)
         assert a.latency_ema <= keep * ema0 + (1 - keep) * 0.5, (ema0, a.latency_ema)   # not ~1.2 s
-    finally:
-        cluster.close()
-        for n in nodes:
-            n.stop.set()
-            n.join(timeout=5)
 
 
 def test_the_miss_floor_holds_a_steady_nodes_deadline_up():
