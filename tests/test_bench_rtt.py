@@ -20,5 +20,3 @@ def test_an_added_link_delay_shows_in_the_round_trip():
     # box rtt(0) is mostly waiting for a core, and a pausing node sleeps its core free (CI once
     # measured rtt(0) = 1.3 ms and rtt(2 ms) = 4.59 ms).
     assert rows[1]["rtt_us"] >= 4000
-    assert rows[1]["rtt_us"] > rows[0]["rtt_us"]
-    assert abs(rows[1]["predicted_us"] - (rows[0]["rtt_us"] + 4000)) <= 0.1   # both rounded to 0.1

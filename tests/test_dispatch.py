@@ -224,7 +224,7 @@ def test_always_both_asks_every_holder_and_sums_each_range_once():
     with _replicated() as (cluster, nodes):
         # A long classic deadline: on a busy box the scripted holder that loses the race can fall
         # several replies behind, and its answers must count as duplicates, not misses.
-        mlp = ClusterMLP(cluster, min_deadline_s=5.0, always_both=True)
+        mlp = ClusterMLP(cluster, min_deadline_s=5.0, always_both=True, miss_floor_s=5.0)
         _steps(mlp, 6)
         _idle_until(mlp, lambda: not mlp.outrun)   # read the losers' last answers
         s = mlp.stats
@@ -240,7 +240,7 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
     samples taken when read), never dropped, and the node is not charged a miss for them."""
     slow = threading.Event()
     with _replicated(lambda m: time.sleep(0.05) if slow.is_set() else None) as (cluster, nodes):   # a
-        mlp = ClusterMLP(cluster, min_deadline_s=1.0, always_both=True)
+        mlp = ClusterMLP(cluster, min_deadline_s=1.0, always_both=True, miss_floor_s=1.0)
         _steps(mlp, 3)
         _idle_until(mlp, lambda: not mlp.outrun)
         dup0, dropped0, a = mlp.stats["duplicates"], cluster.dropped, cluster.nodes[1]
@@ -252,6 +252,7 @@ def test_a_reply_read_while_idle_is_the_duplicate_it_answers_not_a_miss():
         outstanding = len(mlp.outrun)         # 4, unless the step itself outlasted a reply or two
         assert outstanding and outstanding + mlp.stats["duplicates"] - dup0 == 2 * LAYERS, mlp.stats
         _read_strays(cluster, outstanding)    # the engine, idle, reads them ...
+        assert all(r.msg.y.nbytes == 0 and r.msg.y.shape[0] == 1 for r in cluster.strays)   # rows kept, not bytes
         while time.perf_counter() - t0 < 1.2:   # ... and stays idle past a's 1 s deadline
             cluster.poll(20)
         assert not cluster.nodes[1].misses

@@ -191,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     s.add_argument("--step-deadline-ms", type=float, default=300.0, help="floor of a step's node deadline")
     s.add_argument("--miss-floor-ms", type=float, default=100.0,
-                   help="a node's silence never counts as a miss sooner than this (noisy hosts: raise it)")
+                   help="a node's silence never counts as a miss sooner than this, or than --step-deadline-ms "
+                        "if lower (noisy hosts: raise both)")
     s.add_argument("--reweight-s", type=float, default=10.0, help="seconds between latency re-weighting")
     s.add_argument("--settle-s", type=float, default=1.0,
                    help="plan a join once no other came for this long (nodes started together: one plan)")

@@ -72,13 +72,12 @@ class ClusterMLP:
     def begin_step(self) -> None:
         """Step boundary: heartbeats, membership, the plan switch; then a new step id. The
         step's whole forward pass uses the (epoch, plan) taken here."""
+        self.inflight.clear()   # a failed step may have left calls behind: what answers them is late
+        self._take_strays()      # read while the engine was idle
         self._expire(time.perf_counter())
         epoch, plan = self.c.step_boundary()
         self.step += 1
-        self.inflight.clear()   # a failed step may have left calls behind
-        strays = self.c.take_strays()
-        if strays:   # late replies the boundary read: duplicates of the plan they answer, or late
-            self._take(strays)
+        self._take_strays()      # read by the boundary, under the plan they answer
         self.plan = plan
         self.benched.clear()
         self.missed_now.clear()
@@ -282,6 +281,13 @@ class ClusterMLP:
             if bench:
                 self.benched.add(nid)
 
+    def _take_strays(self) -> None:
+        """Replies the cluster read outside a step (no call is in flight): each is the duplicate
+        an outrun entry waits for, or late; never summed."""
+        strays = self.c.take_strays()
+        if strays:
+            self._take(strays)
+
     def _late_reply(self, r: Reply, rng: Range) -> bool:
         """A reply that lost the race (or came after its range was computed here): a duplicate,
         and a sample of the node's reply time, so the hedge deadline follows its distribution."""
@@ -296,9 +302,8 @@ class ClusterMLP:
     def _expire(self, now: float) -> None:
         """Outrun holders still silent at their classic deadline: a missed step for each (read
         what they sent first)."""
-        strays = self.c.take_strays()   # read while the engine was idle
-        if strays or self.outrun:
-            self._take(strays + self.c.receive(list({k[2] for k in self.outrun}), 0.0))
+        if self.outrun:
+            self._take(self.c.receive(list({k[2] for k in self.outrun}), 0.0))
         for k, (_, evict_at) in list(self.outrun.items()):
             if evict_at <= now:
                 del self.outrun[k]
