@@ -412,10 +412,13 @@ def test_replicas_take_over_a_killed_node_without_a_stall(make_cluster, precisio
 
     text, times = _timed_stream(lc, PROMPT, 48, kill)
     assert text == ref, f"output changed after a SIGKILL with replicas\n{logs(lc)}"
-    gaps = sorted(b - a for a, b in zip(times, times[1:]))
-    median = gaps[len(gaps) // 2]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    median = sorted(gaps)[len(gaps) // 2]
+    # the kill's stall, if any, falls in the 12 gaps after it; a shared box's random stalls
+    # elsewhere in the stream say nothing about replicas
+    worst = max(gaps[11:23])   # times[11] is chunk 12, the one the kill follows
     after = lc.cluster()["mlp"]
-    print(f"replicas 2, {precision}: max gap {gaps[-1] * 1e3:.1f} ms, median {median * 1e3:.1f} ms "
-          f"({gaps[-1] / median:.1f}x); hedges {after['hedges']}, fallbacks {after['fallback_reasons']}")
+    print(f"replicas 2, {precision}: max gap after the kill {worst * 1e3:.1f} ms, median {median * 1e3:.1f} ms "
+          f"({worst / median:.1f}x); hedges {after['hedges']}, fallbacks {after['fallback_reasons']}")
     assert after["replica_replies"] > replies0, after
-    assert gaps[-1] < max(8 * median, median + 0.25), f"gaps {gaps}\n{logs(lc)}"
+    assert worst < max(8 * median, median + 0.25), f"gaps {gaps}\n{logs(lc)}"
