@@ -56,6 +56,18 @@ def _fmt_rate(tok_s) -> str:
     return "n/a" if tok_s is None else f"{tok_s:.1f} tok/s"
 
 
+def _pairs(tp: dict) -> str:
+    """bench_hf.paired's result, as the progress lines print it."""
+    return (f"{tp['pairs']} pairs alternated with HF: {tp['second_median_s'] * 1000:.0f} against "
+            f"{tp['first_median_s'] * 1000:.0f} ms, median ratio {tp['ratio']:.3f}")
+
+
+def _pairs_row(what: str, tp: dict) -> str:
+    """bench_hf.paired's result, as the report prints it."""
+    return (f"\n{what}, {tp['pairs']} pairs alternated with HF: HF {1000 * tp['first_median_s']:.0f} ms, "
+            f"SkyNet {1000 * tp['second_median_s']:.0f} ms (medians); median of the pairs' ratios {tp['ratio']:.3f}")
+
+
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -384,9 +396,7 @@ def main(args) -> int:
                                        pairs)
             sky["context"] = long_context(lambda ids, k: complete(lc.url, ids, k, c)[0], ctx_ids, CONTEXT_NEW, reps)
         tp = sky["ttft_pairs"]
-        say(f"  SkyNet TTFT ({len(long_ids)}-token prompt): {sky['ttft_s'] * 1000:.0f} ms; {tp['pairs']} pairs "
-            f"alternated with HF: {tp['second_median_s'] * 1000:.0f} against {tp['first_median_s'] * 1000:.0f} ms, "
-            f"median ratio {tp['ratio']:.3f}")
+        say(f"  SkyNet TTFT ({len(long_ids)}-token prompt): {sky['ttft_s'] * 1000:.0f} ms; {_pairs(tp)}")
         say(f"  SkyNet {len(ctx_ids)}-token context: TTFT {sky['context']['ttft_s'] * 1000:.0f} ms, "
             f"then {_fmt_rate(sky['context']['decode_tok_s'])}")
         sky["concurrency_tok_s"] = {"1": sky["decode_tok_s"]}
@@ -437,9 +447,7 @@ def main(args) -> int:
                     complete(lc.url, PROMPT, 1, c)
                     scaling["0"]["ttft_pairs"] = tp = paired(
                         lambda: hf_gen(long_ids, 1)[0], lambda: complete(lc.url, long_ids, 1, c)[0], pairs)
-                say(f"  server alone, TTFT ({len(long_ids)}-token prompt), {tp['pairs']} pairs alternated with HF: "
-                    f"{tp['second_median_s'] * 1000:.0f} against {tp['first_median_s'] * 1000:.0f} ms, "
-                    f"median ratio {tp['ratio']:.3f}")
+                say(f"  server alone, TTFT ({len(long_ids)}-token prompt), {_pairs(tp)}")
             if k == 2:
                 resources.update(memory(lc))
                 if "bytes_moved" not in elastic:
@@ -572,9 +580,7 @@ def report(r: dict) -> str:
            f"{sky['plan_changes']} plan changes"]
     tp = sky.get("ttft_pairs")
     if tp:
-        out[0] += (f"\nTTFT, {p}-token prompt, {tp['pairs']} pairs alternated with HF: HF "
-                   f"{1000 * tp['first_median_s']:.0f} ms, SkyNet {1000 * tp['second_median_s']:.0f} ms "
-                   f"(medians); median of the pairs' ratios {tp['ratio']:.3f}")
+        out[0] += _pairs_row(f"TTFT, {p}-token prompt", tp)
     lc = r.get("llama_cpp") or {}
     if lc.get("threads_tok_s"):
         out.append(table(f"llama.cpp on the same GGUF, single stream, {n} tokens, greedy",
@@ -592,9 +598,7 @@ def report(r: dict) -> str:
                       for k, s in sorted(r["scaling"].items(), key=lambda kv: int(kv[0]))]))
     tp0 = r["scaling"].get("0", {}).get("ttft_pairs")
     if tp0:
-        out[-1] += (f"\nserver alone: TTFT, {p}-token prompt, {tp0['pairs']} pairs alternated with HF: HF "
-                    f"{1000 * tp0['first_median_s']:.0f} ms, SkyNet {1000 * tp0['second_median_s']:.0f} ms "
-                    f"(medians); median of the pairs' ratios {tp0['ratio']:.3f}")
+        out[-1] += _pairs_row(f"server alone: TTFT, {p}-token prompt", tp0)
     q = r["quality"]
     pct = lambda v: None if v is None else f"{100 * v:.1f}%"   # noqa: E731
     out.append(table(f"quality: teacher-forced agreement with HF float32 greedy ({q['prompts']} prompts x "
